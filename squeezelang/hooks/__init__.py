@@ -1,0 +1,1 @@
+"""The plugin host: hook specifications, the registries they fill, and the manager."""

@@ -1,0 +1,52 @@
+"""What a metric plugin provides: a unit, a direction, the columns it reads, and ``measure``."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from squeezelang.hooks.schema import check_param_schema
+from squeezelang.errors import PluginError
+
+if TYPE_CHECKING:
+    from squeezelang.executor.context import MeasureContext
+    from squeezelang.models.handle import ModelHandle
+
+#: Unit dimensions and the units a bound on such a metric may carry (besides ``%`` and ``x``).
+DIMENSIONS: dict[str, tuple[str, ...]] = {
+    "bytes": ("B", "KB", "MB", "GB", "KiB", "MiB", "GiB"),
+    "count": ("K", "M", "G"),
+    "time": ("ms", "s", "min", "h"),
+    "score": (),
+}
+
+
+class Metric:
+    """Base class of metric plugins.
+
+    ``dimension`` is one of ``DIMENSIONS``; values are reported in base units (bytes, a plain count,
+    seconds, or the score's own units). ``columns`` lists the column roles read from the data set
+    (``text``, ``a``, ``b``, ``score``, ``label``); alternatives are separated by ``|``
+    (``"text|a,b"`` = a ``text`` column, or both ``a`` and ``b``).
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    dimension: ClassVar[str] = "score"
+    higher_is_better: ClassVar[bool] = True
+    needs_data: ClassVar[bool] = False
+    columns: ClassVar[str] = ""
+    #: Measured on the saved artifact directory rather than the in-memory model (``size``).
+    on_artifact: ClassVar[bool] = False
+    #: Declared in every recipe without a ``metric`` statement.
+    implicit: ClassVar[bool] = False
+    schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": {},
+                                        "additionalProperties": False}
+
+    def validate_definition(self) -> None:
+        if self.dimension not in DIMENSIONS:
+            raise PluginError(f"unknown dimension '{self.dimension}'")
+        check_param_schema(self.schema)
+
+    def measure(self, handle: ModelHandle, ctx: MeasureContext, data: str | None,
+                args: dict[str, Any]) -> float:
+        """Return the metric's value for ``handle`` (``data`` names the declared data set)."""
+        raise NotImplementedError

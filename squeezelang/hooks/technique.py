@@ -1,0 +1,100 @@
+"""What a technique plugin provides: parameters (JSON Schema), knobs, an estimate and ``apply_``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from squeezelang.errors import PluginError
+from squeezelang.hooks.schema import check_param_schema, schema_defaults
+
+if TYPE_CHECKING:
+    from squeezelang.executor.context import StageContext
+    from squeezelang.models.handle import ModelHandle
+    from squeezelang.models.meta import ModelMeta
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A parameter the planner may solve (``auto``).
+
+    ``compresses`` says which way compresses more: ``"up"`` when a larger value gives a smaller or
+    faster model (a pruning ratio), ``"down"`` when a smaller one does (a rank, a bit width).
+    """
+
+    name: str
+    lo: float
+    hi: float
+    compresses: str = "up"
+    integer: bool = False
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.compresses not in ("up", "down"):
+            raise PluginError(f"knob '{self.name}': compresses must be 'up' or 'down'")
+        if not self.lo <= self.hi:
+            raise PluginError(f"knob '{self.name}': empty range {self.lo} .. {self.hi}")
+
+
+class Technique:
+    """Base class of technique plugins; subclasses set the class attributes and override methods.
+
+    Lifecycle: ``squeeze check`` validates a stage's parameters against ``schema`` (and the model
+    states in ``refuses``); ``squeeze plan`` calls ``estimate`` on meta-data only; ``squeeze run``
+    calls ``apply_`` on the loaded model. ``rebuild_`` recreates non-standard modules when a saved
+    model is loaded back (see ``ModelHandle.edits``).
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    #: Algorithms; the first is the default. Empty when the technique has only one.
+    methods: ClassVar[tuple[str, ...]] = ()
+    #: JSON Schema of the stage parameters (``method``, ``include``, ``exclude`` included).
+    schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": {},
+                                        "additionalProperties": False}
+    knobs: ClassVar[tuple[Knob, ...]] = ()
+    #: Model states this technique adds (e.g. ``"quantized"``, ``"sparse"``).
+    produces: ClassVar[frozenset[str]] = frozenset()
+    #: Model states after which this technique cannot run (most refuse a quantized model).
+    refuses: ClassVar[frozenset[str]] = frozenset({"quantized"})
+    #: Parameters that name a declared data set, mapped to the columns the stage reads.
+    data_params: ClassVar[dict[str, str]] = {}
+    #: An example stage for ``squeeze explain`` and the plugin listing.
+    example: ClassVar[str] = ""
+
+    # ------------------------------------------------------------------ definition
+    def validate_definition(self) -> None:
+        """Check the plugin's own definition once, at registration."""
+        check_param_schema(self.schema)
+        props = self.schema.get("properties", {})
+        if self.methods and "method" not in props:
+            raise PluginError("it declares methods but its schema has no 'method' property")
+        for knob in self.knobs:
+            if knob.name not in props:
+                raise PluginError(f"knob '{knob.name}' is not a property of its schema")
+
+    def knob(self, name: str) -> Knob | None:
+        return next((k for k in self.knobs if k.name == name), None)
+
+    def defaults(self) -> dict[str, Any]:
+        """Parameter defaults from the schema (``method`` defaults to the first method)."""
+        values = schema_defaults(self.schema)
+        if self.methods:
+            values.setdefault("method", self.methods[0])
+        return values
+
+    def check(self, params: dict[str, Any]) -> list[tuple[str | None, str]]:
+        """Cross-parameter checks the schema cannot express: ``[(key or None, message)]``."""
+        return []
+
+    # ------------------------------------------------------------------ behaviour
+    def estimate(self, meta: ModelMeta, params: dict[str, Any]) -> ModelMeta:
+        """Return the model meta-data after this stage, computed without weights."""
+        raise NotImplementedError(f"technique '{self.name}' has no estimate")
+
+    def apply_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:
+        """Compress ``handle`` in place (it may replace ``handle.model``)."""
+        raise NotImplementedError(f"technique '{self.name}' has no apply_")
+
+    def rebuild_(self, model: Any, record: dict[str, Any]) -> Any:
+        """Re-create this technique's non-standard modules on a freshly built model; return it."""
+        return model

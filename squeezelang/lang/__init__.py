@@ -1,0 +1,1 @@
+"""The recipe language: grammar loading, AST, units and diagnostics."""

@@ -1,0 +1,1 @@
+"""Models: the in-memory handle, meta-data for estimates, storage codecs, saving and loading."""

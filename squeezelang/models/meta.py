@@ -1,0 +1,97 @@
+"""Model meta-data for estimates: every saved tensor's shape, dtype and codec, without weights.
+
+``squeeze plan`` builds a ``ModelMeta`` from a model created on torch's meta device, and each stage's
+``Technique.estimate`` returns a transformed copy; the predicted size is ``size_bytes()``.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+
+@dataclass
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    codec: dict[str, Any] | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= int(d)
+        return n
+
+
+@dataclass
+class ModuleMeta:
+    """A module that owns tensors; ``kind`` is the class name (``Linear``, ``Embedding``, …)."""
+
+    name: str
+    kind: str
+    tensors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelMeta:
+    task: str
+    config: dict[str, Any]
+    modules: dict[str, ModuleMeta] = field(default_factory=dict)
+    tensors: dict[str, TensorMeta] = field(default_factory=dict)
+    states: set[str] = field(default_factory=set)
+    #: Bytes of files saved next to the weights that count towards ``size`` (config, codec index).
+    overhead_bytes: int = 0
+
+    def copy(self) -> ModelMeta:
+        return copy.deepcopy(self)
+
+    def params(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    def size_bytes(self) -> int:
+        from squeezelang.models.codec import stored_bytes
+
+        return self.overhead_bytes + sum(
+            stored_bytes(t.shape, t.dtype, t.codec) for t in self.tensors.values())
+
+    def select(self, kinds: Iterable[str] = ("Linear",), include: Iterable[str] | None = None,
+               exclude: Iterable[str] = ()) -> list[ModuleMeta]:
+        """Modules of the given kinds whose dotted names match the include/exclude globs."""
+        kinds = tuple(kinds)
+        return [m for m in self.modules.values()
+                if m.kind in kinds and matches(m.name, include, exclude)]
+
+
+def matches(name: str, include: Iterable[str] | None, exclude: Iterable[str] = ()) -> bool:
+    """Glob selection by dotted module name, as used by every ``include``/``exclude`` parameter."""
+    if include is not None:
+        include = list(include)
+        if include and not any(fnmatch.fnmatchcase(name, g) for g in include):
+            return False
+    return not any(fnmatch.fnmatchcase(name, g) for g in exclude)
+
+
+def meta_from_model(model: Any, task: str, codecs: dict[str, dict[str, Any]] | None = None,
+                    states: Iterable[str] = ()) -> ModelMeta:
+    """Meta-data of a torch model (real or on the meta device); tied parameters count once."""
+    codecs = codecs or {}
+    config = model.config.to_dict() if hasattr(model, "config") else {}
+    meta = ModelMeta(task=task, config=config, states=set(states))
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        owned: list[str] = []
+        for pname, p in list(module.named_parameters(recurse=False)) + [
+                (b, t) for b, t in module.named_buffers(recurse=False)
+                if b not in getattr(module, "_non_persistent_buffers_set", set())]:
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = f"{mod_name}.{pname}" if mod_name else pname
+            meta.tensors[full] = TensorMeta(tuple(p.shape), str(p.dtype).replace("torch.", ""),
+                                            codecs.get(full))
+            owned.append(full)
+        if owned:
+            meta.modules[mod_name] = ModuleMeta(mod_name, type(module).__name__, owned)
+    return meta
