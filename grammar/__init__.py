@@ -1,0 +1,1 @@
+"""The Lark grammar of the recipe language, shipped inside the package as ``squeezelang.grammar``."""
