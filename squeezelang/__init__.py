@@ -1,7 +1,7 @@
 """squeezelang: declarative compression of neural language models.
 
-The public API: ``parse``, ``load_recipe``, ``plan``, ``run``, ``load`` and ``hookimpl`` (for plugin
-authors). Importing this package does not import torch.
+The public API: ``parse``, ``load_recipe``, ``check``, ``plan``, ``run``, ``load`` and ``hookimpl``
+(for plugin authors). Importing this package does not import torch.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from squeezelang.hooks.hookspecs import hookimpl
 
 __version__ = "0.1.0"
-__all__ = ["parse", "load_recipe", "plan", "run", "load", "hookimpl", "__version__"]
+__all__ = ["parse", "load_recipe", "check", "plan", "run", "load", "hookimpl", "__version__"]
 
 _LAZY = {
     "parse": ("squeezelang.api", "parse"),
@@ -18,6 +18,7 @@ _LAZY = {
     "plan": ("squeezelang.api", "plan"),
     "run": ("squeezelang.api", "run"),
     "load": ("squeezelang.api", "load"),
+    "check": ("squeezelang.api", "check"),
 }
 
 

@@ -24,8 +24,13 @@ class Metric:
 
     ``dimension`` is one of ``DIMENSIONS``; values are reported in base units (bytes, a plain count,
     seconds, or the score's own units). ``columns`` lists the column roles read from the data set
-    (``text``, ``a``, ``b``, ``score``, ``label``); alternatives are separated by ``|``
-    (``"text|a,b"`` = a ``text`` column, or both ``a`` and ``b``).
+    (``text``, ``a``, ``b``, ``score``, ``label``): ``,`` joins columns that are all needed,
+    ``|`` separates alternatives (``"text|a,b"`` = a ``text`` column, or both ``a`` and ``b``), and
+    ``;`` separates groups that are each required (``"text|a,b;label"`` = ``label`` plus either
+    ``text`` or ``a`` and ``b``); ``|`` binds tighter than ``;``, ``,`` tighter than ``|``. A metric
+    argument named after a role renames its column (``a = "s1"``).
+    ``squeezelang_plugins.metrics.required_columns(metric, args)`` expands a spec, renames applied,
+    into the alternative column sets.
     """
 
     name: ClassVar[str] = ""

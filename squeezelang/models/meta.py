@@ -43,6 +43,8 @@ class ModelMeta:
     states: set[str] = field(default_factory=set)
     #: Bytes of files saved next to the weights that count towards ``size`` (config, codec index).
     overhead_bytes: int = 0
+    #: Caveats of an estimate (assumptions a technique had to make without weights).
+    notes: list[str] = field(default_factory=list)
 
     def copy(self) -> ModelMeta:
         return copy.deepcopy(self)
@@ -51,10 +53,22 @@ class ModelMeta:
         return sum(t.numel for t in self.tensors.values())
 
     def size_bytes(self) -> int:
-        from squeezelang.models.codec import stored_bytes
+        """Predicted ``artifact_bytes`` of the saved model: ``overhead_bytes`` + ``modeled_bytes()``."""
+        return self.overhead_bytes + self.modeled_bytes()
 
-        return self.overhead_bytes + sum(
-            stored_bytes(t.shape, t.dtype, t.codec) for t in self.tensors.values())
+    def modeled_bytes(self) -> int:
+        """Bytes that follow from the tensors: data, safetensors header entries, ``squeeze.json``.
+
+        ``overhead_bytes`` holds the rest (``config.json``, fixed headers, stage edit records);
+        ``measured_overhead`` fits it to a saved directory.
+        """
+        from squeezelang.models.codec import index_bytes, squeeze_json_base_bytes, stored_bytes
+
+        total = sum(stored_bytes(t.shape, t.dtype, t.codec) + index_bytes(n, t.shape, t.dtype, t.codec)
+                    for n, t in self.tensors.items())
+        if self.states or any(t.codec for t in self.tensors.values()):
+            total += squeeze_json_base_bytes(self.task, self.states)
+        return total
 
     def select(self, kinds: Iterable[str] = ("Linear",), include: Iterable[str] | None = None,
                exclude: Iterable[str] = ()) -> list[ModuleMeta]:
@@ -95,3 +109,10 @@ def meta_from_model(model: Any, task: str, codecs: dict[str, dict[str, Any]] | N
         if owned:
             meta.modules[mod_name] = ModuleMeta(mod_name, type(module).__name__, owned)
     return meta
+
+
+def measured_overhead(meta: ModelMeta, directory: Any) -> int:
+    """The ``overhead_bytes`` that makes ``meta.size_bytes()`` equal the saved size of ``directory``."""
+    from squeezelang.models.size import artifact_bytes
+
+    return artifact_bytes(directory) - meta.modeled_bytes()

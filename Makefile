@@ -1,0 +1,30 @@
+# One command each: `make demo` sets up and runs the main job; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup demo test test-fast bench clean
+
+$(BIN)/squeeze: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# constraints.txt pins the CPU build of torch (an unpinned torch pulls GB of CUDA packages)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[torch,minilm,test]"
+	touch $(BIN)/squeeze
+
+setup: $(BIN)/squeeze
+
+demo: setup
+	$(BIN)/squeeze run specs/minilm-edge.squeeze --force
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf out specs/out .pytest_cache

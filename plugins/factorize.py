@@ -1,0 +1,189 @@
+"""The built-in ``factorize`` technique: replace linear layers by truncated-SVD low-rank pairs.
+
+A ``[out, in]`` weight becomes ``second @ first`` with ``first`` ``[r, in]`` and ``second``
+``[out, r]`` (``squeezelang.models.layers.LowRankLinear``), fewer parameters whenever
+``r * (in + out) < in * out``; layers where that does not hold are left alone. The change is
+structural, so the saved model records an edit that ``rebuild_`` replays when loading.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from squeezelang import hookimpl
+from squeezelang.errors import SqueezeError
+from squeezelang.hooks.technique import Knob, Technique
+from squeezelang.models.codec import edit_bytes
+from squeezelang.models.meta import ModuleMeta, TensorMeta
+from squeezelang.models.select import BLOCKS, LINEAR_KINDS
+
+if TYPE_CHECKING:
+    from squeezelang.executor.context import StageContext
+    from squeezelang.models.handle import ModelHandle
+    from squeezelang.models.meta import ModelMeta
+
+
+def target_rank(rank: float, full: int) -> int:
+    """A ``rank`` parameter as a rank: below 1 a fraction of ``full``, from 1 on a count."""
+    if rank < 1:
+        return max(1, int(round(rank * full)))
+    return min(int(rank), full)
+
+
+def saves(rank: int, n_in: int, n_out: int) -> bool:
+    return rank * (n_in + n_out) < n_in * n_out
+
+
+def _in_out(shape: tuple[int, ...], kind: str) -> tuple[int, int]:
+    """``(in, out)`` of a weight of a ``Linear`` (``[out, in]``) or ``Conv1D`` (``[in, out]``)."""
+    return (shape[0], shape[1]) if kind == "Conv1D" else (shape[1], shape[0])
+
+
+class Factorize(Technique):
+    name = "factorize"
+    description = (
+        "Replace linear layers by two thinner ones from a truncated SVD of the weight (method "
+        "'svd'). Give `rank` (below 1: a fraction of each layer's full rank min(in, out); from 1 "
+        "on: a rank) or `energy` (keep the smallest rank holding that fraction of the squared "
+        "singular values). Layers that would not get smaller are left alone. Changes the "
+        "architecture: the result loads with squeezelang.load, not plain transformers.")
+    methods = ("svd",)
+    schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "method": {"type": "string", "enum": ["svd"], "default": "svd",
+                       "description": "How the factors are computed."},
+            "rank": {"type": "number", "exclusiveMinimum": 0,
+                     "description": "Below 1: fraction of each layer's full rank (0.25 = 25%); from 1 "
+                                    "on: the rank itself (an integer). Exclusive with `energy`."},
+            "energy": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
+                       "description": "Keep the smallest rank whose singular values hold this "
+                                      "fraction of the squared total. Exclusive with `rank`."},
+            "include": {"type": "array", "items": {"type": "string"}, "default": list(BLOCKS),
+                        "description": "Globs of module names to factorize (default: the linear "
+                                       "layers of the numbered transformer blocks)."},
+            "exclude": {"type": "array", "items": {"type": "string"}, "default": [],
+                        "description": "Globs of module names to leave alone."},
+        },
+    }
+    knobs = (Knob("rank", 0.05, 0.95, compresses="down",
+                  description="fraction of each layer's full rank kept"),)
+    produces = frozenset({"factorized"})
+    example = 'stage lowrank: factorize { rank = 25%, exclude = ["*.attention.*"] }'
+
+    def check(self, params: dict[str, Any]) -> list[tuple[str | None, str]]:
+        has_rank, has_energy = params.get("rank") is not None, params.get("energy") is not None
+        if has_rank == has_energy:
+            return [(None, "give exactly one of `rank` or `energy`")]
+        rank = params.get("rank")
+        if has_rank and rank >= 1 and rank != int(rank):
+            return [("rank", f"rank {rank} is neither a fraction below 1 nor an integer")]
+        return []
+
+    def _resolved(self, params: dict[str, Any]) -> dict[str, Any]:
+        problems = self.check(params)
+        if problems:
+            raise SqueezeError("factorize: " + "; ".join(m for _, m in problems))
+        return params
+
+    def estimate(self, meta: ModelMeta, params: dict[str, Any]) -> ModelMeta:
+        """Exact for `rank`. For `energy` the rank needs the weights; it assumes rank = energy ×
+        full rank (roughly right for trained transformer layers) and says so in ``meta.notes``."""
+        params = self._resolved(params)
+        out = meta.copy()
+        record: dict[str, Any] = {"technique": self.name, "method": params["method"], "modules": {}}
+        for mod in list(out.select(LINEAR_KINDS, params.get("include"), params.get("exclude", ()))):
+            wname = f"{mod.name}.weight"
+            if wname not in out.tensors:
+                continue
+            w = out.tensors[wname]
+            n_in, n_out = _in_out(w.shape, mod.kind)
+            full = min(n_in, n_out)
+            if params.get("energy") is not None:
+                r = max(1, int(math.ceil(params["energy"] * full)))
+            else:
+                r = target_rank(params["rank"], full)
+            if not saves(r, n_in, n_out):
+                continue
+            bname = f"{mod.name}.bias"
+            bias = out.tensors.pop(bname, None)
+            del out.tensors[wname]
+            del out.modules[mod.name]
+            first, second = f"{mod.name}.first", f"{mod.name}.second"
+            out.tensors[f"{first}.weight"] = TensorMeta((r, n_in), w.dtype)
+            out.tensors[f"{second}.weight"] = TensorMeta((n_out, r), w.dtype)
+            out.modules[first] = ModuleMeta(first, "Linear", [f"{first}.weight"])
+            out.modules[second] = ModuleMeta(second, "Linear", [f"{second}.weight"])
+            if bias is not None:
+                out.tensors[f"{second}.bias"] = TensorMeta(bias.shape, bias.dtype)
+                out.modules[second].tensors.append(f"{second}.bias")
+            record["modules"][mod.name] = r
+        if record["modules"]:
+            out.overhead_bytes += edit_bytes(record)
+            out.states.add("factorized")
+        if params.get("energy") is not None:
+            out.notes.append(f"factorize: the rank for energy={params['energy']} depends on the "
+                             "weights; estimated as that fraction of each layer's full rank")
+        return out
+
+    def apply_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:
+        import torch
+
+        from squeezelang.models.layers import LowRankLinear, linear_weight
+        from squeezelang.models.select import select_modules, set_module
+
+        params = self._resolved(params)
+        targets = select_modules(handle.model, LINEAR_KINDS, params.get("include"),
+                                 params.get("exclude", ()))
+        if not targets:
+            raise SqueezeError("factorize: include/exclude select no linear layer of the model")
+        done: dict[str, int] = {}
+        for name, module in ctx.progress(targets, desc="svd"):
+            weight = linear_weight(module).double()
+            n_out, n_in = weight.shape
+            full = min(n_in, n_out)
+            if params.get("rank") is not None:
+                r = target_rank(params["rank"], full)
+                if not saves(r, n_in, n_out):
+                    continue
+            u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+            if params.get("energy") is not None:
+                cum = torch.cumsum(s ** 2, 0) / torch.sum(s ** 2).clamp_min(1e-30)
+                r = min(full, int(torch.searchsorted(cum, torch.tensor(params["energy"],
+                                                                        dtype=cum.dtype))) + 1)
+                if not saves(r, n_in, n_out):
+                    continue
+            root = s[:r].sqrt()
+            first = (root[:, None] * vh[:r]).to(module.weight.dtype)
+            second = (u[:, :r] * root[None, :]).to(module.weight.dtype)
+            bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+            set_module(handle.model, name, LowRankLinear.from_factors(first, second, bias))
+            for key in [k for k in handle.codecs if k.startswith(name + ".")]:
+                del handle.codecs[key]  # the factors are new dense tensors
+            done[name] = r
+        if not done:
+            ctx.log("factorize: no selected layer gets smaller at this rank; nothing changed")
+            return
+        handle.edits.append({"technique": self.name, "method": params["method"], "modules": done})
+        handle.states.add("factorized")
+        ctx.log(f"factorized {len(done)} of {len(targets)} layers")
+
+    def rebuild_(self, model: Any, record: dict[str, Any]) -> Any:
+        from squeezelang.models.layers import LowRankLinear
+        from squeezelang.models.select import get_module, kind_of, set_module
+
+        for name, rank in record.get("modules", {}).items():
+            module = get_module(model, name)
+            kind = kind_of(module)
+            if kind not in LINEAR_KINDS:
+                raise SqueezeError(f"factorize: module '{name}' is a {kind}, not a linear layer")
+            n_in, n_out = _in_out(tuple(module.weight.shape), kind)
+            set_module(model, name, LowRankLinear(n_in, n_out, int(rank),
+                                                  getattr(module, "bias", None) is not None))
+        return model
+
+
+@hookimpl
+def register_techniques(registry: Any) -> None:
+    registry.add(Factorize())

@@ -1,0 +1,59 @@
+"""The built-in output formats: ``squeeze`` (compact, codecs and edits) and ``dense`` (plain transformers)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from squeezelang import hookimpl
+from squeezelang.errors import SqueezeError
+from squeezelang.hooks.sources import OutputFormat
+
+if TYPE_CHECKING:
+    from squeezelang.models.handle import ModelHandle
+
+
+class SqueezeFormat(OutputFormat):
+    name = "squeeze"
+    description = ("The compressed model as squeezelang saves it: sparse and quantized weights "
+                   "encoded compactly in model.safetensors, squeeze.json telling how to decode them "
+                   "and rebuild changed modules. Load with squeezelang.load(dir); a model with no "
+                   "codecs or edits is a plain transformers checkpoint.")
+
+    def save(self, handle: ModelHandle, directory: Path) -> list[str]:
+        from squeezelang.models.save import save_model
+
+        return save_model(handle, directory)
+
+
+class DenseFormat(OutputFormat):
+    name = "dense"
+    description = ("A plain transformers checkpoint (float weights, no squeeze.json) that loads with "
+                   "from_pretrained: pruned zeros and quantized values are kept, but stored dense, "
+                   "so the file is not smaller. Impossible after a stage that changes the "
+                   "architecture (factorize).")
+
+    def save(self, handle: ModelHandle, directory: Path) -> list[str]:
+        from squeezelang.models.handle import ModelHandle as Handle
+        from squeezelang.models.hf import from_config
+        from squeezelang.models.load import AFTER_LOAD
+        from squeezelang.models.save import save_model
+
+        structural = sorted({r["technique"] for r in handle.edits if r.get("when") != AFTER_LOAD})
+        if structural:
+            raise SqueezeError(
+                f"output format 'dense' cannot hold a model changed by {', '.join(structural)} "
+                "(its modules are not a standard transformers architecture); use format = \"squeeze\"")
+        model = handle.model
+        if handle.edits:  # runtime-only swaps (int8 kernels): back to the standard modules
+            model = from_config(handle.model.config, handle.task)
+            model.load_state_dict(handle.model.state_dict(), strict=True)
+            model.eval()
+        plain = Handle(model=model, tokenizer=handle.tokenizer, task=handle.task,
+                       source_dir=handle.source_dir, tokenizer_changed=handle.tokenizer_changed)
+        return save_model(plain, directory)
+
+
+@hookimpl
+def register_output_formats(registry: Any) -> None:
+    registry.add(SqueezeFormat())
+    registry.add(DenseFormat())

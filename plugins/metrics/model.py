@@ -1,0 +1,186 @@
+"""Metrics of the model itself, needing no data: size, params, nonzero, memory, latency."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterator
+
+from squeezelang.errors import ExecutionError
+from squeezelang.hooks.metric import Metric
+
+if TYPE_CHECKING:
+    import torch
+
+    from squeezelang.executor.context import MeasureContext
+    from squeezelang.models.handle import ModelHandle
+
+_NONE = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+def _packed_weights(module: Any) -> list[torch.Tensor]:
+    """The weight and bias of a dynamically quantized module (``torch.ao`` packs them, and they
+    are not parameters); empty for an ordinary module, whose ``weight`` is not callable."""
+    out = []
+    for attr in ("weight", "bias"):
+        getter = getattr(type(module), attr, None)
+        if callable(getter) and not isinstance(getter, property):
+            value = getattr(module, attr)()
+            if value is not None:
+                out.append(value)
+    return out
+
+
+def model_tensors(model: Any, buffers: bool = False) -> Iterator[torch.Tensor]:
+    """Every weight tensor of ``model`` once (tied parameters once), packed quantized weights
+    included; with ``buffers``, the persistent buffers (those saved in the state dict) too."""
+    seen: set[int] = set()
+    kept = []  # packed weights are fresh tensors: keep them alive so that no id is reused
+    for module in model.modules():
+        own = [t for _, t in module.named_parameters(recurse=False)] + _packed_weights(module)
+        if buffers:
+            skip = getattr(module, "_non_persistent_buffers_set", set())
+            own += [t for n, t in module.named_buffers(recurse=False) if n not in skip]
+        for tensor in own:
+            if tensor is not None and id(tensor) not in seen:
+                seen.add(id(tensor))
+                kept.append(tensor)
+                yield tensor
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    import torch
+
+    size = tensor.numel() * tensor.element_size()
+    if tensor.is_quantized and tensor.qscheme() in (torch.per_channel_affine,
+                                                     torch.per_channel_affine_float_qparams):
+        scales = tensor.q_per_channel_scales()
+        size += 2 * scales.numel() * scales.element_size()  # scales and zero points
+    elif tensor.is_quantized:
+        size += 16
+    return size
+
+
+class Size(Metric):
+    name = "size"
+    description = ("bytes on disk of the saved model: weights, config.json and squeeze.json "
+                   "(not tokenizer or documentation files)")
+    dimension = "bytes"
+    higher_is_better = False
+    on_artifact = True
+    implicit = True
+    schema = _NONE
+
+    def measure(self, handle: ModelHandle, ctx: MeasureContext, data: str | None,
+                args: dict[str, Any]) -> float:
+        from squeezelang.models.size import artifact_bytes
+
+        if ctx.artifact_dir is None:
+            raise ExecutionError("size is measured on a saved artifact, and none was given")
+        return float(artifact_bytes(ctx.artifact_dir))
+
+
+class Params(Metric):
+    name = "params"
+    description = ("number of parameter elements (tied tensors once; a dynamically quantized "
+                   "layer's packed weight and bias included)")
+    dimension = "count"
+    higher_is_better = False
+    implicit = True
+    schema = _NONE
+
+    def measure(self, handle: ModelHandle, ctx: MeasureContext, data: str | None,
+                args: dict[str, Any]) -> float:
+        return float(sum(t.numel() for t in model_tensors(handle.model)))
+
+
+class Nonzero(Metric):
+    name = "nonzero"
+    description = "number of nonzero parameter elements (what pruning removes)"
+    dimension = "count"
+    higher_is_better = False
+    schema = _NONE
+
+    def measure(self, handle: ModelHandle, ctx: MeasureContext, data: str | None,
+                args: dict[str, Any]) -> float:
+        import torch
+
+        with torch.inference_mode():
+            return float(sum(int((t.dequantize() if t.is_quantized else t).count_nonzero())
+                             for t in model_tensors(handle.model)))
+
+
+class Memory(Metric):
+    name = "memory"
+    description = ("bytes the model's tensors occupy in memory: parameters and persistent buffers "
+                   "at their in-memory dtype (activations and the tokenizer not included)")
+    dimension = "bytes"
+    higher_is_better = False
+    schema = _NONE
+
+    def measure(self, handle: ModelHandle, ctx: MeasureContext, data: str | None,
+                args: dict[str, Any]) -> float:
+        return float(sum(_tensor_bytes(t) for t in model_tensors(handle.model, buffers=True)))
+
+
+class Latency(Metric):
+    name = "latency"
+    description = ("median wall time, in seconds, of one forward pass on a [batch, seq] batch of "
+                   "random token ids, on 'threads' CPU threads")
+    dimension = "time"
+    higher_is_better = False
+    implicit = True
+    #: Used when ``seq`` is not given (and lowered to the model's maximum if that is shorter).
+    default_seq = 128
+    schema = {
+        "type": "object",
+        "properties": {
+            "batch": {"type": "integer", "minimum": 1, "default": 1},
+            "seq": {"type": "integer", "minimum": 1,
+                    "description": "tokens per input (default 128, or the model's maximum if "
+                                   "shorter)"},
+            "threads": {"type": "integer", "minimum": 1,
+                        "description": "torch threads (default: the run's threads)"},
+            "warmup": {"type": "integer", "minimum": 0, "default": 3},
+            "repeats": {"type": "integer", "minimum": 1, "default": 20},
+        },
+        "additionalProperties": False,
+    }
+
+    def measure(self, handle: ModelHandle, ctx: MeasureContext, data: str | None,
+                args: dict[str, Any]) -> float:
+        import statistics
+        import time
+
+        import torch
+
+        from squeezelang.models.forward import max_positions
+
+        model = handle.model.eval()
+        limit = max_positions(model)
+        seq = args.get("seq")
+        if seq is None:
+            seq = min(self.default_seq, limit) if limit else self.default_seq
+        elif limit and seq > limit:
+            raise ExecutionError(f"latency: seq = {seq} exceeds the model's maximum of {limit} "
+                                 "positions")
+        batch = int(args.get("batch", 1))
+        threads = int(args.get("threads") or ctx.threads)
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        vocab = getattr(embeddings, "num_embeddings", None) or model.config.vocab_size
+        generator = torch.Generator().manual_seed(ctx.seed)
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        inputs = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=generator).to(device),
+                  "attention_mask": torch.ones(batch, seq, dtype=torch.long, device=device)}
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                for _ in range(int(args.get("warmup", 3))):
+                    model(**inputs)
+                times = []
+                for _ in range(int(args.get("repeats", 20))):
+                    start = time.perf_counter()
+                    model(**inputs)
+                    times.append(time.perf_counter() - start)
+        finally:
+            torch.set_num_threads(previous)
+        return float(statistics.median(times))

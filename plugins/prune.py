@@ -1,0 +1,127 @@
+"""The built-in ``prune`` technique: zero the least important weights of linear layers.
+
+Pruned weights stay in the model as zeros and are saved with the ``{"sparse": true}`` codec (a
+bitmask plus the nonzero values), so the file shrinks by about ``ratio × 4`` bytes per weight less an
+eighth of a byte for the mask. Methods are functions in ``METHODS`` that score each weight (lowest
+scores are pruned); adding one is adding a function.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from squeezelang import hookimpl
+from squeezelang.errors import SqueezeError
+from squeezelang.hooks.technique import Knob, Technique
+from squeezelang.models.codec import merge
+from squeezelang.models.select import BLOCKS, LINEAR_KINDS
+
+if TYPE_CHECKING:
+    import torch
+
+    from squeezelang.executor.context import StageContext
+    from squeezelang.models.handle import ModelHandle
+    from squeezelang.models.meta import ModelMeta
+
+
+def _magnitude(name: str, module: Any, weight: torch.Tensor, ctx: StageContext) -> torch.Tensor:
+    """Importance of each weight: its absolute value."""
+    return weight.detach().abs()
+
+
+#: method name -> scoring function ``(module name, module, weight, ctx) -> scores like weight``.
+METHODS: dict[str, Callable[..., Any]] = {"magnitude": _magnitude}
+
+
+def prune_mask(scores: list[torch.Tensor], ratio: float, scope: str) -> list[torch.Tensor]:
+    """Boolean keep-masks that drop the ``ratio`` lowest-scored entries, per tensor or over all."""
+    import torch
+
+    def keep(flat: torch.Tensor) -> torch.Tensor:
+        k = int(round(ratio * flat.numel()))
+        mask = torch.ones(flat.numel(), dtype=torch.bool)
+        if k > 0:
+            mask[torch.topk(flat, k, largest=False, sorted=False).indices] = False
+        return mask
+
+    if scope == "layer":
+        return [keep(s.reshape(-1)).reshape(s.shape) for s in scores]
+    flat = keep(torch.cat([s.reshape(-1).float() for s in scores]))
+    return [m.reshape(s.shape) for m, s in zip(flat.split([s.numel() for s in scores]), scores)]
+
+
+class Prune(Technique):
+    name = "prune"
+    description = (
+        "Zero the weights of linear layers with the lowest importance (method 'magnitude': |w|). "
+        "`ratio` is the fraction of the selected weights that end up zero, per layer (scope = "
+        "\"layer\") or across all selected layers (scope = \"global\"). Zeros are stored as a "
+        "bitmask plus the remaining values, so the saved file shrinks; the architecture is "
+        "unchanged. By default only the layers inside the transformer blocks are pruned, not "
+        "embeddings, pooler or output head.")
+    methods = tuple(METHODS)
+    schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "method": {"type": "string", "enum": list(METHODS), "default": "magnitude",
+                       "description": "How weights are scored; the lowest are zeroed."},
+            "ratio": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": 0.5,
+                      "description": "Fraction of the selected weights set to zero (0.5 = 50%)."},
+            "scope": {"type": "string", "enum": ["layer", "global"], "default": "layer",
+                      "description": "'layer': every layer loses `ratio` of its weights; 'global': "
+                                     "the lowest scores over all selected layers are zeroed."},
+            "include": {"type": "array", "items": {"type": "string"}, "default": list(BLOCKS),
+                        "description": "Globs of module names to prune (default: the linear layers "
+                                       "of the numbered transformer blocks)."},
+            "exclude": {"type": "array", "items": {"type": "string"}, "default": [],
+                        "description": "Globs of module names to leave alone."},
+        },
+    }
+    knobs = (Knob("ratio", 0.0, 0.95, compresses="up",
+                  description="fraction of weights zeroed"),)
+    produces = frozenset({"sparse"})
+    example = 'stage sparse: prune { method = "magnitude", ratio = 50%, scope = "layer" }'
+
+    def estimate(self, meta: ModelMeta, params: dict[str, Any]) -> ModelMeta:
+        """Mark the selected weights sparse at density ``1 - ratio``.
+
+        With ``scope = "global"`` each layer's density is unknown before pruning; every layer gets
+        the average. The total stays exact: mask bytes do not depend on density and the values
+        total is ``(1 - ratio)`` of all selected weights either way.
+        """
+        out = meta.copy()
+        for mod in out.select(LINEAR_KINDS, params.get("include"), params.get("exclude", ())):
+            name = f"{mod.name}.weight"
+            if name in out.tensors:
+                t = out.tensors[name]
+                density = min(1.0 - params["ratio"], (t.codec or {}).get("density", 1.0))
+                t.codec = merge(t.codec, {"sparse": True, "density": density})
+        out.states.add("sparse")
+        return out
+
+    def apply_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:
+        import torch
+
+        from squeezelang.models.select import select_modules
+
+        targets = select_modules(handle.model, LINEAR_KINDS, params.get("include"),
+                                 params.get("exclude", ()))
+        if not targets:
+            raise SqueezeError("prune: include/exclude select no linear layer of the model")
+        score = METHODS[params["method"]]
+        with torch.no_grad():
+            scores = [score(name, m, m.weight, ctx) for name, m in targets]
+            masks = prune_mask(scores, float(params["ratio"]), params["scope"])
+            for (name, module), mask in zip(targets, masks):
+                module.weight.mul_(mask.to(module.weight.dtype))
+                key = f"{name}.weight"
+                handle.codecs[key] = merge(handle.codecs.get(key), {"sparse": True})
+        handle.states.add("sparse")
+        zeros = sum(int((~m).sum()) for m in masks)
+        total = sum(m.numel() for m in masks)
+        ctx.log(f"pruned {zeros}/{total} weights ({zeros / max(total, 1):.1%}) in {len(targets)} layers")
+
+
+@hookimpl
+def register_techniques(registry: Any) -> None:
+    registry.add(Prune())

@@ -1,0 +1,76 @@
+"""The built-in model source ``hf(path, task = …)``: a local Hugging Face model directory."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from squeezelang import hookimpl
+from squeezelang.errors import SqueezeError
+from squeezelang.hooks.sources import ModelSource
+from squeezelang.models.handle import TASKS
+
+if TYPE_CHECKING:
+    from squeezelang.models.handle import ModelHandle
+    from squeezelang.models.meta import ModelMeta
+
+
+class HfSource(ModelSource):
+    """``hf(path, task = "embedding")``: weights, config and tokenizer from a local directory.
+
+    Never downloads and never runs code shipped with the model (``trust_remote_code`` is off).
+    """
+
+    name = "hf"
+    description = ("a local Hugging Face transformers directory (config.json, weights, tokenizer); "
+                   "task is one of " + ", ".join(TASKS))
+    schema = {
+        "type": "object",
+        "properties": {
+            "path": {"type": "string", "description": "the model directory"},
+            "task": {"enum": list(TASKS), "default": "embedding",
+                     "description": "which head to load: " + ", ".join(TASKS)},
+        },
+        "required": ["path"],
+        "additionalProperties": False,
+    }
+
+    def locate(self, args: dict[str, Any]) -> Path:
+        directory = Path(args["path"])
+        if not directory.is_dir():
+            what = "is a file, not" if directory.exists() else "does not exist; expected"
+            raise SqueezeError(f"{directory}: {what} a model directory")
+        if not (directory / "config.json").is_file():
+            raise SqueezeError(f"{directory}: no config.json — not a transformers model directory")
+        return directory
+
+    def meta(self, args: dict[str, Any]) -> ModelMeta:
+        from squeezelang.models import hf
+        from squeezelang.models.meta import meta_from_model
+
+        directory = self.locate(args)
+        task = args.get("task", "embedding")
+        try:
+            model = hf.from_config(hf.read_config(directory), task, meta=True)
+        except SqueezeError:
+            raise
+        except Exception as exc:  # an unknown model_type or a config transformers rejects
+            raise SqueezeError(f"{directory}: cannot build a '{task}' model from config.json: "
+                               f"{type(exc).__name__}: {exc}") from None
+        meta = meta_from_model(model, task)
+        meta.overhead_bytes = (directory / "config.json").stat().st_size
+        return meta
+
+    def load(self, args: dict[str, Any]) -> ModelHandle:
+        from squeezelang.models import hf
+        from squeezelang.models.handle import ModelHandle
+
+        directory = self.locate(args)
+        task = args.get("task", "embedding")
+        model = hf.load_pretrained(directory, task)
+        return ModelHandle(model=model, tokenizer=hf.load_tokenizer(directory), task=task,
+                           source_dir=directory)
+
+
+@hookimpl
+def register_model_sources(registry: Any) -> None:
+    registry.add(HfSource())

@@ -1,0 +1,99 @@
+"""The Python API: parse and check recipes, plan them, run them, load results back."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from squeezelang.lang.ast import Recipe
+
+if TYPE_CHECKING:
+    from squeezelang.executor.run import RunResult
+    from squeezelang.hooks.registry import Registries
+    from squeezelang.planner.estimate import Prediction
+    from squeezelang.planner.plan import Plan
+
+
+def parse(text: str, file: str | None = None) -> Recipe:
+    """Parse recipe text; raise ``RecipeErrors`` (with positions) if it is not valid syntax."""
+    from squeezelang.lang.parser import parse as _parse
+
+    return _parse(text, file)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and parse a ``.squeeze`` file (relative paths inside it resolve against its directory)."""
+    from squeezelang.lang.parser import parse_file
+
+    return parse_file(str(path))
+
+
+def registries(plugins: Iterable[Any] = ()) -> Registries:
+    """The installed plugins' registries, plus ``plugins`` (modules, objects or dotted names)."""
+    from squeezelang.hooks.manager import default_registries
+
+    return default_registries(plugins)
+
+
+def _recipe(recipe: Recipe | str | Path) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, Path) or (isinstance(recipe, str) and "\n" not in recipe
+                                    and recipe.endswith(".squeeze")):
+        return load_recipe(recipe)
+    return parse(str(recipe))
+
+
+def check(recipe: Recipe | str | Path, plugins: Iterable[Any] = ()) -> Plan:
+    """Validate a recipe against the installed plugins; return its plan or raise ``RecipeErrors``."""
+    from squeezelang.planner.resolve import resolve
+
+    return resolve(_recipe(recipe), registries(plugins))
+
+
+@dataclass
+class PlanResult:
+    plan: Plan
+    prediction: Prediction
+
+
+def plan(recipe: Recipe | str | Path, plugins: Iterable[Any] = ()) -> PlanResult:
+    """The resolved plan and its predictions (params and size after each stage), without weights."""
+    from squeezelang.planner.estimate import predict
+    from squeezelang.planner.resolve import resolve
+
+    regs = registries(plugins)
+    resolved = resolve(_recipe(recipe), regs)
+    return PlanResult(resolved, predict(resolved, regs))
+
+
+def run(recipe: Recipe | str | Path, output: str | Path | None = None, *, force: bool = False,
+        model: Any = None, tokenizer: Any = None, plugins: Iterable[Any] = (),
+        quiet: bool = True) -> RunResult:
+    """Run a recipe; ``model`` (a transformers model, with ``tokenizer``) replaces the recipe's model.
+
+    Returns a ``RunResult`` with ``report``, ``verdicts``, ``ok`` and ``model`` (the saved artifact,
+    loaded back). Constraints not met are reported in the result, not raised.
+    """
+    from squeezelang.executor.run import execute
+    from squeezelang.planner.resolve import resolve
+
+    regs = registries(plugins)
+    resolved = resolve(_recipe(recipe), regs)
+    handle = None
+    if model is not None:
+        from squeezelang.models.handle import ModelHandle
+
+        handle = ModelHandle(model.eval(), tokenizer, resolved.model.task)
+    from squeezelang.planner.search import solve
+
+    return solve(resolved, regs, output=output, force=force, handle=handle, quiet=quiet) \
+        if resolved.has_auto else execute(resolved, regs, output=output, force=force, handle=handle,
+                                           quiet=quiet)
+
+
+def load(directory: str | Path, task: str | None = None) -> Any:
+    """Load a model saved by ``squeeze run`` (any technique) back as a torch module."""
+    from squeezelang.models.load import load_model
+
+    return load_model(Path(directory), task=task).model

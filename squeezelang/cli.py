@@ -1,0 +1,285 @@
+"""The ``squeeze`` command line: check, plan, run, plugins, explain, fmt.
+
+Exit codes: 0 success (all constraints met); 1 the run finished but a constraint is not met (the
+artifacts are written and the report says which and by how much); 2 a bad recipe or bad usage;
+3 a runtime failure (the message names the stage and plugin at fault); 130 interrupted (rerun the
+same command to resume).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from squeezelang.errors import (ExecutionError, OutputError, PlanError, PluginError, RecipeError,
+                                RecipeErrors, SqueezeError)
+
+EXIT_OK, EXIT_NOT_MET, EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def _registries(args: argparse.Namespace) -> Any:
+    from squeezelang.hooks.manager import default_registries
+
+    return default_registries(args.plugin or ())
+
+
+def _load(path: str) -> Any:
+    from squeezelang.lang.parser import parse_file
+
+    return parse_file(path)
+
+
+def _print_errors(exc: RecipeErrors) -> None:
+    from squeezelang.lang.diagnostics import format_errors
+
+    print(format_errors(exc), file=sys.stderr)
+    n = len(exc.errors)
+    print(f"{n} error{'s' if n != 1 else ''} in {exc.file or 'recipe'}", file=sys.stderr)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from squeezelang.planner.resolve import resolve
+
+    regs = _registries(args)
+    status = EXIT_OK
+    for path in args.recipes:
+        try:
+            resolve(_load(path), regs)
+        except RecipeErrors as exc:
+            _print_errors(exc)
+            status = EXIT_USAGE
+            continue
+        if not args.quiet:
+            print(f"{path}: ok")
+    return status
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from squeezelang.planner.estimate import predict
+    from squeezelang.planner.resolve import resolve
+    from squeezelang.executor.report import fmt_value
+
+    regs = _registries(args)
+    plan = resolve(_load(args.recipe), regs)
+    pred = predict(plan, regs)
+    if args.json:
+        print(json.dumps({"plan": plan.to_json(), "prediction": pred.to_json()}, indent=2, default=str))
+        return EXIT_OK
+    print(f"recipe '{plan.name}': model {plan.model.args.get('path')} ({plan.model.task})")
+    print(f"  original: {fmt_value(pred.original_params, 'count')} params, "
+          f"{fmt_value(pred.original_size, 'bytes')}")
+    for i, (stage, sp) in enumerate(zip(plan.stages, pred.stages), 1):
+        tech = stage.technique + (f" ({stage.method})" if stage.method else "")
+        print(f"\nstage {i} '{stage.name}': {tech}   [plugin {stage.plugin}]")
+        for key, value in stage.params.items():
+            auto = f"   <- auto {stage.autos[key][0]:g} .. {stage.autos[key][1]:g} (shown at mid-range)" \
+                if key in stage.autos else ""
+            print(f"    {key} = {json.dumps(value)}{auto}")
+        ratio = sp.size_bytes / pred.original_size if pred.original_size else 0
+        print(f"  -> predicted {fmt_value(sp.params_count, 'count')} params, "
+              f"{fmt_value(sp.size_bytes, 'bytes')} ({ratio * 100:.1f}% of the original size)")
+    if plan.constraints:
+        print("\nconstraints:")
+        predicted = {v.constraint: v for v in pred.constraints}
+        for c in plan.constraints:
+            v = predicted.get(c.describe())
+            if v is None:
+                print(f"  {c.describe():32s} measured after the run")
+            else:
+                dim = "bytes" if c.metric == "size" or plan.metric(c.metric).kind == "size" else "count"
+                state = "predicted met" if v.met else "PREDICTED NOT MET"
+                print(f"  {c.describe():32s} {state}: {fmt_value(v.value, dim)} vs bound {fmt_value(v.bound, dim)}")
+    for note in pred.notes:
+        print(f"\nnote: {note}")
+    print(f"\noutput: {plan.output_dir} (format {plan.output_format})")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from squeezelang.executor.run import execute
+    from squeezelang.planner.resolve import resolve
+    from squeezelang.executor.report import markdown
+
+    regs = _registries(args)
+    plan = resolve(_load(args.recipe), regs)
+    if plan.has_auto:
+        from squeezelang.planner.search import solve
+        result = solve(plan, regs, output=args.output, force=args.force, quiet=args.quiet)
+    else:
+        result = execute(plan, regs, output=args.output, force=args.force, quiet=args.quiet)
+    if not args.quiet:
+        print()
+        print(markdown(result.report))
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"artifacts written to {result.output_dir}")
+    if not result.ok:
+        for v in result.failed:
+            print(f"constraint not met: {v.constraint} (measured {v.value:.6g}, bound {v.bound:.6g})",
+                  file=sys.stderr)
+        return EXIT_NOT_MET
+    print("all constraints met")
+    return EXIT_OK
+
+
+def _param_lines(schema: dict[str, Any]) -> list[str]:
+    lines = []
+    for key, prop in schema.get("properties", {}).items():
+        kind = prop.get("type") or ("one of " + ", ".join(map(str, prop["enum"])) if "enum" in prop else "")
+        if isinstance(kind, list):
+            kind = " | ".join(kind)
+        default = f" = {json.dumps(prop['default'])}" if "default" in prop else ""
+        desc = f"  {prop['description']}" if prop.get("description") else ""
+        lines.append(f"      {key}: {kind}{default}{desc}")
+    return lines
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    regs = _registries(args)
+    if args.json:
+        out = {
+            "plugins": regs.plugins,
+            "techniques": [{"name": t.name, "plugin": regs.techniques.owner(t.name), "methods": list(t.methods),
+                            "schema": t.schema, "description": t.description,
+                            "knobs": [vars(k) if hasattr(k, "__dict__") else k.__dict__ for k in t.knobs]}
+                           for t in regs.techniques],
+            "metrics": [{"name": m.name, "plugin": regs.metrics.owner(m.name), "dimension": m.dimension,
+                         "higher_is_better": m.higher_is_better, "schema": m.schema} for m in regs.metrics],
+            "data_sources": [{"name": d.name, "plugin": regs.data_sources.owner(d.name), "schema": d.schema}
+                             for d in regs.data_sources],
+            "model_sources": [{"name": d.name, "plugin": regs.model_sources.owner(d.name), "schema": d.schema}
+                              for d in regs.model_sources],
+            "output_formats": [{"name": f.name, "plugin": regs.output_formats.owner(f.name)}
+                               for f in regs.output_formats],
+        }
+        print(json.dumps(out, indent=2, default=lambda o: o.__dict__))
+        return EXIT_OK
+    print("plugins:")
+    for name, dist in sorted(regs.plugins.items()):
+        print(f"  {name}" + (f"  ({dist})" if dist else ""))
+    print("\ntechniques:")
+    for t in regs.techniques:
+        methods = f"  methods: {', '.join(t.methods)}" if t.methods else ""
+        print(f"  {t.name} [{regs.techniques.owner(t.name)}]{methods}\n      {t.description}")
+        if t.knobs:
+            print("    knobs: " + ", ".join(f"{k.name} {k.lo:g}..{k.hi:g} (compresses {k.compresses})"
+                                          for k in t.knobs))
+        print("    parameters:")
+        print("\n".join(_param_lines(t.schema)))
+    for title, reg in (("metrics", regs.metrics), ("data sources", regs.data_sources),
+                       ("model sources", regs.model_sources), ("output formats", regs.output_formats)):
+        print(f"\n{title}:")
+        for item in reg:
+            extra = ""
+            if title == "metrics":
+                extra = f" ({item.dimension}, {'higher' if item.higher_is_better else 'lower'} is better" \
+                        f"{', always available' if item.implicit else ''})"
+            print(f"  {item.name} [{reg.owner(item.name)}]{extra}  {item.description}")
+    return EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from squeezelang.lang.diagnostics import did_you_mean
+
+    regs = _registries(args)
+    tech = regs.techniques.get(args.technique)
+    if tech is None:
+        print(f"error: unknown technique '{args.technique}'"
+              f"{did_you_mean(args.technique, regs.techniques.names())}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{tech.name} [{regs.techniques.owner(tech.name)}]: {tech.description}")
+    if tech.methods:
+        print(f"methods: {', '.join(tech.methods)} (default {tech.methods[0]})")
+    print("parameters:")
+    print("\n".join(_param_lines(tech.schema)))
+    if tech.knobs:
+        print("knobs (may be auto):")
+        for k in tech.knobs:
+            print(f"      {k.name}: {k.lo:g} .. {k.hi:g}, compresses {k.compresses}"
+                  + (f"  {k.description}" if k.description else ""))
+    if tech.refuses:
+        print(f"refuses a model that is: {', '.join(sorted(tech.refuses))}")
+    if tech.example:
+        print(f"example:\n    {tech.example}")
+    return EXIT_OK
+
+
+def cmd_fmt(args: argparse.Namespace) -> int:
+    from squeezelang.lang.fmt import format_recipe
+
+    for path in args.recipes:
+        text = format_recipe(_load(path))
+        if args.write:
+            Path(path).write_text(text, encoding="utf-8")
+        else:
+            sys.stdout.write(text)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="squeeze", description="Compress language models from .squeeze recipes.",
+                                     epilog="exit codes: 0 ok, 1 constraints not met, 2 bad recipe or usage, "
+                                            "3 runtime failure, 130 interrupted (rerun to resume)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check", help="validate recipes without running anything")
+    p.add_argument("recipes", nargs="+")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("plan", help="show resolved stages and predicted size, without loading weights")
+    p.add_argument("recipe")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("run", help="compress, measure, save and verify")
+    p.add_argument("recipe")
+    p.add_argument("-o", "--output", help="output directory (default: the recipe's output)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("plugins", help="list installed plugins, their parameters and knobs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+    p = sub.add_parser("explain", help="show one technique's parameters, knobs and an example")
+    p.add_argument("technique")
+    p.set_defaults(func=cmd_explain)
+    p = sub.add_parser("fmt", help="print recipes in canonical form")
+    p.add_argument("recipes", nargs="+")
+    p.add_argument("-w", "--write", action="store_true", help="rewrite the files in place")
+    p.set_defaults(func=cmd_fmt)
+    for name in ("check", "plan", "run", "plugins", "explain", "fmt"):
+        sub.choices[name].add_argument(
+            "--plugin", action="append", metavar="MODULE",
+            help="also load this plugin module (repeatable); plugins otherwise come only from "
+                 "installed entry points")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except RecipeErrors as exc:
+        _print_errors(exc)
+        return EXIT_USAGE
+    except RecipeError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except (OutputError, PluginError, PlanError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ExecutionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except SqueezeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("\ninterrupted: completed stages are checkpointed; run the same command again to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Torch modules that techniques put into a model: a low-rank linear layer, a dynamic int8 linear.
+
+Imported only from inside technique methods (it imports torch at module level).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from squeezelang.models import codec
+
+
+class LowRankLinear(nn.Module):
+    """``second(first(x))``: a ``[out, in]`` linear map factored through ``rank`` dimensions.
+
+    Its state dict (``first.weight`` ``[rank, in]``, ``second.weight`` ``[out, rank]``,
+    ``second.bias``) is what ``factorize`` saves and what ``rebuild_`` re-creates empty.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.first = nn.Linear(in_features, rank, bias=False)
+        self.second = nn.Linear(rank, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    @classmethod
+    def from_factors(cls, first: torch.Tensor, second: torch.Tensor,
+                     bias: torch.Tensor | None) -> LowRankLinear:
+        rank, in_features = first.shape
+        module = cls(in_features, second.shape[0], rank, bias is not None)
+        with torch.no_grad():
+            module.first.weight.copy_(first)
+            module.second.weight.copy_(second)
+            if bias is not None:
+                module.second.bias.copy_(bias)
+        return module
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The ``[out, in]`` weight of a ``Linear`` or a GPT-2 ``Conv1D`` (``[in, out]`` stored)."""
+    w = module.weight.detach()
+    return w.t() if type(module).__name__ == "Conv1D" else w
+
+
+class Int8DynamicLinear(nn.Module):
+    """A linear layer running torch's dynamic int8 kernel (int8 weights, activations quantized per call).
+
+    Weights are symmetric per output channel on ``codec``'s 8-bit grid. Its state dict is the
+    standard one of the layer it replaced — ``weight`` (dequantized float32, ``[in, out]`` again for
+    a ``Conv1D``) and ``bias`` — so the model saves with the ``{"quant": …}`` codec like a
+    weight-only quantized one; loading such a state dict re-packs the weights.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool = False,
+                 per_tensor: bool = False) -> None:
+        super().__init__()
+        self.transposed = transposed
+        self.per_tensor = per_tensor
+        self.out_features, self.in_features = weight.shape
+        self._pack(weight, bias)
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, per_tensor: bool = False) -> Int8DynamicLinear:
+        """The int8 version of a ``Linear`` or ``Conv1D`` (its weights rounded to the int8 grid)."""
+        bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+        return cls(linear_weight(module), bias, transposed=type(module).__name__ == "Conv1D",
+                   per_tensor=per_tensor)
+
+    def _pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        axis = None if self.per_tensor else 0
+        weight = codec.quantize_weight(weight.detach().float().contiguous(), 8, axis)
+        scales = codec.scales_of(weight, 8, axis).expand(weight.shape[0]).contiguous()
+        codes = torch.round(weight / scales[:, None]).to(torch.int8)
+        with warnings.catch_warnings():  # torch deprecates quantized tensors in favour of torchao
+            warnings.simplefilter("ignore")
+            qweight = torch._make_per_channel_quantized_tensor(
+                codes, scales.double(), torch.zeros(len(scales), dtype=torch.long), 0)
+        self._packed = torch.ops.quantized.linear_prepack(
+            qweight, None if bias is None else bias.detach().float().contiguous())
+
+    def unpacked(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The dequantized ``[out, in]`` weight and the bias."""
+        qweight, bias = torch.ops.quantized.linear_unpack(self._packed)
+        return qweight.dequantize().float(), bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self._packed, True)
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        weight, bias = self.unpacked()
+        destination[prefix + "weight"] = weight.t().contiguous() if self.transposed else weight
+        if bias is not None:
+            destination[prefix + "bias"] = bias
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        if prefix + "weight" not in state_dict:
+            missing_keys.append(prefix + "weight")
+            return
+        weight = state_dict[prefix + "weight"]
+        self._pack(weight.t() if self.transposed else weight, state_dict.get(prefix + "bias"))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 dynamic "
+                f"per {'tensor' if self.per_tensor else 'channel'}")

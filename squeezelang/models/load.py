@@ -1,0 +1,190 @@
+"""Load a model directory written by ``save_model`` (or any transformers checkpoint) as a ``ModelHandle``.
+
+Without ``squeeze.json`` the directory is a plain checkpoint, loaded with ``from_pretrained``. With
+it: the model is built from ``config.json``; edits are replayed through their technique's
+``rebuild_`` — those whose record says ``"when": "after_load"`` (runtime conversions such as dynamic
+int8 kernels, which need the loaded weights) after the state dict is loaded, the others (structural
+changes such as low-rank factors) before; the stored tensors are decoded through their codecs and
+loaded strictly. Only safetensors are read: never ``torch.load`` or pickle.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from squeezelang.errors import SqueezeError
+from squeezelang.models import codec, hf
+from squeezelang.models.handle import ModelHandle
+
+if TYPE_CHECKING:
+    import torch
+
+    from squeezelang.hooks.registry import Registries
+
+SQUEEZE_FILE = "squeeze.json"
+AFTER_LOAD = "after_load"
+_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                      "spiece.model", "tokenizer.model", "sentencepiece.bpe.model")
+_TASK_SUFFIXES = (("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"),
+                  ("ForMaskedLM", "masked-lm"), ("ForSequenceClassification", "classification"))
+
+
+def task_from_config(config: dict[str, Any]) -> str:
+    """The task a checkpoint was saved for, from ``config.architectures`` (default ``embedding``)."""
+    for arch in config.get("architectures") or ():
+        for suffix, task in _TASK_SUFFIXES:
+            if str(arch).endswith(suffix):
+                return task
+    return "embedding"
+
+
+def read_squeeze_json(directory: Path) -> dict[str, Any] | None:
+    """The parsed ``squeeze.json`` of ``directory``, ``None`` if absent; ``SqueezeError`` if invalid."""
+    path = Path(directory) / SQUEEZE_FILE
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SqueezeError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != codec.FORMAT_NAME:
+        raise SqueezeError(f"{path}: not a squeezelang model file (format is not "
+                           f"'{codec.FORMAT_NAME}')")
+    version = doc.get("version")
+    if not isinstance(version, int) or version > codec.FORMAT_VERSION:
+        raise SqueezeError(f"{path}: format version {version!r} is newer than this squeezelang "
+                           f"understands ({codec.FORMAT_VERSION}); upgrade squeezelang")
+    for key, kind in (("codecs", dict), ("edits", list), ("states", list)):
+        if not isinstance(doc.get(key, kind()), kind):
+            raise SqueezeError(f"{path}: '{key}' must be a JSON {kind.__name__}")
+    for i, rec in enumerate(doc.get("edits", [])):
+        if not isinstance(rec, dict) or not isinstance(rec.get("technique"), str):
+            raise SqueezeError(f"{path}: edit #{i + 1} has no 'technique'")
+    return doc
+
+
+def load_model(directory: Path, registries: Registries | None = None,
+               task: str | None = None) -> ModelHandle:
+    """Load ``directory`` as a ``ModelHandle`` (eval mode) with its codecs, edits and states."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SqueezeError(f"{directory}: not a directory")
+    config = hf.read_config(directory)
+    doc = read_squeeze_json(directory)
+    tokenizer = _tokenizer(directory)
+    if doc is None:
+        task = task or task_from_config(config)
+        model = hf.load_pretrained(directory, task)
+        return ModelHandle(model=model, tokenizer=tokenizer, task=task, source_dir=directory)
+    task = task or doc.get("task") or task_from_config(config)
+    codecs = {k: v for k, v in doc.get("codecs", {}).items() if v}
+    edits = list(doc.get("edits", []))
+    model = _build(directory, task)
+    before = [r for r in edits if r.get("when") != AFTER_LOAD]
+    after = [r for r in edits if r.get("when") == AFTER_LOAD]
+    if edits and registries is None:
+        from squeezelang.hooks.manager import default_registries
+
+        registries = default_registries()
+    for record in before:
+        model = _technique(registries, record, directory).rebuild_(model, record)
+    stored = read_weights(directory)
+    state = decode_state(model, stored, codecs, directory)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise SqueezeError(f"{directory / 'model.safetensors'}: weights do not fit the model: {exc}") from None
+    for record in after:
+        model = _technique(registries, record, directory).rebuild_(model, record)
+    model.eval()
+    return ModelHandle(model=model, tokenizer=tokenizer, task=task, source_dir=directory,
+                       codecs=codecs, edits=edits, states=set(doc.get("states", [])))
+
+
+def _build(directory: Path, task: str) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True,
+                                            trust_remote_code=False)
+    except Exception as exc:
+        raise SqueezeError(f"{directory / 'config.json'}: cannot read the config: "
+                           f"{type(exc).__name__}: {exc}") from None
+    return hf.from_config(config, task)
+
+
+def _technique(registries: Any, record: dict[str, Any], directory: Path) -> Any:
+    name = record["technique"]
+    technique = registries.techniques.get(name)
+    if technique is None:
+        raise SqueezeError(f"{directory / SQUEEZE_FILE}: the model was edited by technique '{name}', "
+                           "which no installed plugin provides")
+    return technique
+
+
+def _tokenizer(directory: Path) -> Any:
+    if any((directory / f).exists() for f in _TOKENIZER_MARKERS):
+        return hf.load_tokenizer(directory)
+    return None
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the directory's top-level ``*.safetensors`` files."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise SqueezeError(f"{directory}: no model.safetensors")
+    out: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            tensors = load_file(str(path))
+        except Exception as exc:
+            raise SqueezeError(f"{path}: cannot read the weights: {type(exc).__name__}: {exc}") from None
+        out.update(tensors)
+    return out
+
+
+def decode_state(model: Any, stored: dict[str, torch.Tensor], codecs: dict[str, Any],
+                 directory: Path) -> dict[str, torch.Tensor]:
+    """The model's state dict decoded from ``stored``; tied aliases filled from their first name."""
+    from squeezelang.models.save import _aliases
+
+    expected = model.state_dict()
+    aliases = _aliases(expected)
+    where = directory / "model.safetensors"
+    unknown = sorted(set(codecs) - set(expected))
+    if unknown:
+        raise SqueezeError(f"{directory / SQUEEZE_FILE}: codecs for tensors the model does not have: "
+                           f"{', '.join(unknown[:5])}")
+    state: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    missing = []
+    for name, ref in expected.items():
+        spec = codecs.get(name)
+        names = codec.stored_names(name, spec)
+        if all(n in stored for n in names):
+            try:
+                state[name] = codec.decode(name, stored, spec, ref.shape, ref.dtype)
+            except SqueezeError as exc:
+                raise SqueezeError(f"{where}: {exc}") from None
+            used.update(names)
+        elif name in aliases:
+            continue  # filled below from the tensor it is tied to
+        else:
+            missing.append(name)
+    for alias, first in aliases.items():
+        if alias not in state:
+            if first not in state:
+                missing.append(alias)
+            else:
+                state[alias] = state[first]
+    if missing:
+        raise SqueezeError(f"{where}: missing tensor(s) {', '.join(missing[:5])}"
+                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    extra = sorted(set(stored) - used)
+    if extra:
+        raise SqueezeError(f"{where}: unexpected tensor(s) {', '.join(extra[:5])}"
+                           + (f" and {len(extra) - 5} more" if len(extra) > 5 else ""))
+    return state

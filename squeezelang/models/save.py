@@ -1,0 +1,213 @@
+"""Save a ``ModelHandle`` as a model directory: ``config.json``, ``model.safetensors``, ``squeeze.json``.
+
+Without codecs and edits the directory is a plain transformers checkpoint (``save_pretrained``).
+Otherwise the weights are written through their codecs (``models.codec``) and ``squeeze.json``
+records what ``load_model`` needs to rebuild the model: codecs, edits, states. Tensors shared under
+several names (GPT-2's ``lm_head.weight`` tied to ``transformer.wte.weight``) are stored once, under
+the first name in state-dict order, as transformers does; loading fills the others from the model's
+own tying. The other files of the source directory (tokenizer, ``modules.json``, ``1_Pooling/…``,
+README) are copied alongside.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from squeezelang.errors import SqueezeError
+from squeezelang.models import codec
+
+if TYPE_CHECKING:
+    import torch
+
+    from squeezelang.models.handle import ModelHandle
+
+WEIGHTS_FILE = "model.safetensors"
+SQUEEZE_FILE = "squeeze.json"
+#: Weight files of any framework: never copied from the source (the saved weights replace them).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".ckpt")
+#: Top-level files the save itself writes (or that describe another run), never copied.
+OWN_FILES = frozenset({"config.json", SQUEEZE_FILE, "generation_config.json",
+                       "model.safetensors.index.json", "pytorch_model.bin.index.json"})
+#: Tokenizer files: copied from the source unless the stage rewrote the tokenizer.
+TOKENIZER_FILES = frozenset({
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+    "tokenizer.model", "chat_template.jinja", "chat_template.json"})
+
+
+def save_model(handle: ModelHandle, directory: Path) -> list[str]:
+    """Write ``handle`` into ``directory`` (created if needed); return the relative paths written."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    before = _snapshot(directory)
+    if not handle.codecs and not handle.edits:
+        _save_plain(handle, directory)
+    else:
+        _save_encoded(handle, directory)
+    if handle.codecs or handle.edits or handle.states:
+        aliases = _aliases(handle.model.state_dict())
+        codecs = {aliases.get(k, k): codec.normalize(v) for k, v in sorted(handle.codecs.items())}
+        doc = codec.squeeze_json_doc(handle.task, {k: v for k, v in codecs.items() if v},
+                                     handle.edits, handle.states)
+        _atomic_write_text(directory / SQUEEZE_FILE, codec.squeeze_json_dumps(doc))
+    if handle.tokenizer_changed and handle.tokenizer is not None:
+        handle.tokenizer.save_pretrained(str(directory))
+    if handle.source_dir is not None:
+        copy_aux_files(Path(handle.source_dir), directory,
+                       skip_tokenizer=handle.tokenizer_changed)
+    after = _snapshot(directory)
+    return sorted(p for p, stamp in after.items() if before.get(p) != stamp)
+
+
+# ---------------------------------------------------------------------------- weights
+def _save_plain(handle: ModelHandle, directory: Path) -> None:
+    try:
+        handle.model.save_pretrained(str(directory), safe_serialization=True)
+    except Exception as exc:
+        raise SqueezeError(f"{directory}: cannot save the model: {type(exc).__name__}: {exc}") from None
+
+
+def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
+def _aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``{alias: first name}`` for tensors the state dict holds under several names."""
+    first: dict[tuple[Any, ...], str] = {}
+    aliases: dict[str, str] = {}
+    for name, t in state.items():
+        if t.device.type == "meta" or t.numel() == 0:
+            continue
+        key = _storage_key(t)
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+    return aliases
+
+
+def encoded_state(handle: ModelHandle) -> dict[str, torch.Tensor]:
+    """The stored tensors of ``handle``'s state dict under its codecs (tied tensors once)."""
+    state = handle.model.state_dict()
+    aliases = _aliases(state)
+    unknown = sorted(set(handle.codecs) - set(state))
+    if unknown:
+        raise SqueezeError(f"codecs name tensors the model does not have: {', '.join(unknown[:5])}"
+                           " (a stage replaced a module without updating handle.codecs)")
+    specs: dict[str, Any] = {}
+    for name, spec in handle.codecs.items():
+        target = aliases.get(name, name)
+        if spec and specs.get(target) not in (None, spec):
+            raise SqueezeError(f"tied tensors '{name}' and '{target}' have different codecs")
+        if spec:
+            specs[target] = spec
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if name in aliases:
+            continue
+        for stored, t in codec.encode(name, tensor, specs.get(name)).items():
+            if stored in out:
+                raise SqueezeError(f"stored tensor name '{stored}' is produced twice")
+            out[stored] = t.contiguous()
+    return out
+
+
+def _save_encoded(handle: ModelHandle, directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    model = handle.model
+    tensors = encoded_state(handle)
+    try:
+        model.config.save_pretrained(str(directory))
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and getattr(model, "can_generate", lambda: False)():
+            gen.save_pretrained(str(directory))
+    except Exception as exc:
+        raise SqueezeError(f"{directory}: cannot write the config: {type(exc).__name__}: {exc}") from None
+    target = directory / WEIGHTS_FILE
+    tmp = directory / (WEIGHTS_FILE + ".tmp")
+    _refuse_link(target)
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, target)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        raise SqueezeError(f"{target}: cannot write the weights: {type(exc).__name__}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------- other files
+def _is_within(path: Path, roots: Iterable[Path]) -> bool:
+    return any(path == r or r in path.parents for r in roots)
+
+
+def _allowed_roots(source: Path) -> list[Path]:
+    """Where the source's symlinks may point: inside it, or a Hugging Face cache's ``blobs/``."""
+    root = source.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots":
+        roots.append(root.parent.parent / "blobs")
+    return roots
+
+
+def copy_aux_files(source: Path, directory: Path, skip_tokenizer: bool = False) -> list[str]:
+    """Copy ``source``'s non-weight files into ``directory``; return the relative paths copied.
+
+    Skips weight files, the files ``save`` writes itself, hidden files, reports of another run, and
+    symlinks that point outside ``source``. Never writes outside ``directory``.
+    """
+    source = Path(source)
+    if not source.is_dir():
+        return []
+    roots = _allowed_roots(source)
+    dest_root = directory.resolve()
+    copied = []
+    for dirpath, dirnames, filenames in os.walk(source):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and _is_within((here / d).resolve(), roots)
+                             and (here / d).resolve() != dest_root)
+        for fname in sorted(filenames):
+            src = here / fname
+            rel = src.relative_to(source)
+            top = len(rel.parts) == 1
+            if (fname.startswith(".") or fname.endswith(WEIGHT_SUFFIXES) or fname.endswith(".squeeze")
+                    or (top and (fname in OWN_FILES or fname.startswith("report.")))
+                    or (top and skip_tokenizer and fname in TOKENIZER_FILES)):
+                continue
+            real = src.resolve()
+            if not real.is_file() or not _is_within(real, roots):
+                continue
+            dest = directory / rel
+            if not _is_within(dest.parent.resolve(), [dest_root]):
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.is_symlink():
+                dest.unlink()
+            if dest.exists() and dest.resolve() == real:
+                continue
+            shutil.copyfile(real, dest)
+            copied.append(rel.as_posix())
+    return copied
+
+
+def _refuse_link(path: Path) -> None:
+    if path.is_symlink():
+        path.unlink()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _refuse_link(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    out = {}
+    for p in directory.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            st = p.stat()
+            out[p.relative_to(directory).as_posix()] = (st.st_mtime_ns, st.st_size)
+    return out

@@ -1,0 +1,114 @@
+"""The plan: a recipe resolved against the installed plugins, as immutable JSON-able data."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from squeezelang.lang.ast import Span
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    source: str
+    args: dict[str, Any]
+    task: str
+    #: ``(module, subdir)`` when the path was written as ``package("module", "subdir")``.
+    package: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    name: str
+    source: str
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class MetricPlan:
+    name: str
+    kind: str
+    data: str | None
+    args: dict[str, Any]
+    dimension: str
+    higher_is_better: bool
+    implicit: bool = False
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage: ``params`` complete (defaults filled, units converted); ``autos`` the knobs to solve."""
+
+    name: str
+    technique: str
+    plugin: str
+    method: str | None
+    params: dict[str, Any]
+    autos: dict[str, tuple[float, float]] = field(default_factory=dict)
+    span: Span | None = None
+
+
+@dataclass(frozen=True)
+class ConstraintPlan:
+    """``metric OP bound``; ``relative`` bounds are fractions of the original's value."""
+
+    metric: str
+    drop: bool
+    op: str
+    bound: float
+    relative: bool
+    text: str
+    span: Span | None = None
+
+    @property
+    def subject(self) -> str:
+        return f"drop({self.metric})" if self.drop else self.metric
+
+    def describe(self) -> str:
+        return f"{self.subject} {self.op} {self.text}"
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    strategy: str = "bisect"
+    trials: int = 12
+    timeout: float = 1800.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    recipe_file: str | None
+    recipe_dir: str
+    model: ModelPlan
+    data: tuple[DataPlan, ...]
+    metrics: tuple[MetricPlan, ...]
+    stages: tuple[StagePlan, ...]
+    constraints: tuple[ConstraintPlan, ...]
+    search: SearchPlan
+    output_dir: str
+    output_format: str
+    uses: tuple[str, ...] = ()
+
+    @property
+    def has_auto(self) -> bool:
+        return any(s.autos for s in self.stages)
+
+    def metric(self, name: str) -> MetricPlan | None:
+        return next((m for m in self.metrics if m.name == name), None)
+
+    def stage(self, name: str) -> StagePlan | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan as plain JSON data (spans dropped)."""
+        def clean(obj: Any) -> Any:
+            if isinstance(obj, dict):
+                return {k: clean(v) for k, v in obj.items() if k != "span"}
+            if isinstance(obj, (list, tuple)):
+                return [clean(v) for v in obj]
+            if isinstance(obj, Path):
+                return str(obj)
+            return obj
+        return clean(asdict(self))

@@ -1,0 +1,416 @@
+"""Resolve a parsed recipe against the installed plugins into a ``Plan``, collecting every error.
+
+This is what ``squeeze check`` runs: names, references, plugin parameter schemas, ``auto`` on knobs,
+units against metric dimensions, data columns and stage order. It never imports torch.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+from typing import Any
+
+from squeezelang.errors import RecipeError, RecipeErrors, SqueezeError
+from squeezelang.hooks.registry import Registries
+from squeezelang.lang import ast
+from squeezelang.lang.diagnostics import did_you_mean
+from squeezelang.lang.units import dimension_of
+from squeezelang.planner.plan import (ConstraintPlan, DataPlan, MetricPlan, ModelPlan, Plan,
+                                      SearchPlan, StagePlan)
+from squeezelang.planner.validate import missing_columns, schema_errors
+from squeezelang.planner.values import number, to_python
+
+STRATEGIES = ("bisect", "grid", "random", "anneal")
+SEARCH_SCHEMA: dict[str, Any] = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "strategy": {"enum": list(STRATEGIES), "default": "bisect",
+                     "description": "how auto knobs are searched"},
+        "trials": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 12},
+        "timeout": {"type": "number", "exclusiveMinimum": 0, "default": 1800.0,
+                    "description": "a duration, e.g. 30min"},
+        "seed": {"type": "integer", "minimum": 0, "default": 0},
+    },
+}
+OPS = ("<=", "<", ">=", ">", "==")
+
+
+def _spans(params: tuple[ast.Param, ...] | tuple[ast.Arg, ...]) -> dict[str, tuple[ast.Span, ast.Span]]:
+    out = {}
+    for p in params:
+        key = p.key if isinstance(p, ast.Param) else p.name
+        key_span = p.key_span if isinstance(p, ast.Param) else (p.name_span or p.span)
+        if key is not None:
+            out[key] = (key_span, _span_of(p.value))
+    return out
+
+
+def _span_of(value: ast.Value) -> ast.Span:
+    return getattr(value, "span", ast.NOWHERE)
+
+
+class _Resolver:
+    def __init__(self, recipe: ast.Recipe, regs: Registries) -> None:
+        self.recipe = recipe
+        self.regs = regs
+        self.errors: list[RecipeError] = []
+        self.base_dir = Path(recipe.file).resolve().parent if recipe.file else Path.cwd()
+        self.data_columns: dict[str, list[str] | None] = {}
+
+    def error(self, message: str, span: ast.Span | None, hint: str | None = None) -> None:
+        self.errors.append(RecipeError(message, span, hint=hint))
+
+    # ------------------------------------------------------------------ helpers
+    def ident_resolver(self, allowed: tuple[str, ...] = ("data", "metric", "stage")):
+        names = {"data": [d.name for d in self.recipe.data],
+                 "metric": [m.name for m in self.recipe.metrics],
+                 "stage": [s.name for s in self.recipe.stages]}
+
+        def resolve(ident: ast.Ident) -> str:
+            for kind in allowed:
+                if ident.name in names[kind]:
+                    return ident.name
+            pool = [n for k in allowed for n in names[k]]
+            kinds = " or ".join(allowed)
+            raise RecipeError(f"undefined name '{ident.name}'", ident.span,
+                              hint=(did_you_mean(ident.name, pool).strip(" —")
+                                    or f"declare it first, e.g. `data {ident.name} = text(\"…\")`"
+                                    if "data" in allowed else None) or f"no {kinds} of that name")
+        return resolve
+
+    def convert(self, value: ast.Value, path: bool = False, allowed=("data", "metric", "stage")) -> Any:
+        try:
+            return to_python(value, self.base_dir, self.ident_resolver(allowed), path=path)
+        except RecipeError as exc:
+            self.errors.append(exc)
+            return None
+
+    def call_args(self, call: ast.Call, plugin: Any, owner: str) -> tuple[dict[str, Any], bool]:
+        """Keyword dict of a source call (positionals mapped by the plugin); False if it failed."""
+        ok = True
+        values: dict[str, Any] = {}
+        positional = [a for a in call.args if a.name is None]
+        names = list(getattr(plugin, "positional", ()))
+        if len(positional) > len(names):
+            self.error(f"{owner} takes {len(names)} positional argument(s), got {len(positional)}",
+                       positional[len(names)].span)
+            ok = False
+        for arg, name in zip(positional, names):
+            values[name] = arg.value
+        for arg in call.args:
+            if arg.name is not None:
+                if arg.name in values:
+                    self.error(f"argument '{arg.name}' given twice", arg.name_span or arg.span)
+                    ok = False
+                values[arg.name] = arg.value
+        converted = {}
+        n_errors = len(self.errors)
+        for key, value in values.items():
+            before = len(self.errors)
+            result = self.convert(value, path=key in getattr(plugin, "path_params", ()))
+            if len(self.errors) == before:  # a value that failed to convert is reported already
+                converted[key] = result
+        spans = {a.name or n: (a.name_span or a.span, _span_of(a.value))
+                 for a, n in zip(call.args, names + [None] * len(call.args))}
+        spans.update(_spans(call.args))
+        if len(self.errors) > n_errors:  # schema errors would only echo a failed conversion
+            return converted, False
+        errs = schema_errors(plugin.schema, converted, owner, spans, call.span)
+        self.errors.extend(errs)
+        return converted, ok and not errs and len(self.errors) == n_errors
+
+    # ------------------------------------------------------------------ statements
+    def uses(self) -> tuple[str, ...]:
+        out = []
+        for use in self.recipe.uses:
+            dist = use.distribution.value
+            try:
+                importlib.metadata.distribution(dist)
+            except importlib.metadata.PackageNotFoundError:
+                self.error(f"plugin distribution '{dist}' is not installed", use.distribution.span,
+                           hint=f"install it with pip install {dist}; recipes never install plugins")
+            out.append(dist)
+        return tuple(out)
+
+    def model(self) -> ModelPlan | None:
+        decl = self.recipe.model
+        if decl is None:
+            self.error("the recipe has no model", ast.Span(1, 1, 1, 2),
+                       hint='add e.g. model = hf("path/to/model", task = "embedding")')
+            return None
+        call = decl.source
+        source = self.regs.model_sources.get(call.name)
+        if source is None:
+            self.error(f"unknown model source '{call.name}'", call.name_span,
+                       hint=did_you_mean(call.name, self.regs.model_sources.names()).strip(" —") or None)
+            return None
+        args, ok = self.call_args(call, source, f"model source '{call.name}'")
+        if ok:
+            try:
+                source.locate(args)
+            except SqueezeError as exc:
+                first = call.args[0].value if call.args else call
+                self.error(str(exc), _span_of(first))
+        package = None
+        first = call.args[0].value if call.args and call.args[0].name is None else None
+        if isinstance(first, ast.Call) and first.name == "package":
+            package = tuple(v.value for v in first.positional if isinstance(v, ast.Str)) + ("",)
+            package = (package[0], package[1])
+        return ModelPlan(call.name, args, str(args.get("task", "embedding")), package)
+
+    def data(self) -> tuple[DataPlan, ...]:
+        out, seen = [], {}
+        for decl in self.recipe.data:
+            if decl.name in seen:
+                self.error(f"data set '{decl.name}' is declared twice", decl.name_span,
+                           hint=f"first declared on line {seen[decl.name]}")
+                continue
+            seen[decl.name] = decl.span.line
+            call = decl.source
+            source = self.regs.data_sources.get(call.name)
+            if source is None:
+                self.error(f"unknown data source '{call.name}'", call.name_span,
+                           hint=did_you_mean(call.name, self.regs.data_sources.names()).strip(" —") or None)
+                self.data_columns[decl.name] = None
+                continue
+            args, ok = self.call_args(call, source, f"data source '{call.name}'")
+            columns = None
+            if ok:
+                try:
+                    columns = list(source.columns(args))
+                except SqueezeError as exc:
+                    first = call.args[0].value if call.args else call
+                    self.error(str(exc), _span_of(first))
+            self.data_columns[decl.name] = columns
+            out.append(DataPlan(decl.name, call.name, args))
+        return tuple(out)
+
+    def check_columns(self, data_name: str, spec: str, renames: dict[str, str], span: ast.Span,
+                      who: str) -> None:
+        available = self.data_columns.get(data_name)
+        if not spec or available is None:
+            return
+        missing = missing_columns(spec, renames, available)
+        if missing:
+            cols = ", ".join(f"'{c}'" for c in missing)
+            self.error(f"{who} needs column {cols}, which data set '{data_name}' does not have",
+                       span, hint=f"'{data_name}' has columns {', '.join(available) or '(none)'}; "
+                                  "rename with e.g. a = \"s1\" or declare the columns")
+
+    def metrics(self) -> tuple[MetricPlan, ...]:
+        out: list[MetricPlan] = []
+        seen: dict[str, int] = {}
+        for decl in self.recipe.metrics:
+            if decl.name in seen:
+                self.error(f"metric '{decl.name}' is declared twice", decl.name_span,
+                           hint=f"first declared on line {seen[decl.name]}")
+                continue
+            seen[decl.name] = decl.span.line
+            call = decl.kind
+            metric = self.regs.metrics.get(call.name)
+            if metric is None:
+                self.error(f"unknown metric '{call.name}'", call.name_span,
+                           hint=did_you_mean(call.name, self.regs.metrics.names()).strip(" —") or None)
+                continue
+            positional = [a for a in call.args if a.name is None]
+            data_name = None
+            if metric.needs_data:
+                if not positional:
+                    self.error(f"metric '{call.name}' needs a data set", call.span,
+                               hint=f"e.g. {call.name}(my_data)")
+                    continue
+                first = positional[0].value
+                if not isinstance(first, ast.Ident):
+                    self.error(f"the first argument of '{call.name}' must name a declared data set",
+                               _span_of(first))
+                    continue
+                data_name = self.convert(first, allowed=("data",))
+                if data_name is None:
+                    continue
+            for extra in positional[(1 if metric.needs_data else 0):]:
+                self.error(f"metric '{call.name}' takes no other positional argument", extra.span,
+                           hint="name it: key = value")
+            kwargs = {a.name: self.convert(a.value) for a in call.args if a.name is not None}
+            self.errors.extend(schema_errors(metric.schema, kwargs, f"metric '{call.name}'",
+                                             _spans(call.args), call.span))
+            if data_name:
+                renames = {k: v for k, v in kwargs.items() if isinstance(v, str)}
+                self.check_columns(data_name, metric.columns, renames, _span_of(positional[0].value),
+                                   f"metric '{call.name}'")
+            out.append(MetricPlan(decl.name, call.name, data_name, kwargs, metric.dimension,
+                                  metric.higher_is_better))
+        for metric in self.regs.metrics:
+            if metric.implicit and metric.name not in seen:
+                out.append(MetricPlan(metric.name, metric.name, None, {}, metric.dimension,
+                                      metric.higher_is_better, implicit=True))
+        return tuple(out)
+
+    def stages(self) -> tuple[StagePlan, ...]:
+        out: list[StagePlan] = []
+        seen: dict[str, int] = {}
+        states: dict[str, str] = {}  # state -> stage that produced it
+        for decl in self.recipe.stages:
+            if decl.name in seen:
+                self.error(f"stage '{decl.name}' is declared twice", decl.span,
+                           hint=f"first declared on line {seen[decl.name]}; name stages: stage NAME: TECHNIQUE {{…}}")
+                continue
+            seen[decl.name] = decl.span.line
+            tech = self.regs.techniques.get(decl.technique)
+            if tech is None:
+                self.error(f"unknown technique '{decl.technique}'", decl.technique_span,
+                           hint=did_you_mean(decl.technique, self.regs.techniques.names()).strip(" —")
+                           or "squeeze plugins lists the installed techniques")
+                continue
+            stage = self.stage(decl, tech)
+            if stage is None:
+                continue
+            for state in sorted(tech.refuses & set(states)):
+                self.error(f"'{decl.technique}' cannot run on a {state} model (stage '{states[state]}' "
+                           f"made it {state})", decl.technique_span,
+                           hint=f"move stage '{states[state]}' after stage '{decl.name}'")
+            for state in tech.produces:
+                states.setdefault(state, decl.name)
+            out.append(stage)
+        return tuple(out)
+
+    def stage(self, decl: ast.StageDecl, tech: Any) -> StagePlan | None:
+        owner = f"technique '{tech.name}'"
+        spans = _spans(decl.params)
+        values: dict[str, Any] = {}
+        autos: dict[str, tuple[float, float]] = {}
+        n_errors = len(self.errors)
+        for p in decl.params:
+            if isinstance(p.value, ast.Auto):
+                knob = tech.knob(p.key)
+                if knob is None:
+                    knobs = ", ".join(k.name for k in tech.knobs)
+                    self.error(f"'{p.key}' cannot be auto: it is not a knob of {owner}", p.value.span,
+                               hint=f"knobs of {tech.name}: {knobs}" if knobs else f"{tech.name} has no knobs")
+                    continue
+                lo, hi = knob.lo, knob.hi
+                if p.value.range is not None:
+                    rlo, rhi = (self.convert(p.value.range.lo), self.convert(p.value.range.hi))
+                    if not all(isinstance(v, (int, float)) for v in (rlo, rhi)):
+                        continue
+                    if not (knob.lo <= rlo < rhi <= knob.hi):
+                        self.error(f"auto range {rlo:g} .. {rhi:g} of '{p.key}' must lie within "
+                                   f"{knob.lo:g} .. {knob.hi:g} with low < high", p.value.span)
+                        continue
+                    lo, hi = rlo, rhi
+                autos[p.key] = (lo, hi)
+                values[p.key] = (lo + hi) / 2 if not knob.integer else int((lo + hi) // 2)
+            elif p.key in tech.data_params:
+                if not isinstance(p.value, ast.Ident):
+                    self.error(f"'{p.key}' must name a declared data set", _span_of(p.value))
+                    continue
+                name = self.convert(p.value, allowed=("data",))
+                if name is not None:
+                    values[p.key] = name
+                    self.check_columns(name, tech.data_params[p.key], {}, _span_of(p.value),
+                                       f"stage '{decl.name}'")
+            else:
+                values[p.key] = self.convert(p.value)
+        if len(self.errors) > n_errors:
+            return None
+        errs = schema_errors(tech.schema, values, owner, spans, decl.span)
+        if errs:
+            self.errors.extend(errs)
+            return None
+        params = {**tech.defaults(), **values}
+        for key, message in tech.check(params):
+            span = spans[key][1] if key in spans else decl.technique_span
+            self.error(message, span)
+        return StagePlan(decl.name, tech.name, self.regs.techniques.owner(tech.name),
+                         params.get("method"), params, autos, decl.span)
+
+    def constraints(self, metrics: tuple[MetricPlan, ...]) -> tuple[ConstraintPlan, ...]:
+        out = []
+        by_name = {m.name: m for m in metrics}
+        for c in self.recipe.constraints:
+            metric = by_name.get(c.metric)
+            if metric is None:
+                self.error(f"constraint on undeclared metric '{c.metric}'", c.metric_span,
+                           hint=did_you_mean(c.metric, list(by_name)).strip(" —")
+                           or f"declare it: metric {c.metric} = …")
+                continue
+            if c.op not in OPS:
+                self.error(f"unknown comparison '{c.op}'", c.span)
+                continue
+            unit = c.bound.unit
+            dim = dimension_of(unit)
+            relative = dim == "relative"
+            if c.drop and unit == "x":
+                self.error("a drop is bounded in the metric's units or in % of the original, not x",
+                           c.bound.span)
+                continue
+            if dim not in (None, "relative") and dim != metric.dimension:
+                from squeezelang.hooks.metric import DIMENSIONS
+                allowed = ", ".join(DIMENSIONS.get(metric.dimension, ())) or "no unit"
+                self.error(f"{c.metric} is measured in {metric.dimension if metric.dimension != 'score' else 'its own units'}"
+                           f" or %, not {unit}", c.bound.span,
+                           hint=f"use {allowed} or a % of the original" if allowed != "no unit"
+                           else f"write a plain number, e.g. {c.subject} {c.op} {c.bound.value:g}")
+                continue
+            out.append(ConstraintPlan(c.metric, c.drop, c.op, float(number(c.bound)), relative,
+                                      c.bound.text + (c.bound.unit or "") if c.bound.text else f"{c.bound.value:g}{unit or ''}",
+                                      c.span))
+        return tuple(out)
+
+    def search(self) -> SearchPlan:
+        block = self.recipe.search
+        if block is None:
+            return SearchPlan()
+        values = {p.key: self.convert(p.value) for p in block.params}
+        errs = schema_errors(SEARCH_SCHEMA, values, "the search block", _spans(block.params), block.span)
+        self.errors.extend(errs)
+        if errs:
+            return SearchPlan()
+        return SearchPlan(**{k: (float(v) if k == "timeout" else v) for k, v in values.items()})
+
+    def output(self, name: str) -> tuple[str, str]:
+        decl = self.recipe.output
+        path = self.base_dir / (decl.path.value if decl else f"out/{name}")
+        fmt = "squeeze"
+        if decl and decl.options:
+            for p in decl.options.params:
+                if p.key != "format":
+                    self.error(f"unknown output option '{p.key}'", p.key_span,
+                               hint=did_you_mean(p.key, ["format"]).strip(" —") or "output takes: format")
+                    continue
+                value = self.convert(p.value)
+                if value not in self.regs.output_formats:
+                    self.error(f"unknown output format {value!r}", _span_of(p.value),
+                               hint="formats: " + ", ".join(self.regs.output_formats.names()))
+                    continue
+                fmt = value
+        return str(path.resolve()), fmt
+
+    def run(self) -> Plan | None:
+        recipe = self.recipe
+        name = recipe.name or (Path(recipe.file).stem if recipe.file else "recipe")
+        uses = self.uses()
+        model = self.model()
+        data = self.data()
+        metrics = self.metrics()
+        stages = self.stages()
+        constraints = self.constraints(metrics)
+        search = self.search()
+        output_dir, output_format = self.output(name)
+        if self.errors or model is None:
+            return None
+        return Plan(name, str(Path(recipe.file).resolve()) if recipe.file else None, str(self.base_dir),
+                    model, data, metrics, stages, constraints, search, output_dir, output_format, uses)
+
+
+def resolve(recipe: ast.Recipe, registries: Registries | None = None) -> Plan:
+    """The plan of ``recipe``; raise ``RecipeErrors`` with every problem found."""
+    if registries is None:
+        from squeezelang.hooks.manager import default_registries
+        registries = default_registries()
+    resolver = _Resolver(recipe, registries)
+    plan = resolver.run()
+    if plan is None:
+        errors = sorted(resolver.errors, key=lambda e: ((e.span.line, e.span.column) if e.span else (0, 0)))
+        for e in errors:
+            e.file = recipe.file
+        raise RecipeErrors(errors, recipe.source, recipe.file)
+    return plan
