@@ -45,7 +45,7 @@ class HfSource(ModelSource):
 
     def meta(self, args: dict[str, Any]) -> ModelMeta:
         from squeezelang.models import hf
-        from squeezelang.models.meta import meta_from_model
+        from squeezelang.models.meta import measured_overhead, meta_from_model
 
         directory = self.locate(args)
         task = args.get("task", "embedding")
@@ -57,7 +57,7 @@ class HfSource(ModelSource):
             raise SqueezeError(f"{directory}: cannot build a '{task}' model from config.json: "
                                f"{type(exc).__name__}: {exc}") from None
         meta = meta_from_model(model, task)
-        meta.overhead_bytes = (directory / "config.json").stat().st_size
+        meta.overhead_bytes = measured_overhead(meta, directory)
         return meta
 
     def load(self, args: dict[str, Any]) -> ModelHandle:

@@ -19,6 +19,8 @@ def _packed_weights(module: Any) -> list[torch.Tensor]:
     """The weight and bias of a dynamically quantized module (``torch.ao`` packs them, and they
     are not parameters); empty for an ordinary module, whose ``weight`` is not callable."""
     out = []
+    if callable(getattr(module, "unpacked", None)):  # squeezelang's own packed layers
+        return [t for t in module.unpacked() if t is not None]
     for attr in ("weight", "bias"):
         getter = getattr(type(module), attr, None)
         if callable(getter) and not isinstance(getter, property):

@@ -4,6 +4,7 @@ Imported only from inside technique methods (it imports torch at module level).
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -51,6 +52,24 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return w.t() if type(module).__name__ == "Conv1D" else w
 
 
+@functools.lru_cache(maxsize=1)
+def reduced_activation_range() -> bool:
+    """Whether activations must be quantized to 7 bits (torch's default for its x86 kernels).
+
+    Without VNNI, the x86 int8 kernel sums pairs of u8×s8 products in int16 and would saturate
+    with full-range activations; with VNNI it accumulates in int32, and the full 8-bit range is
+    markedly more accurate (MiniLM sentence embeddings: cosine 0.99 instead of 0.97 to float).
+    """
+    if torch.backends.quantized.engine not in ("x86", "fbgemm"):
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return True
+    return not ("avx512_vnni" in flags or "avx_vnni" in flags)
+
+
 class Int8DynamicLinear(nn.Module):
     """A linear layer running torch's dynamic int8 kernel (int8 weights, activations quantized per call).
 
@@ -93,7 +112,7 @@ class Int8DynamicLinear(nn.Module):
         return qweight.dequantize().float(), bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x, self._packed, True)
+        return torch.ops.quantized.linear_dynamic(x, self._packed, reduced_activation_range())
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
         weight, bias = self.unpacked()

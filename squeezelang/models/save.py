@@ -52,7 +52,8 @@ def save_model(handle: ModelHandle, directory: Path) -> list[str]:
         doc = codec.squeeze_json_doc(handle.task, {k: v for k, v in codecs.items() if v},
                                      handle.edits, handle.states)
         _atomic_write_text(directory / SQUEEZE_FILE, codec.squeeze_json_dumps(doc))
-    if handle.tokenizer_changed and handle.tokenizer is not None:
+    # A rewritten tokenizer, or one of an in-memory model with no source directory, is saved as is.
+    if handle.tokenizer is not None and (handle.tokenizer_changed or handle.source_dir is None):
         handle.tokenizer.save_pretrained(str(directory))
     if handle.source_dir is not None:
         copy_aux_files(Path(handle.source_dir), directory,

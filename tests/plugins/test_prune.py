@@ -70,13 +70,17 @@ def test_prune_half(request, fixture, scope, registries, tmp_path):
         for _, m in select_modules(handle.model, LINEAR_KINDS, BLOCKS):
             assert float((m.weight == 0).float().mean()) == pytest.approx(0.5, abs=1e-3)
     # embeddings, pooler and head are untouched
-    assert _zero_fraction(handle.model, ["*embeddings*", "*wte", "*wpe", "pooler.*"]) == 0
+    original_state = load_model(src).model.state_dict()
+    pruned = {f"{n}.weight" for n, _ in select_modules(handle.model, LINEAR_KINDS, BLOCKS)}
+    for name, tensor in handle.model.state_dict().items():
+        assert torch.equal(tensor, original_state[name]) == (name not in pruned), name
     assert handle.states == {"sparse"} and all(c == {"sparse": True} for c in handle.codecs.values())
     after = _out(handle.model)
     assert not torch.allclose(after, before) and torch.allclose(after, before, atol=1.0)
     original = artifact_bytes(src)
     linear_weights = sum(m.weight.numel() for _, m in select_modules(handle.model, LINEAR_KINDS, BLOCKS))
-    assert original - real == pytest.approx(linear_weights * (0.5 * 4 - 1 / 8), rel=0.05)
+    # ~4 bytes saved per zeroed weight, less the mask; header entries eat a few % on a tiny model
+    assert original - real == pytest.approx(linear_weights * (0.5 * 4 - 1 / 8), rel=0.12)
     assert abs(estimate - real) / real < 0.02
     assert torch.equal(_out(back.model), after)
     assert back.codecs == handle.codecs
@@ -146,7 +150,9 @@ def test_prune_minilm(minilm_dir, registries, tmp_path):
     print(f"minilm prune 0.5: estimate {estimate} real {real} error "
           f"{(estimate - real) / real:+.3%}", file=sys.stderr)
     assert abs(estimate - real) / real < 0.02
-    assert real < 0.75 * artifact_bytes(minilm_dir)
+    linear_weights = sum(m.weight.numel() for _, m in select_modules(handle.model, LINEAR_KINDS, BLOCKS))
+    saved = artifact_bytes(minilm_dir) - real
+    assert saved == pytest.approx(linear_weights * (0.5 * 4 - 1 / 8), rel=0.01)
     after = _out(handle.model, ids)
     assert torch.equal(_out(back.model, ids), after)
     cos = torch.nn.functional.cosine_similarity(after.mean(1), before.mean(1))
