@@ -82,6 +82,10 @@ class Technique:
             values.setdefault("method", self.methods[0])
         return values
 
+    def defaults_for(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The defaults that apply given the parameters written (a method may use only some)."""
+        return self.defaults()
+
     def check(self, params: dict[str, Any]) -> list[tuple[str | None, str]]:
         """Cross-parameter checks the schema cannot express: ``[(key or None, message)]``."""
         return []

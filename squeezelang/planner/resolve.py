@@ -315,7 +315,7 @@ class _Resolver:
         if errs:
             self.errors.extend(errs)
             return None
-        params = {**tech.defaults(), **values}
+        params = {**tech.defaults_for(values), **values}
         for key, message in tech.check(params):
             span = spans[key][1] if key in spans else decl.technique_span
             self.error(message, span)

@@ -1,19 +1,17 @@
-"""The built-in ``prune`` technique: zero the least important weights of linear layers.
+"""``prune`` method ``magnitude``: zero the weights of smallest magnitude in linear layers.
 
 Pruned weights stay in the model as zeros and are saved with the ``{"sparse": true}`` codec (a
 bitmask plus the nonzero values), so the file shrinks by about ``ratio × 4`` bytes per weight less an
-eighth of a byte for the mask. Methods are functions in ``METHODS`` that score each weight (lowest
-scores are pruned); adding one is adding a function.
+eighth of a byte for the mask.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from squeezelang import hookimpl
 from squeezelang.errors import SqueezeError
-from squeezelang.hooks.technique import Knob, Technique
 from squeezelang.models.codec import merge
-from squeezelang.models.select import BLOCKS, LINEAR_KINDS
+from squeezelang.models.select import LINEAR_KINDS
+from squeezelang_plugins.prune.base import PruneMethod
 
 if TYPE_CHECKING:
     import torch
@@ -27,9 +25,6 @@ def _magnitude(name: str, module: Any, weight: torch.Tensor, ctx: StageContext) 
     """Importance of each weight: its absolute value."""
     return weight.detach().abs()
 
-
-#: method name -> scoring function ``(module name, module, weight, ctx) -> scores like weight``.
-METHODS: dict[str, Callable[..., Any]] = {"magnitude": _magnitude}
 
 
 def prune_mask(scores: list[torch.Tensor], ratio: float, scope: str) -> list[torch.Tensor]:
@@ -49,38 +44,14 @@ def prune_mask(scores: list[torch.Tensor], ratio: float, scope: str) -> list[tor
     return [m.reshape(s.shape) for m, s in zip(flat.split([s.numel() for s in scores]), scores)]
 
 
-class Prune(Technique):
-    name = "prune"
-    description = (
-        "Zero the weights of linear layers with the lowest importance (method 'magnitude': |w|). "
-        "`ratio` is the fraction of the selected weights that end up zero, per layer (scope = "
-        "\"layer\") or across all selected layers (scope = \"global\"). Zeros are stored as a "
-        "bitmask plus the remaining values, so the saved file shrinks; the architecture is "
-        "unchanged. By default only the layers inside the transformer blocks are pruned, not "
-        "embeddings, pooler or output head.")
-    methods = tuple(METHODS)
-    schema = {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "method": {"type": "string", "enum": list(METHODS), "default": "magnitude",
-                       "description": "How weights are scored; the lowest are zeroed."},
-            "ratio": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": 0.5,
-                      "description": "Fraction of the selected weights set to zero (0.5 = 50%)."},
-            "scope": {"type": "string", "enum": ["layer", "global"], "default": "layer",
-                      "description": "'layer': every layer loses `ratio` of its weights; 'global': "
-                                     "the lowest scores over all selected layers are zeroed."},
-            "include": {"type": "array", "items": {"type": "string"}, "default": list(BLOCKS),
-                        "description": "Globs of module names to prune (default: the linear layers "
-                                       "of the numbered transformer blocks)."},
-            "exclude": {"type": "array", "items": {"type": "string"}, "default": [],
-                        "description": "Globs of module names to leave alone."},
-        },
+class Magnitude(PruneMethod):
+    name = "magnitude"
+    summary = "unstructured, zero the weights of smallest |w| (stored as bitmask + values)"
+    properties = {
+        "scope": {"type": "string", "enum": ["layer", "global"], "default": "layer",
+                  "description": "'layer': every layer loses `ratio` of its weights; 'global': "
+                                 "the lowest scores over all selected layers are zeroed"},
     }
-    knobs = (Knob("ratio", 0.0, 0.95, compresses="up",
-                  description="fraction of weights zeroed"),)
-    produces = frozenset({"sparse"})
-    example = 'stage sparse: prune { method = "magnitude", ratio = 50%, scope = "layer" }'
 
     def estimate(self, meta: ModelMeta, params: dict[str, Any]) -> ModelMeta:
         """Mark the selected weights sparse at density ``1 - ratio``.
@@ -108,7 +79,7 @@ class Prune(Technique):
                                  params.get("exclude", ()))
         if not targets:
             raise SqueezeError("prune: include/exclude select no linear layer of the model")
-        score = METHODS[params["method"]]
+        score = _magnitude
         with torch.no_grad():
             scores = [score(name, m, m.weight, ctx) for name, m in targets]
             masks = prune_mask(scores, float(params["ratio"]), params["scope"])
@@ -122,6 +93,3 @@ class Prune(Technique):
         ctx.log(f"pruned {zeros}/{total} weights ({zeros / max(total, 1):.1%}) in {len(targets)} layers")
 
 
-@hookimpl
-def register_techniques(registry: Any) -> None:
-    registry.add(Prune())

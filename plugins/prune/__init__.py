@@ -1,0 +1,78 @@
+"""The built-in ``prune`` technique: one technique, several methods, each in its own module.
+
+``METHODS`` maps a method name to a ``PruneMethod``: the schema properties it adds, its checks, its
+estimate and its ``apply_``. The technique's schema is the union of every method's properties; a
+property that the chosen method does not use is a check-time error (``check``), so a recipe never
+carries a silently ignored parameter. Adding a method is adding a module and one line below.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from squeezelang import hookimpl
+from squeezelang.hooks.technique import Knob, Technique
+from squeezelang_plugins.prune.base import COMMON, PruneMethod
+from squeezelang_plugins.prune.magnitude import Magnitude
+
+#: method name -> implementation; the first is the default.
+METHODS: dict[str, PruneMethod] = {m.name: m for m in (Magnitude(),)}
+
+
+def _schema() -> dict[str, Any]:
+    props: dict[str, Any] = {
+        "method": {"type": "string", "enum": list(METHODS), "default": next(iter(METHODS)),
+                   "description": "the pruning algorithm: " + "; ".join(
+                       f"{m.name}: {m.summary}" for m in METHODS.values())},
+        **COMMON,
+    }
+    for method in METHODS.values():
+        for key, prop in method.properties.items():
+            props.setdefault(key, prop)
+    return {"type": "object", "additionalProperties": False, "properties": props}
+
+
+class Prune(Technique):
+    name = "prune"
+    description = ("Remove the least important weights. Unstructured methods zero single weights "
+                   "(stored as bitmask + values, so the file shrinks); structured methods remove "
+                   "whole heads, neurons, channels or layers, leaving a smaller standard "
+                   "architecture. `ratio` is the fraction removed.")
+    methods = tuple(METHODS)
+    schema = _schema()
+    knobs = (Knob("ratio", 0.0, 0.95, compresses="up", description="fraction removed"),)
+    produces = frozenset({"sparse"})
+    data_params = {"data": "text|a,b"}
+    example = 'stage sparse: prune { method = "magnitude", ratio = 50%, scope = "layer" }'
+
+    def _method(self, params: dict[str, Any]) -> PruneMethod:
+        return METHODS[params.get("method") or self.methods[0]]
+
+    def defaults_for(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Only the defaults of the properties the chosen method uses."""
+        used = self._method(params).used(self.schema["properties"])
+        return {k: p["default"] for k, p in self.schema["properties"].items()
+                if k in used and "default" in p}
+
+    def resolve_defaults(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {**self.defaults_for(params), **params}
+
+    def check(self, params: dict[str, Any]) -> list[tuple[str | None, str]]:
+        method = self._method(params)
+        used = method.used(self.schema["properties"])
+        errors = [(key, f"'{key}' does not apply to prune method '{method.name}'")
+                  for key in params if key not in used]
+        return errors + method.check(params)
+
+    def estimate(self, meta: Any, params: dict[str, Any]) -> Any:
+        return self._method(params).estimate(meta, self.resolve_defaults(params))
+
+    def apply_(self, handle: Any, params: dict[str, Any], ctx: Any) -> None:
+        self._method(params).apply_(handle, self.resolve_defaults(params), ctx)
+
+    def rebuild_(self, model: Any, record: dict[str, Any]) -> Any:
+        return METHODS[record["method"]].rebuild_(model, record)
+
+
+@hookimpl
+def register_techniques(registry: Any) -> None:
+    registry.add(Prune())

@@ -1,0 +1,43 @@
+"""What a ``prune`` method provides, and the parameters every method shares."""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from squeezelang.models.select import BLOCKS
+
+#: Properties every method accepts.
+COMMON: dict[str, Any] = {
+    "ratio": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "default": 0.5,
+              "description": "fraction removed (0.5 = 50%)"},
+    "include": {"type": "array", "items": {"type": "string"}, "default": list(BLOCKS),
+                "description": "globs of module names to prune (default: the layers of the "
+                               "numbered transformer blocks)"},
+    "exclude": {"type": "array", "items": {"type": "string"}, "default": [],
+                "description": "globs of module names to leave alone"},
+}
+
+
+class PruneMethod:
+    """One algorithm of the ``prune`` technique."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    #: Schema properties this method adds (merged into the technique's schema).
+    properties: ClassVar[dict[str, Any]] = {}
+    #: Which of the shared properties (``COMMON``) it uses.
+    common: ClassVar[tuple[str, ...]] = ("ratio", "include", "exclude")
+
+    def used(self, all_properties: dict[str, Any]) -> set[str]:
+        return {"method", *self.common, *self.properties}
+
+    def check(self, params: dict[str, Any]) -> list[tuple[str | None, str]]:
+        return []
+
+    def estimate(self, meta: Any, params: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def apply_(self, handle: Any, params: dict[str, Any], ctx: Any) -> None:
+        raise NotImplementedError
+
+    def rebuild_(self, model: Any, record: dict[str, Any]) -> Any:
+        return model
