@@ -87,7 +87,8 @@ def apply_stage(stage: StagePlan, handle: ModelHandle, registries: Registries, c
 
 def execute(plan: Plan, registries: Registries, output: str | Path | None = None,
             force: bool = False, handle: ModelHandle | None = None, quiet: bool = False,
-            threads: int = 2, trials: list[dict[str, Any]] | None = None) -> RunResult:
+            threads: int = 2, trials: list[dict[str, Any]] | None = None,
+            search_seconds: float | None = None) -> RunResult:
     """Run ``plan`` to completion and publish the artifacts; see the module docstring."""
     from squeezelang.executor.report import build_report, write_reports
     from squeezelang.models.load import load_model
@@ -190,6 +191,8 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
         timings["measure_final"] = time.perf_counter() - t
         verdicts = verify(plan, state.original_metrics, final)
         timings["total"] = time.perf_counter() - started
+        if search_seconds is not None:
+            timings["search"] = search_seconds
         report = build_report(plan, registries, state.original_metrics, stage_records, final, verdicts,
                               files, timings, trials or [], resumed_after)
         write_reports(staged, plan, report, registries, out)

@@ -19,7 +19,7 @@ from squeezelang.planner.plan import (ConstraintPlan, DataPlan, MetricPlan, Mode
 from squeezelang.planner.validate import missing_columns, schema_errors
 from squeezelang.planner.values import number, to_python
 
-STRATEGIES = ("bisect", "grid", "random", "anneal")
+STRATEGIES = ("bisect", "grid", "random")
 SEARCH_SCHEMA: dict[str, Any] = {
     "type": "object", "additionalProperties": False,
     "properties": {
