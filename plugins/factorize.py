@@ -4,6 +4,11 @@ A ``[out, in]`` weight becomes ``second @ first`` with ``first`` ``[r, in]`` and
 ``[out, r]`` (``squeezelang.models.layers.LowRankLinear``), fewer parameters whenever
 ``r * (in + out) < in * out``; layers where that does not hold are left alone. The change is
 structural, so the saved model records an edit that ``rebuild_`` replays when loading.
+
+``method = "asvd"`` (activation-aware SVD, Yuan et al., 2023) factors ``W S`` instead, where ``S``
+scales each input channel by ``mean|x| ** alpha`` measured on calibration ``data``, and folds
+``S⁻¹`` back into ``first``: the truncation then discards what matters least for the layer's
+*outputs* on real inputs rather than for the weight entries.
 """
 from __future__ import annotations
 
@@ -47,13 +52,22 @@ class Factorize(Technique):
         "on: a rank) or `energy` (keep the smallest rank holding that fraction of the squared "
         "singular values). Layers that would not get smaller are left alone. Changes the "
         "architecture: the result loads with squeezelang.load, not plain transformers.")
-    methods = ("svd",)
+    methods = ("svd", "asvd")
     schema = {
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "method": {"type": "string", "enum": ["svd"], "default": "svd",
-                       "description": "How the factors are computed."},
+            "method": {"type": "string", "enum": ["svd", "asvd"], "default": "svd",
+                       "description": "How the factors are computed: \"svd\" of the weight, or "
+                                      "\"asvd\" of the weight with its input channels scaled by "
+                                      "their mean |activation| on calibration `data`."},
+            "data": {"type": "string",
+                     "description": "asvd only: the declared data set of calibration texts."},
+            "samples": {"type": "integer", "minimum": 1, "default": 128,
+                        "description": "asvd only: calibration texts used at most."},
+            "alpha": {"type": "number", "minimum": 0, "maximum": 2, "default": 0.5,
+                      "description": "asvd only: exponent of the channel scale mean|x|**alpha "
+                                     "(0 = plain svd)."},
             "rank": {"type": "number", "exclusiveMinimum": 0,
                      "description": "Below 1: fraction of each layer's full rank (0.25 = 25%); from 1 "
                                     "on: the rank itself (an integer). Exclusive with `energy`."},
@@ -70,9 +84,21 @@ class Factorize(Technique):
     knobs = (Knob("rank", 0.05, 0.95, compresses="down",
                   description="fraction of each layer's full rank kept"),)
     produces = frozenset({"factorized"})
+    data_params = {"data": "text|a,b"}
     example = 'stage lowrank: factorize { rank = 25%, exclude = ["*.attention.*"] }'
 
+    def defaults_for(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``samples`` and ``alpha`` only for asvd."""
+        values = self.defaults()
+        if params.get("method", "svd") != "asvd":
+            values = {k: v for k, v in values.items() if k not in ("samples", "alpha")}
+        return values
+
     def check(self, params: dict[str, Any]) -> list[tuple[str | None, str]]:
+        if params.get("method", "svd") == "asvd" and not params.get("data"):
+            return [("data", "method \"asvd\" needs calibration data = <a data set>")]
+        if params.get("method", "svd") != "asvd" and "data" in params:
+            return [("data", "'data' applies to method \"asvd\" only")]
         has_rank, has_energy = params.get("rank") is not None, params.get("energy") is not None
         if has_rank == has_energy:
             return [(None, "give exactly one of `rank` or `energy`")]
@@ -139,8 +165,20 @@ class Factorize(Technique):
         if not targets:
             raise SqueezeError("factorize: include/exclude select no linear layer of the model")
         done: dict[str, int] = {}
-        for name, module in ctx.progress(targets, desc="svd"):
+        scale: dict[str, Any] = {}
+        if params["method"] == "asvd":
+            from squeezelang.models.linear_stats import calibration_texts, input_stats
+
+            texts = calibration_texts(ctx, params.get("data"), int(params.get("samples", 128)),
+                                      "factorize asvd")
+            alpha = float(params.get("alpha", 0.5))
+            for name, stats in input_stats(handle, texts, targets).items():
+                s = stats.abs_mean.clamp_min(1e-8 * float(stats.abs_mean.max().clamp_min(1e-30)))
+                scale[name] = s.pow(alpha)
+        for name, module in ctx.progress(targets, desc=params["method"]):
             weight = linear_weight(module).double()
+            if name in scale:
+                weight = weight * scale[name][None, :]
             n_out, n_in = weight.shape
             full = min(n_in, n_out)
             if params.get("rank") is not None:
@@ -155,7 +193,8 @@ class Factorize(Technique):
                 if not saves(r, n_in, n_out):
                     continue
             root = s[:r].sqrt()
-            first = (root[:, None] * vh[:r]).to(module.weight.dtype)
+            right = vh[:r] / scale[name][None, :] if name in scale else vh[:r]
+            first = (root[:, None] * right).to(module.weight.dtype)
             second = (u[:, :r] * root[None, :]).to(module.weight.dtype)
             bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
             set_module(handle.model, name, LowRankLinear.from_factors(first, second, bias))

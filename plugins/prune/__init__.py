@@ -12,10 +12,13 @@ from typing import Any
 from squeezelang import hookimpl
 from squeezelang.hooks.technique import Knob, Technique
 from squeezelang_plugins.prune.base import COMMON, PruneMethod
+from squeezelang_plugins.prune.activation import Activation
+from squeezelang_plugins.prune.depth import Depth
 from squeezelang_plugins.prune.magnitude import Magnitude
+from squeezelang_plugins.prune.nm import NM
 
 #: method name -> implementation; the first is the default.
-METHODS: dict[str, PruneMethod] = {m.name: m for m in (Magnitude(),)}
+METHODS: dict[str, PruneMethod] = {m.name: m for m in (Magnitude(), Activation(), Depth(), NM())}
 
 
 def _schema() -> dict[str, Any]:
@@ -47,11 +50,18 @@ class Prune(Technique):
     def _method(self, params: dict[str, Any]) -> PruneMethod:
         return METHODS[params.get("method") or self.methods[0]]
 
+    def produces_for(self, params: dict[str, Any]) -> frozenset[str]:
+        return self._method(params).produces
+
     def defaults_for(self, params: dict[str, Any]) -> dict[str, Any]:
         """Only the defaults of the properties the chosen method uses."""
         used = self._method(params).used(self.schema["properties"])
         return {k: p["default"] for k, p in self.schema["properties"].items()
                 if k in used and "default" in p}
+
+    def defaults(self) -> dict[str, Any]:
+        """The default method's defaults (other methods' properties would be check errors)."""
+        return self.defaults_for({})
 
     def resolve_defaults(self, params: dict[str, Any]) -> dict[str, Any]:
         return {**self.defaults_for(params), **params}

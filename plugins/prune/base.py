@@ -26,6 +26,8 @@ class PruneMethod:
     properties: ClassVar[dict[str, Any]] = {}
     #: Which of the shared properties (``COMMON``) it uses.
     common: ClassVar[tuple[str, ...]] = ("ratio", "include", "exclude")
+    #: Model states it adds: unstructured methods leave a "sparse" model; structured ones none.
+    produces: ClassVar[frozenset[str]] = frozenset()
 
     def used(self, all_properties: dict[str, Any]) -> set[str]:
         return {"method", *self.common, *self.properties}

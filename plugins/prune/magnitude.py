@@ -46,6 +46,7 @@ def prune_mask(scores: list[torch.Tensor], ratio: float, scope: str) -> list[tor
 
 class Magnitude(PruneMethod):
     name = "magnitude"
+    produces = frozenset({"sparse"})
     summary = "unstructured, zero the weights of smallest |w| (stored as bitmask + values)"
     properties = {
         "scope": {"type": "string", "enum": ["layer", "global"], "default": "layer",

@@ -82,7 +82,7 @@ def apply_stage(stage: StagePlan, handle: ModelHandle, registries: Registries, c
                              stage=stage.name, plugin=stage.plugin) from exc
     finally:
         ctx.stage = None
-    handle.states |= set(tech.produces)
+    handle.states |= set(tech.produces_for(dict(stage.params)))
 
 
 def execute(plan: Plan, registries: Registries, output: str | Path | None = None,

@@ -82,6 +82,10 @@ class Technique:
             values.setdefault("method", self.methods[0])
         return values
 
+    def produces_for(self, params: dict[str, Any]) -> frozenset[str]:
+        """The model states this stage adds, given its parameters (a method may add none)."""
+        return self.produces
+
     def defaults_for(self, params: dict[str, Any]) -> dict[str, Any]:
         """The defaults that apply given the parameters written (a method may use only some)."""
         return self.defaults()

@@ -13,6 +13,21 @@ A spec is ``None`` (dense, the tensor's own dtype) or a dict combining:
     ``code + 2**(B-1)`` bit-packed into uint8.
 ``{"sparse": true, "quant": {...}}``
     the mask, the codes of the nonzeros only, and the scales.
+``{"quant": {"bits": B, "axis": A, "group": G}}``
+    group-wise scales (2-D tensors only): one float32 scale per output channel (index of ``axis``)
+    *and* per run of ``G`` consecutive elements along the other (input) dimension, the last run
+    possibly shorter; scales stored output-channel-major, ``[out, ceil(in / G)]``.
+``{"nm": [N, M]}`` / ``{"nm": [N, M, A]}``
+    N:M semi-structured sparsity: every run of ``M`` consecutive elements along axis ``A`` (default
+    the last; ``0`` for a GPT-2 ``Conv1D``, whose input dimension is axis 0) holds at most ``N``
+    nonzeros. Stored as the kept values (``N`` per run, dense, the run's nonzeros in order, padded
+    with zeros of the run) plus each kept value's position in its run, ``ceil(log2 M)``-bit packed.
+    The length along ``A`` must be a multiple of ``M``. Combines with ``quant`` (codes of the kept
+    values replace them; the scales are those of the whole tensor), not with ``sparse``.
+``{"cluster": {"bits": B}}``
+    weight sharing: the tensor holds at most ``2**B`` distinct values; stored as ``B``-bit packed
+    indices into a float32 codebook of ``2**B`` entries (the sorted distinct values, padded with
+    the last). Combines with nothing else.
 
 Estimates (``stored_bytes``) may add ``"density"`` (expected fraction of nonzeros, default 1.0) to a
 sparse spec, since the count of nonzeros is only known once weights exist; ``save`` never writes it.
@@ -35,7 +50,10 @@ if TYPE_CHECKING:
     import torch
 
 MASK, VALUES, CODES, SCALES = ".__mask", ".__values", ".__codes", ".__scales"
-SUFFIXES = (MASK, VALUES, CODES, SCALES)
+INDEX, CODEBOOK = ".__index", ".__codebook"
+SUFFIXES = (MASK, VALUES, CODES, SCALES, INDEX, CODEBOOK)
+#: The largest ``M`` of an N:M spec (positions fit in 6 bits).
+NM_MAX_M = 64
 
 _DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
                 "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
@@ -49,7 +67,7 @@ def normalize(spec: dict[str, Any] | None) -> dict[str, Any] | None:
     """Check a spec and return it without estimate-only keys (``density``); ``None`` if dense."""
     if not spec:
         return None
-    unknown = set(spec) - {"sparse", "quant", "density"}
+    unknown = set(spec) - {"sparse", "quant", "density", "nm", "cluster"}
     if unknown:
         raise SqueezeError(f"unknown codec key(s) {sorted(unknown)} in {spec}")
     out: dict[str, Any] = {}
@@ -61,7 +79,51 @@ def normalize(spec: dict[str, Any] | None) -> dict[str, Any] | None:
         if not isinstance(bits, int) or not 2 <= bits <= 8:
             raise SqueezeError(f"codec quant bits must be an integer in 2..8, not {bits!r}")
         out["quant"] = {"bits": bits, "axis": quant.get("axis", 0)}
+        group = quant.get("group")
+        if group is not None:
+            if not isinstance(group, int) or group < 1:
+                raise SqueezeError(f"codec quant group must be a positive integer, not {group!r}")
+            if out["quant"]["axis"] is None:
+                raise SqueezeError("codec quant group needs an output axis (0 or 1), not null")
+            out["quant"]["group"] = group
+    if spec.get("nm"):
+        out["nm"] = nm_params(spec["nm"], raw=True)
+        if out.get("sparse"):
+            raise SqueezeError("codec 'nm' cannot combine with 'sparse' (both describe the zeros)")
+    if spec.get("cluster"):
+        bits = spec["cluster"].get("bits", 4) if isinstance(spec["cluster"], dict) else None
+        if not isinstance(bits, int) or not 1 <= bits <= 8:
+            raise SqueezeError(f"codec cluster bits must be an integer in 1..8, not {bits!r}")
+        if out:
+            raise SqueezeError(f"codec 'cluster' cannot combine with {sorted(out)}: a clustered "
+                               "tensor is stored as its codebook indices only")
+        out["cluster"] = {"bits": bits}
     return out or None
+
+
+def nm_params(value: Any, raw: bool = False) -> Any:
+    """``(n, m, axis)`` of an ``nm`` codec value (``[n, m]`` or ``[n, m, axis]``).
+
+    With ``raw`` the value is returned checked and in its canonical form (``[n, m]`` when the axis
+    is the last, -1).
+    """
+    ok = isinstance(value, (list, tuple)) and len(value) in (2, 3) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if ok:
+        n, m = value[0], value[1]
+        axis = value[2] if len(value) == 3 else -1
+        ok = 1 <= n < m <= NM_MAX_M and axis in (-1, 0, 1)
+    if not ok:
+        raise SqueezeError(f"codec nm must be [n, m] or [n, m, axis] with 1 <= n < m <= {NM_MAX_M} "
+                           f"and axis in -1, 0, 1, not {value!r}")
+    if raw:
+        return [n, m] if axis == -1 else [n, m, axis]
+    return n, m, axis
+
+
+def index_bits(m: int) -> int:
+    """Bits of a position in a run of ``m``: ``ceil(log2 m)``."""
+    return max(1, (int(m) - 1).bit_length())
 
 
 def merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
@@ -89,8 +151,14 @@ def _packed_bytes(count: int, bits: int) -> int:
     return count if bits == 8 else (count * bits + 7) // 8
 
 
-def _n_scales(shape: tuple[int, ...], axis: int | None) -> int:
-    return 1 if axis is None else int(shape[axis])
+def _n_scales(shape: tuple[int, ...], axis: int | None, group: int | None = None) -> int:
+    if axis is None:
+        return 1
+    if group is None:
+        return int(shape[axis])
+    if len(shape) != 2:
+        raise SqueezeError(f"group-wise quantization needs a 2-D tensor, not shape {shape}")
+    return int(shape[axis]) * -(-int(shape[1 - axis % 2]) // group)
 
 
 def expected_nonzeros(numel: int, spec: dict[str, Any]) -> int:
@@ -105,8 +173,12 @@ def layout(name: str, shape: Iterable[int], dtype: str,
     dtype = str(dtype).replace("torch.", "")
     n = _numel(shape)
     quant = (spec or {}).get("quant")
-    if not spec or (not spec.get("sparse") and not quant):
+    if not spec or not (spec.get("sparse") or quant or spec.get("nm") or spec.get("cluster")):
         return [(name, dtype, shape)]
+    if spec.get("cluster"):
+        bits = spec["cluster"].get("bits", 4)
+        return [(name + CODES, "uint8", (_packed_bytes(n, bits),)),
+                (name + CODEBOOK, "float32", (2 ** bits,))]
     out: list[tuple[str, str, tuple[int, ...]]] = []
     count = n
     if spec.get("sparse"):
@@ -114,13 +186,21 @@ def layout(name: str, shape: Iterable[int], dtype: str,
         out.append((name + MASK, "uint8", ((n + 7) // 8,)))
         if not quant:
             out.append((name + VALUES, dtype, (count,)))
+    if spec.get("nm"):
+        nn, m, _ = nm_params(spec["nm"])
+        count = n // m * nn
+        out.append((name + INDEX, "uint8", (_packed_bytes(count, index_bits(m)),)))
+        if not quant:
+            out.append((name + VALUES, dtype, (count,)))
     if quant:
         bits = quant.get("bits", 8)
         if bits == 8:
-            out.append((name + CODES, "int8", shape if not spec.get("sparse") else (count,)))
+            dense = not (spec.get("sparse") or spec.get("nm"))
+            out.append((name + CODES, "int8", shape if dense else (count,)))
         else:
             out.append((name + CODES, "uint8", (_packed_bytes(count, bits),)))
-        out.append((name + SCALES, "float32", (_n_scales(shape, quant.get("axis", 0)),)))
+        out.append((name + SCALES, "float32",
+                    (_n_scales(shape, quant.get("axis", 0), quant.get("group")),)))
     return out
 
 
@@ -197,24 +277,49 @@ def _view_scales(scales: torch.Tensor, ndim: int, axis: int | None) -> torch.Ten
     return scales.reshape(shape)
 
 
-def scales_of(tensor: torch.Tensor, bits: int, axis: int | None) -> torch.Tensor:
-    """Symmetric scales ``max|w| / qmax`` over every dim but ``axis`` (1.0 for all-zero channels)."""
+def to_groups(tensor: torch.Tensor, axis: int, group: int) -> torch.Tensor:
+    """A 2-D tensor as ``[out, n_groups, group]`` (output channels on ``axis``; zero-padded tail)."""
+    import torch.nn.functional as F
+
+    if tensor.ndim != 2:
+        raise SqueezeError(f"group-wise quantization needs a 2-D tensor, not shape {tuple(tensor.shape)}")
+    rows = tensor if axis % 2 == 0 else tensor.t()
+    n_in = rows.shape[1]
+    n_groups = -(-n_in // group)
+    return F.pad(rows, (0, n_groups * group - n_in)).reshape(rows.shape[0], n_groups, group)
+
+
+def from_groups(grouped: torch.Tensor, shape: tuple[int, ...], axis: int) -> torch.Tensor:
+    """Inverse of ``to_groups`` for a tensor of ``shape``."""
+    n_in = shape[1 - axis % 2]
+    rows = grouped.reshape(grouped.shape[0], -1)[:, :n_in]
+    return (rows if axis % 2 == 0 else rows.t()).contiguous()
+
+
+def scales_of(tensor: torch.Tensor, bits: int, axis: int | None,
+              group: int | None = None) -> torch.Tensor:
+    """Symmetric scales ``max|w| / qmax`` over every dim but ``axis`` (1.0 for all-zero channels).
+
+    With ``group``: one per output channel and run of ``group`` inputs (``[out, n_groups]``, flat).
+    """
     import torch
 
     magnitude = tensor.detach().abs().float()
-    dims = _reduce_dims(tensor.ndim, axis)
-    # amax over an empty dim list would reduce everything: a 1-D tensor per channel is its own amax
-    amax = magnitude.amax(dim=dims) if dims else magnitude.reshape(-1)
+    if group is not None:
+        amax = to_groups(magnitude, axis, group).amax(dim=-1)
+    else:
+        dims = _reduce_dims(tensor.ndim, axis)
+        # amax over an empty dim list would reduce everything: a 1-D tensor per channel is its own amax
+        amax = magnitude.amax(dim=dims) if dims else magnitude.reshape(-1)
     q = float(qmax(bits))
     scales = amax / q
     return torch.where(amax > 0, scales, torch.ones_like(scales)).reshape(-1)
 
 
-def _grid_scales(tensor: torch.Tensor, bits: int, axis: int | None) -> torch.Tensor:
-    """Scales that ``scales_of`` re-derives exactly from the tensor quantized with them."""
+def fixed_point_scales(scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """Nudge float32 scales until ``(s * qmax) / qmax == s``, so ``scales_of`` re-derives them."""
     import torch
 
-    scales = scales_of(tensor, bits, axis)
     q = float(qmax(bits))
     for _ in range(8):
         again = (scales * q) / q
@@ -230,32 +335,55 @@ def _grid_scales(tensor: torch.Tensor, bits: int, axis: int | None) -> torch.Ten
     raise SqueezeError("cannot find exactly representable quantization scales")
 
 
-def _codes(tensor: torch.Tensor, scales: torch.Tensor, bits: int, axis: int | None) -> torch.Tensor:
+def _grid_scales(tensor: torch.Tensor, bits: int, axis: int | None,
+                 group: int | None = None) -> torch.Tensor:
+    """Scales that ``scales_of`` re-derives exactly from the tensor quantized with them."""
+    return fixed_point_scales(scales_of(tensor, bits, axis, group), bits)
+
+
+def _codes(tensor: torch.Tensor, scales: torch.Tensor, bits: int, axis: int | None,
+           group: int | None = None) -> torch.Tensor:
     import torch
 
     q = qmax(bits)
+    if group is not None:
+        grouped = to_groups(tensor.float(), axis, group)
+        codes = torch.round(grouped / scales.reshape(grouped.shape[0], -1, 1))
+        return from_groups(torch.clamp(codes, -q, q), tuple(tensor.shape), axis).to(torch.int8)
     s = _view_scales(scales, tensor.ndim, axis)
     return torch.clamp(torch.round(tensor.float() / s), -q, q).to(torch.int8)
 
 
-def quantize_weight(tensor: torch.Tensor, bits: int = 8, axis: int | None = 0) -> torch.Tensor:
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, axis: int | None,
+               group: int | None = None) -> torch.Tensor:
+    """float32 values ``code * scale`` of integer codes shaped like the tensor."""
+    if group is not None:
+        grouped = to_groups(codes.float(), axis, group)
+        return from_groups(grouped * scales.reshape(grouped.shape[0], -1, 1),
+                           tuple(codes.shape), axis)
+    return codes.float() * _view_scales(scales, codes.ndim, axis)
+
+
+def quantize_weight(tensor: torch.Tensor, bits: int = 8, axis: int | None = 0,
+                    group: int | None = None) -> torch.Tensor:
     """The fake-quantized (dequantized) copy of a float32 tensor, exactly on the codec's grid."""
     import torch
 
     if tensor.dtype != torch.float32:
         raise SqueezeError(f"quantization supports float32 weights, not {tensor.dtype}")
-    normalize({"quant": {"bits": bits, "axis": axis}})
-    scales = _grid_scales(tensor, bits, axis)
-    codes = _codes(tensor, scales, bits, axis)
-    return codes.float() * _view_scales(scales, tensor.ndim, axis)
+    normalize({"quant": {"bits": bits, "axis": axis, "group": group}})
+    scales = _grid_scales(tensor, bits, axis, group)
+    codes = _codes(tensor, scales, bits, axis, group)
+    return dequantize(codes, scales, axis, group)
 
 
-def quantize_weight_(tensor: torch.Tensor, bits: int = 8, axis: int | None = 0) -> torch.Tensor:
+def quantize_weight_(tensor: torch.Tensor, bits: int = 8, axis: int | None = 0,
+                     group: int | None = None) -> torch.Tensor:
     """Fake-quantize ``tensor`` in place (see ``quantize_weight``); return it."""
     import torch
 
     with torch.no_grad():
-        tensor.copy_(quantize_weight(tensor.detach(), bits, axis))
+        tensor.copy_(quantize_weight(tensor.detach(), bits, axis, group))
     return tensor
 
 
@@ -281,6 +409,35 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return torch.from_numpy(planes @ (1 << np.arange(bits, dtype=np.int64)))
 
 
+# ---------------------------------------------------------------------------- N:M runs
+def _runs(tensor: torch.Tensor, m: int, axis: int) -> torch.Tensor:
+    """``[n_runs, m]``: runs of ``m`` consecutive elements along ``axis`` (moved last)."""
+    moved = tensor.movedim(axis, -1)
+    if moved.shape[-1] % m:
+        raise SqueezeError(f"N:M sparsity with M={m} needs a length along axis {axis} divisible by "
+                           f"{m}, not {moved.shape[-1]}")
+    return moved.contiguous().reshape(-1, m)
+
+
+def _unruns(runs: torch.Tensor, shape: tuple[int, ...], axis: int) -> torch.Tensor:
+    moved = list(shape)
+    moved.append(moved.pop(axis % len(shape)))
+    return runs.reshape(moved).movedim(-1, axis).contiguous()
+
+
+def nm_positions(tensor: torch.Tensor, n: int, m: int, axis: int) -> torch.Tensor:
+    """``[n_runs, n]`` kept positions per run: its nonzeros, then its first zeros, ascending."""
+    import torch
+
+    runs = _runs(tensor, m, axis)
+    nonzero = runs != 0
+    if runs.numel() and int(nonzero.sum(1).max()) > n:
+        raise SqueezeError(f"tensor has runs with more than {n} nonzeros of {m}: not {n}:{m} sparse")
+    # nonzeros first (key 0), zeros after (key 1); the index breaks ties, so the choice is unique
+    key = (~nonzero).long() * m + torch.arange(m).expand_as(runs)
+    return torch.sort(torch.topk(key, n, dim=1, largest=False).indices, dim=1).values
+
+
 # ---------------------------------------------------------------------------- encode / decode
 def encode(name: str, tensor: torch.Tensor, spec: dict[str, Any] | None) -> dict[str, torch.Tensor]:
     """The stored tensors for ``tensor`` under ``spec`` (names derived from ``name``)."""
@@ -290,22 +447,39 @@ def encode(name: str, tensor: torch.Tensor, spec: dict[str, Any] | None) -> dict
     tensor = tensor.detach().cpu().contiguous()
     if spec is None:
         return {name: tensor}
+    if spec.get("cluster"):
+        return _encode_cluster(name, tensor, spec["cluster"]["bits"])
     out: dict[str, torch.Tensor] = {}
     quant = spec.get("quant")
     flat = tensor.reshape(-1)
+    mask = positions = None
     if spec.get("sparse"):
         mask = flat != 0
         out[name + MASK] = pack_bits(mask, 1)
         if not quant:
             out[name + VALUES] = flat[mask].clone()
+    if spec.get("nm"):
+        n, m, axis_nm = nm_params(spec["nm"])
+        if tensor.ndim == 0:
+            raise SqueezeError(f"'{name}': N:M sparsity needs at least one dimension")
+        try:
+            positions = nm_positions(tensor, n, m, axis_nm)
+        except SqueezeError as exc:
+            raise SqueezeError(f"'{name}': {exc}; refusing a lossy save") from None
+        out[name + INDEX] = pack_bits(positions, index_bits(m))
+        if not quant:
+            out[name + VALUES] = _runs(tensor, m, axis_nm).gather(1, positions).reshape(-1).clone()
     if quant:
-        bits, axis = quant["bits"], quant["axis"]
-        scales = scales_of(tensor, bits, axis)
-        codes = _codes(tensor, scales, bits, axis)
-        if not torch.equal(codes.float() * _view_scales(scales, tensor.ndim, axis), tensor.float()):
+        bits, axis, group = quant["bits"], quant["axis"], quant.get("group")
+        scales = scales_of(tensor, bits, axis, group)
+        codes = _codes(tensor, scales, bits, axis, group)
+        if not torch.equal(dequantize(codes, scales, axis, group), tensor.float()):
             raise SqueezeError(f"tensor '{name}' is not on its {bits}-bit quantization grid "
                                f"(was it changed after quantizing?); refusing a lossy save")
-        codes = codes.reshape(-1)[mask] if spec.get("sparse") else codes
+        if mask is not None:
+            codes = codes.reshape(-1)[mask]
+        elif positions is not None:
+            codes = _runs(codes, m, axis_nm).gather(1, positions).reshape(-1)
         if bits != 8:
             codes = pack_bits(codes.to(torch.int16) + 2 ** (bits - 1), bits)
         out[name + CODES] = codes.contiguous()
@@ -313,17 +487,34 @@ def encode(name: str, tensor: torch.Tensor, spec: dict[str, Any] | None) -> dict
     return out
 
 
+def _encode_cluster(name: str, tensor: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    import torch
+
+    if tensor.dtype != torch.float32:
+        raise SqueezeError(f"'{name}': clustering supports float32 tensors, not {tensor.dtype}")
+    values, index = torch.unique(tensor.reshape(-1), sorted=True, return_inverse=True)
+    if values.numel() > 2 ** bits:
+        raise SqueezeError(f"'{name}' holds {values.numel()} distinct values, more than the "
+                           f"{2 ** bits} of its {bits}-bit codebook; refusing a lossy save")
+    book = torch.cat([values, values[-1:].expand(2 ** bits - values.numel())])
+    return {name + CODES: pack_bits(index, bits), name + CODEBOOK: book.contiguous()}
+
+
 def stored_names(name: str, spec: dict[str, Any] | None) -> list[str]:
     """The stored tensor names ``encode`` produces for ``name``."""
     spec = normalize(spec)
     if spec is None:
         return [name]
+    if spec.get("cluster"):
+        return [name + CODES, name + CODEBOOK]
     names = []
     if spec.get("sparse"):
         names.append(name + MASK)
-        if not spec.get("quant"):
-            names.append(name + VALUES)
-    if spec.get("quant"):
+    if spec.get("nm"):
+        names.append(name + INDEX)
+    if not spec.get("quant"):
+        names.append(name + VALUES)
+    else:
         names += [name + CODES, name + SCALES]
     return names
 
@@ -347,36 +538,55 @@ def decode(name: str, stored: dict[str, torch.Tensor], spec: dict[str, Any] | No
                 raise SqueezeError(f"'{name}' has shape {tuple(t.shape)}, expected {shape}")
             return t.to(dtype)
         n = _numel(shape)
+        if spec.get("cluster"):
+            bits = spec["cluster"]["bits"]
+            book = stored[name + CODEBOOK].float().reshape(-1)
+            if book.numel() != 2 ** bits:
+                raise SqueezeError(f"'{name}': codebook of {book.numel()} entries, not {2 ** bits}")
+            return book[unpack_bits(stored[name + CODES], bits, n)].reshape(shape).to(dtype)
         quant = spec.get("quant")
-        mask = None
+        mask = positions = None
+        count = n
         if spec.get("sparse"):
             mask = unpack_bits(stored[name + MASK], 1, n).bool()
+            count = int(mask.sum())
+        if spec.get("nm"):
+            nn, m, axis_nm = nm_params(spec["nm"])
+            if not shape or shape[axis_nm] % m:
+                raise SqueezeError(f"'{name}': shape {shape} does not split into runs of {m}")
+            count = n // m * nn
+            positions = unpack_bits(stored[name + INDEX], index_bits(m), count).reshape(-1, nn)
+            if positions.numel() and int(positions.max()) >= m:
+                raise SqueezeError(f"'{name}': N:M position beyond its run of {m}")
+
+        def place(values: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+            """Scatter kept ``values`` into a zero tensor of ``shape``."""
+            if values.numel() != count:
+                raise SqueezeError(f"'{name}': {values.numel()} values for {count} kept entries")
+            if mask is not None:
+                full = zero.reshape(-1).clone()
+                full[mask] = values
+                return full.reshape(shape)
+            if positions is not None:
+                runs = zero.reshape(-1, m).clone()
+                runs.scatter_(1, positions, values.reshape(-1, nn))
+                return _unruns(runs, shape, axis_nm)
+            return values.reshape(shape)
+
         if quant:
-            bits, axis = quant["bits"], quant["axis"]
-            count = int(mask.sum()) if mask is not None else n
+            bits, axis, group = quant["bits"], quant["axis"], quant.get("group")
             codes = stored[name + CODES]
             if bits == 8:
                 codes = codes.reshape(-1).to(torch.int64)
             else:
                 codes = unpack_bits(codes, bits, count) - 2 ** (bits - 1)
-            if codes.numel() != count:
-                raise SqueezeError(f"'{name}': {codes.numel()} codes for {count} values")
             scales = stored[name + SCALES].float().reshape(-1)
-            if scales.numel() != _n_scales(shape, axis):
+            if scales.numel() != _n_scales(shape, axis, group):
                 raise SqueezeError(f"'{name}': {scales.numel()} scales for shape {shape}")
-            full = torch.zeros(n, dtype=torch.int64)
-            if mask is not None:
-                full[mask] = codes
-            else:
-                full = codes
-            values = full.reshape(shape).float() * _view_scales(scales, len(shape), axis)
-            return values.to(dtype)
+            full = place(codes, torch.zeros(n, dtype=torch.int64))
+            return dequantize(full, scales, axis, group).to(dtype)
         values = stored[name + VALUES].reshape(-1)
-        if values.numel() != int(mask.sum()):
-            raise SqueezeError(f"'{name}': {values.numel()} values for {int(mask.sum())} mask bits")
-        out = torch.zeros(n, dtype=values.dtype)
-        out[mask] = values
-        return out.reshape(shape).to(dtype)
+        return place(values, torch.zeros(n, dtype=values.dtype)).to(dtype)
     except SqueezeError:
         raise
     except Exception as exc:  # malformed stored tensors

@@ -10,6 +10,7 @@ README) are copied alongside.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -58,6 +59,7 @@ def save_model(handle: ModelHandle, directory: Path) -> list[str]:
     if handle.source_dir is not None:
         copy_aux_files(Path(handle.source_dir), directory,
                        skip_tokenizer=handle.tokenizer_changed)
+        sync_pooling_config(directory, getattr(handle.model.config, "hidden_size", None))
     after = _snapshot(directory)
     return sorted(p for p, stamp in after.items() if before.get(p) != stamp)
 
@@ -150,6 +152,20 @@ def _allowed_roots(source: Path) -> list[Path]:
     if root.parent.name == "snapshots":
         roots.append(root.parent.parent / "blobs")
     return roots
+
+
+def sync_pooling_config(directory: Path, hidden: int | None) -> None:
+    """Keep sentence-transformers' pooling width equal to a (possibly pruned) hidden size."""
+    path = directory / "1_Pooling" / "config.json"
+    if hidden is None or not path.is_file():
+        return
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return
+    if config.get("word_embedding_dimension") not in (None, hidden):
+        config["word_embedding_dimension"] = hidden
+        _atomic_write_text(path, json.dumps(config, indent=2) + "\n")
 
 
 def copy_aux_files(source: Path, directory: Path, skip_tokenizer: bool = False) -> list[str]:

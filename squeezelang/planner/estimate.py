@@ -73,7 +73,7 @@ def run_estimates(meta: ModelMeta, stages: tuple[StagePlan, ...] | list[StagePla
         except NotImplementedError:
             raise PlanError(f"stage '{stage.name}': technique '{stage.technique}' cannot estimate "
                             "its effect") from None
-        meta.states |= set(tech.produces)
+        meta.states |= set(tech.produces_for(dict(stage.params)))
         out.append((stage, meta))
     return out
 

@@ -267,7 +267,7 @@ class _Resolver:
                 self.error(f"'{decl.technique}' cannot run on a {state} model (stage '{states[state]}' "
                            f"made it {state})", decl.technique_span,
                            hint=f"move stage '{states[state]}' after stage '{decl.name}'")
-            for state in tech.produces:
+            for state in tech.produces_for(dict(stage.params)):
                 states.setdefault(state, decl.name)
             out.append(stage)
         return tuple(out)

@@ -106,8 +106,8 @@ def test_selecting_nothing_is_an_error(tiny_bert_dir, registries):
 
 def test_schema(registries):
     tech = registries.techniques.get("quantize")
-    assert tech.defaults() == {"scheme": "int8", "granularity": "channel", "include": ["*"],
-                               "exclude": []}
+    assert tech.defaults_for({}) == {"scheme": "int8", "granularity": "channel", "include": ["*"],
+                                     "exclude": []}
     assert tech.example.startswith("stage ")
 
 

@@ -1,0 +1,342 @@
+"""The built-in ``vocab_trim`` technique: keep only the tokens a task's data uses.
+
+Every text of the ``data`` set is tokenized; the tokens it produces, every special and added token,
+the ids the model's config names (pad, bos, eos, …), ``keep_frequent`` low-id tokens and the tokens
+of ``keep`` make up the new vocabulary, in their original order. The input embedding rows, the
+output layer (tied or not) and its bias are cut to those rows, ``config.vocab_size`` shrinks, and the
+tokenizer is rewritten to number the kept tokens ``0 … n-1``. The result is a standard architecture
+that loads with plain ``transformers``.
+
+Why outputs do not change: a WordLevel tokenizer looks words up; a WordPiece tokenizer splits a word
+greedily, longest known prefix first. Every piece it produced with the full vocabulary is still
+known, and no longer prefix can have appeared, so a text made of kept tokens tokenizes to the same
+pieces — and the same rows — as before. A word that cannot be covered by kept pieces becomes the
+unknown token, as any unknown word always did. BPE and Unigram tokenizers are refused: their merges
+and scores would have to be rewritten (BPE needs every intermediate merge kept), and getting that
+subtly wrong would change outputs silently.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from squeezelang import hookimpl
+from squeezelang.errors import SqueezeError
+from squeezelang.hooks.technique import Technique
+
+if TYPE_CHECKING:
+    from squeezelang.executor.context import StageContext
+    from squeezelang.models.handle import ModelHandle
+    from squeezelang.models.meta import ModelMeta
+
+#: Tokenizer models whose vocabulary can be cut without changing how kept text is split.
+SUPPORTED_MODELS = ("WordPiece", "WordLevel")
+#: Config keys holding token ids that must survive (and be renumbered).
+CONFIG_TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id",
+                    "mask_token_id", "unk_token_id", "decoder_start_token_id")
+#: Placeholder tokens that no text produces (BERT's ``[unused7]``); ``keep_frequent`` skips them.
+_PLACEHOLDER = re.compile(r"^(\[unused\d+\]|<unused\d+>)$")
+
+#: Rows kept by an ``apply_`` in this process, by (original rows, data set, keep params): lets a
+#: later ``estimate`` of the same stage be exact (estimates cannot read data themselves).
+_KNOWN_ROWS: dict[tuple[Any, ...], int] = {}
+
+
+def _memo_key(vocab_rows: int, params: dict[str, Any]) -> tuple[Any, ...]:
+    return (int(vocab_rows), params.get("data"), int(params.get("keep_frequent", 0)),
+            tuple(params.get("keep", ())))
+
+
+# ---------------------------------------------------------------------------- tokenizer files
+def _tokenizer_json(tokenizer: Any, directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Save ``tokenizer`` into ``directory``; return its parsed ``tokenizer.json`` and config."""
+    try:
+        tokenizer.save_pretrained(str(directory))
+    except Exception as exc:
+        raise SqueezeError(f"vocab_trim: cannot save the tokenizer: {type(exc).__name__}: {exc}") from None
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise SqueezeError("vocab_trim needs a fast tokenizer (tokenizer.json); "
+                           f"{type(tokenizer).__name__} has none")
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    return json.loads(path.read_text(encoding="utf-8")), config
+
+
+def _check_model(doc: dict[str, Any]) -> dict[str, Any]:
+    model = doc.get("model") or {}
+    kind = model.get("type")
+    if kind not in SUPPORTED_MODELS:
+        raise SqueezeError(f"vocab_trim supports WordPiece and WordLevel tokenizers; this one is "
+                           f"{kind or 'of an unknown kind'}")
+    if not model.get("unk_token") or model["unk_token"] not in model.get("vocab", {}):
+        raise SqueezeError("vocab_trim: the tokenizer has no unknown token, so text outside the "
+                           "kept vocabulary could not be tokenized")
+    return model
+
+
+def kept_ids(tokenizer: Any, texts: Iterable[str], keep_frequent: int = 0,
+             keep: Iterable[str] = (), config: Any = None) -> list[int]:
+    """The sorted token ids to keep: those of ``texts``, specials, config ids, frequent and ``keep``.
+
+    ``keep_frequent`` keeps that many of the lowest ids besides (skipping ``[unusedN]``
+    placeholders): WordPiece ``vocab.txt`` files list tokens roughly by frequency, so low ids are a
+    cheap stand-in for common words the data did not happen to contain.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        doc, _ = _tokenizer_json(tokenizer, Path(tmp))
+    model = _check_model(doc)
+    vocab: dict[str, int] = model["vocab"]
+    ids: set[int] = {vocab[model["unk_token"]]}
+    ids.update(int(t["id"]) for t in doc.get("added_tokens", []))
+    if isinstance(doc.get("padding"), dict) and doc["padding"].get("pad_id") is not None:
+        ids.add(int(doc["padding"]["pad_id"]))
+    ids.update(_post_processor_ids(doc.get("post_processor")))
+    ids.update(int(i) for i in getattr(tokenizer, "all_special_ids", []) if i is not None)
+    for key in CONFIG_TOKEN_IDS:
+        value = getattr(config, key, None) if config is not None else None
+        if isinstance(value, int) and value >= 0:
+            ids.add(value)
+    texts = [str(t) for t in texts]
+    if texts:
+        for row in tokenizer(texts, add_special_tokens=True)["input_ids"]:
+            ids.update(int(i) for i in row)
+    if keep_frequent > 0:
+        by_id = sorted((i, t) for t, i in vocab.items() if not _PLACEHOLDER.match(t))
+        ids.update(i for i, _ in by_id[:keep_frequent])
+    for item in keep:
+        if item in vocab:
+            ids.add(vocab[item])
+        else:
+            ids.update(int(i) for i in tokenizer(str(item), add_special_tokens=False)["input_ids"])
+    return sorted(ids)
+
+
+def _post_processor_ids(proc: Any) -> set[int]:
+    """The special-token ids a ``tokenizers`` post-processor inserts."""
+    if not isinstance(proc, dict):
+        return set()
+    kind = proc.get("type")
+    if kind == "TemplateProcessing":
+        return {int(i) for spec in proc.get("special_tokens", {}).values() for i in spec.get("ids", [])}
+    if kind in ("BertProcessing", "RobertaProcessing"):
+        return {int(proc[k][1]) for k in ("sep", "cls") if k in proc}
+    if kind == "Sequence":
+        return set().union(*(_post_processor_ids(p) for p in proc.get("processors", [])))
+    return set()
+
+
+def _remap_post_processor(proc: Any, remap: dict[int, int]) -> Any:
+    """Renumber the special-token ids a ``tokenizers`` post-processor holds."""
+    if not isinstance(proc, dict):
+        return proc
+    kind = proc.get("type")
+    if kind == "TemplateProcessing":
+        for spec in proc.get("special_tokens", {}).values():
+            spec["ids"] = [remap[int(i)] for i in spec.get("ids", [])]
+    elif kind in ("BertProcessing", "RobertaProcessing"):
+        for key in ("sep", "cls"):
+            if key in proc:
+                proc[key] = [proc[key][0], remap[int(proc[key][1])]]
+    elif kind == "Sequence":
+        proc["processors"] = [_remap_post_processor(p, remap) for p in proc.get("processors", [])]
+    return proc
+
+
+def trimmed_tokenizer(tokenizer: Any, ids: list[int], directory: Path) -> Any:
+    """Write ``tokenizer`` restricted to ``ids`` (renumbered in order) into ``directory``; load it.
+
+    Rewrites ``tokenizer.json`` (vocabulary, added tokens, post-processor and padding ids),
+    ``tokenizer_config.json`` (``added_tokens_decoder``) and, for WordPiece, ``vocab.txt`` (so the
+    tokenizer class finds the same vocabulary whichever file it reads); the normalizer,
+    pre-tokenizer and decoder settings are kept as they are. The saved model later gets what the
+    loaded tokenizer's ``save_pretrained`` writes (transformers 5: ``tokenizer.json`` and
+    ``tokenizer_config.json``).
+    """
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    doc, config = _tokenizer_json(tokenizer, directory)
+    model = _check_model(doc)
+    remap = {old: new for new, old in enumerate(ids)}
+    by_id = {i: t for t, i in model["vocab"].items()}
+    model["vocab"] = {by_id[old]: remap[old] for old in ids if old in by_id}
+    added = {int(t["id"]) for t in doc.get("added_tokens", [])}
+    unknown = [old for old in ids if old not in by_id and old not in added]
+    if unknown:
+        raise SqueezeError(f"vocab_trim: ids {unknown[:5]} are neither in the vocabulary nor "
+                           "added tokens")
+    for token in doc.get("added_tokens", []):
+        token["id"] = remap[int(token["id"])]
+    doc["post_processor"] = _remap_post_processor(doc.get("post_processor"), remap)
+    padding = doc.get("padding")
+    if isinstance(padding, dict) and padding.get("pad_id") is not None:
+        padding["pad_id"] = remap[int(padding["pad_id"])]
+    (directory / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+    if isinstance(config.get("added_tokens_decoder"), dict):
+        config["added_tokens_decoder"] = {str(remap[int(k)]): v for k, v in
+                                          config["added_tokens_decoder"].items()}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False),
+                                                         encoding="utf-8")
+    if model["type"] == "WordPiece":
+        ordered = sorted(model["vocab"], key=model["vocab"].__getitem__)
+        (directory / "vocab.txt").write_text("\n".join(ordered) + "\n", encoding="utf-8")
+    for stale in ("vocab.json", "merges.txt", "added_tokens.json"):
+        (directory / stale).unlink(missing_ok=True)
+    try:
+        new = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
+                                            trust_remote_code=False)
+    except Exception as exc:
+        raise SqueezeError(f"vocab_trim: the trimmed tokenizer does not load: "
+                           f"{type(exc).__name__}: {exc}") from None
+    if len(new) != len(ids):
+        raise SqueezeError(f"vocab_trim: the trimmed tokenizer has {len(new)} tokens, not {len(ids)}")
+    return new
+
+
+# ---------------------------------------------------------------------------- model
+def trim_embeddings_(model: Any, ids: list[int]) -> list[str]:
+    """Keep only rows ``ids`` of the input embedding, the output layer and vocabulary-sized biases.
+
+    Returns the names of the state-dict tensors that changed shape. Tied weights stay tied.
+    """
+    import torch
+
+    emb = model.get_input_embeddings()
+    if not isinstance(emb, torch.nn.Embedding):
+        raise SqueezeError(f"vocab_trim: the input embedding is a {type(emb).__name__}, "
+                           "not an nn.Embedding")
+    rows = emb.weight.shape[0]
+    if ids[-1] >= rows:
+        raise SqueezeError(f"vocab_trim: the tokenizer has id {ids[-1]} but the embedding only "
+                           f"{rows} rows")
+    index = torch.tensor(ids, dtype=torch.long)
+    remap = {old: new for new, old in enumerate(ids)}
+    out = model.get_output_embeddings()
+    old_params = {id(emb.weight)}
+    with torch.no_grad():
+        padding_idx = remap.get(emb.padding_idx) if emb.padding_idx is not None else None
+        new_emb = torch.nn.Embedding(len(ids), emb.weight.shape[1], padding_idx=padding_idx,
+                                     dtype=emb.weight.dtype, device=emb.weight.device)
+        new_emb.weight.copy_(emb.weight[index])
+        new_emb.weight.requires_grad_(emb.weight.requires_grad)
+        model.set_input_embeddings(new_emb)
+        replaced = {id(emb.weight): new_emb.weight}
+        if out is not None:
+            if not isinstance(out, torch.nn.Linear) or out.weight.shape[0] != rows:
+                raise SqueezeError(f"vocab_trim: the output layer is a {type(out).__name__} of "
+                                   f"shape {tuple(out.weight.shape)}, not a vocabulary projection")
+            new_out = torch.nn.Linear(out.in_features, len(ids), bias=out.bias is not None,
+                                      dtype=out.weight.dtype, device=out.weight.device)
+            if out.weight is emb.weight:
+                new_out.weight = new_emb.weight
+            else:
+                new_out.weight.copy_(out.weight[index])
+                replaced[id(out.weight)] = new_out.weight
+                old_params.add(id(out.weight))
+            if out.bias is not None:
+                new_out.bias.copy_(out.bias[index])
+                replaced[id(out.bias)] = new_out.bias
+                old_params.add(id(out.bias))
+            model.set_output_embeddings(new_out)
+        # Parameters elsewhere that still have a row per token: shared copies, LM-head biases.
+        left = []
+        for mod_name, module in model.named_modules():
+            for pname, p in list(module.named_parameters(recurse=False)):
+                if id(p) in replaced:
+                    setattr(module, pname, replaced[id(p)])
+                elif p.dim() >= 1 and p.shape[0] == rows and "position" not in mod_name + pname:
+                    if p.dim() == 1:
+                        setattr(module, pname, torch.nn.Parameter(p[index].clone(),
+                                                                  requires_grad=p.requires_grad))
+                    else:
+                        left.append(f"{mod_name}.{pname}")
+        if left:
+            raise SqueezeError(f"vocab_trim: do not know how to trim {', '.join(left[:5])} "
+                               f"(a row per token outside the embedding and output layer)")
+    model.config.vocab_size = len(ids)
+    for key in CONFIG_TOKEN_IDS:
+        for cfg in (model.config, getattr(model, "generation_config", None)):
+            value = getattr(cfg, key, None) if cfg is not None else None
+            if isinstance(value, int) and value >= 0:
+                setattr(cfg, key, remap[value])
+    return [n for n, p in model.state_dict().items() if p.dim() >= 1 and p.shape[0] == len(ids)]
+
+
+# ---------------------------------------------------------------------------- technique
+class VocabTrim(Technique):
+    name = "vocab_trim"
+    description = (
+        "Keep only the vocabulary a task uses: the tokens of every text in `data`, every special "
+        "token, the `keep_frequent` lowest-id (most frequent, for WordPiece) tokens and the tokens "
+        "of `keep`. Cuts the embedding and output rows and rewrites the tokenizer, so the model "
+        "stays a standard transformers model. Text made of kept tokens gives exactly the original "
+        "outputs; other words become the unknown token. WordPiece and WordLevel tokenizers only.")
+    schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "data": {"type": "string",
+                     "description": "The data set whose texts define the vocabulary kept."},
+            "keep_frequent": {"type": "integer", "minimum": 0, "default": 0,
+                              "description": "Also keep this many of the lowest token ids (the "
+                                             "most frequent, for WordPiece vocabularies)."},
+            "keep": {"type": "array", "items": {"type": "string"}, "default": [],
+                     "description": "Extra tokens, or strings whose tokens are kept."},
+        },
+        "required": ["data"],
+    }
+    data_params = {"data": "text|a,b"}
+    example = "stage trim: vocab_trim { data = calib, keep_frequent = 2000 }"
+
+    def estimate(self, meta: ModelMeta, params: dict[str, Any]) -> ModelMeta:
+        """Exact when this process has already trimmed the same vocabulary with the same data.
+
+        Otherwise the kept vocabulary is unknown (estimates see neither the data nor the
+        tokenizer), so the vocabulary is assumed unchanged — an upper bound on the size — and
+        ``meta.notes`` says so; ``squeeze run`` measures the real size.
+        """
+        out = meta.copy()
+        rows = int(out.config.get("vocab_size") or 0)
+        new_rows = _KNOWN_ROWS.get(_memo_key(rows, params))
+        if new_rows is None:
+            out.notes.append(f"vocab_trim: the kept vocabulary depends on the texts of "
+                             f"'{params.get('data')}'; size estimated with the full vocabulary of "
+                             f"{rows} tokens (an upper bound)")
+            return out
+        for name, t in out.tensors.items():
+            if t.shape and t.shape[0] == rows and "position" not in name:
+                t.shape = (new_rows,) + tuple(t.shape[1:])
+        out.config["vocab_size"] = new_rows
+        return out
+
+    def apply_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:
+        import tempfile
+
+        if handle.tokenizer is None:
+            raise SqueezeError("vocab_trim: the model has no tokenizer")
+        texts = ctx.data.texts(params["data"])
+        model = handle.model
+        rows = model.get_input_embeddings().weight.shape[0]
+        ids = kept_ids(handle.tokenizer, ctx.progress(texts, desc="tokenize"),
+                       params.get("keep_frequent", 0), params.get("keep", ()), model.config)
+        before = len(handle.tokenizer)
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = trimmed_tokenizer(handle.tokenizer, ids, Path(tmp))
+        config_rows = int(getattr(model.config, "vocab_size", rows) or rows)
+        trim_embeddings_(model, ids)
+        handle.tokenizer = tokenizer
+        handle.tokenizer_changed = True
+        _KNOWN_ROWS[_memo_key(config_rows, params)] = len(ids)
+        ctx.log(f"vocab_trim: kept {len(ids):,} of {before:,} tokens "
+                f"({len(ids) / max(before, 1):.1%})")
+
+
+@hookimpl
+def register_techniques(registry: Any) -> None:
+    registry.add(VocabTrim())

@@ -1,0 +1,187 @@
+"""Calibration for weight compression: statistics of the inputs of linear layers, and GPTQ.
+
+``input_stats`` runs the model over calibration texts with forward pre-hooks on chosen ``Linear`` /
+``Conv1D`` modules and accumulates, over the non-padding tokens, the per-input-channel mean ``|x|``
+and ``x²`` and optionally the second-moment matrix ``XᵀX / tokens`` (GPTQ's Hessian, up to a
+factor). ``gptq_quantize`` is GPTQ (Frantar et al., 2022): columns quantized one at a time, the
+rounding error spread over the columns not yet quantized through the inverse Hessian's Cholesky
+factor, in blocks, with group-wise symmetric scales that land exactly on ``models.codec``'s grid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+from squeezelang.errors import SqueezeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from squeezelang.models.handle import ModelHandle
+
+
+@dataclass
+class InputStats:
+    """Input statistics of one linear layer over ``tokens`` calibration tokens (float64)."""
+
+    tokens: int
+    abs_mean: torch.Tensor
+    sq_mean: torch.Tensor
+    gram: torch.Tensor | None = None
+
+
+def calibration_texts(ctx: Any, data: str | None, samples: int, who: str) -> list[str]:
+    """The non-empty texts of the declared data set ``data``, at most ``samples``."""
+    if not data:
+        raise SqueezeError(f"{who} needs calibration data: set data = <a declared data set>")
+    texts = [t for t in ctx.data.texts(data) if t.strip()][:samples]
+    if not texts:
+        raise SqueezeError(f"{who}: data set '{data}' has no non-empty text")
+    return texts
+
+
+def input_stats(handle: ModelHandle, texts: Sequence[str], modules: Sequence[tuple[str, Any]],
+                gram: bool = False, batch_size: int = 16,
+                max_length: int = 128) -> dict[str, InputStats]:
+    """Statistics of the inputs of ``modules`` (``[(name, module)]``) over the texts' tokens."""
+    import torch
+
+    from squeezelang.models.forward import _batches
+
+    model = handle.model.eval()
+    live: dict[str, Any] = {}
+    sums: dict[str, list[Any]] = {}
+
+    def moments(x: torch.Tensor) -> tuple[int, Any, Any, Any]:
+        """Token count, Σ|x|, Σx², ΣxᵀX of one input, shared by layers reading the same tensor."""
+        # the entry holds ``x``, so its memory cannot be reused by another input of this batch
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+        if key not in live["seen"]:
+            mask = live["mask"]
+            rows = x[mask] if tuple(x.shape[:2]) == tuple(mask.shape) else x
+            rows = rows.reshape(-1, x.shape[-1]).float()
+            live["seen"][key] = (x, rows.shape[0], rows.abs().sum(0).double(),
+                                 rows.pow(2).sum(0).double(),
+                                 (rows.t() @ rows).double() if gram else None)
+        return live["seen"][key][1:]
+
+    def hook_for(name: str) -> Any:
+        def hook(module: Any, args: tuple[Any, ...]) -> None:
+            n, a, s2, g = moments(args[0])
+            acc = sums.setdefault(name, [0, 0.0, 0.0, None])
+            acc[0] += n
+            acc[1] = acc[1] + a
+            acc[2] = acc[2] + s2
+            if g is not None:
+                acc[3] = g.clone() if acc[3] is None else acc[3] + g
+        return hook
+
+    hooks = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules]
+    try:
+        with torch.inference_mode():
+            for _, inputs in _batches(handle, list(texts), None, batch_size, max_length):
+                live["mask"] = inputs["attention_mask"].bool()
+                live["seen"] = {}
+                model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name, _ in modules:
+        if name not in sums:
+            raise SqueezeError(f"calibration: layer '{name}' was never called on the data")
+        n, a, s, g = sums[name]
+        out[name] = InputStats(n, (a / n).clone(), (s / n).clone(),
+                               None if g is None else (g / n).clone())
+    return out
+
+
+def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, bits: int, group: int | None,
+                  keep: torch.Tensor | None = None, block: int = 128,
+                  damp: float = 0.01) -> torch.Tensor:
+    """GPTQ-quantize a ``[out, in]`` float32 weight given ``XᵀX`` of its inputs; return the
+    dequantized weight, exactly on the codec grid ``{"quant": {"bits", "axis": 0, "group"}}``.
+
+    ``keep`` (bool, like ``weight``) pins pruned entries to zero, so sparsity survives. In every
+    group the entry of largest ``|w|`` when the group's scale is chosen is given the extreme code
+    ``±qmax``: then ``max|code| = qmax`` and the codec re-derives the scale from the values.
+    """
+    import torch
+
+    from squeezelang.models import codec
+
+    W = weight.detach().float().clone()
+    n_out, n_in = W.shape
+    group = group or n_in
+    H = gram.detach().double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0  # inputs never seen: their weights cannot change the calibration outputs
+    keep = keep.bool() if keep is not None else None
+    if keep is not None:
+        W = W * keep
+    H += damp * float(torch.diag(H).mean()) * torch.eye(n_in, dtype=H.dtype)
+    try:
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except RuntimeError as exc:
+        raise SqueezeError(f"GPTQ: the Hessian is not positive definite ({exc}); more data or "
+                           "a larger damping may help") from None
+    Hinv = Hinv.float()
+    q = codec.qmax(bits)
+    codes = torch.zeros(n_out, n_in)
+    scales = torch.ones(n_out, -(-n_in // group))
+    s = forced = force_to = None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the column loop is thousands of small ops: no thread hand-offs
+    try:
+        for i1 in range(0, n_in, block):
+            i2 = min(i1 + block, n_in)
+            W1 = W[:, i1:i2].clone()
+            err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = i1 + i
+                if col % group == 0:
+                    s, forced, force_to = _group_plan(torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :group],
+                                                      None if keep is None else keep[:, col:col + group],
+                                                      bits)
+                    scales[:, col // group] = s
+                j = col % group
+                w = W1[:, i]
+                c = torch.where(forced[:, j], force_to[:, j], torch.round(w / s).clamp_(-q, q))
+                codes[:, col] = c
+                err = (w - c * s).div_(Hinv1[i, i])
+                W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+                err1[:, i] = err
+            W[:, i2:].addmm_(err1, Hinv[i1:i2, i2:], alpha=-1)
+    finally:
+        torch.set_num_threads(threads)
+    return codec.dequantize(codes.to(torch.int8), scales.reshape(-1), 0, group)
+
+
+def _group_plan(ahead: torch.Tensor, keep: torch.Tensor | None,
+                bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A group's scales and its forced codes: ``(scales [out], forced [out, g], codes [out, g])``.
+
+    Forced: pruned entries and all-zero rows to 0, each row's largest ``|w|`` to ``±qmax``.
+    """
+    import torch
+
+    from squeezelang.models import codec
+
+    q = codec.qmax(bits)
+    if keep is not None:
+        ahead = ahead * keep
+    amax, arg = ahead.abs().max(1)
+    live = amax > 0
+    s = codec.fixed_point_scales(torch.where(live, amax / q, torch.ones_like(amax)), bits)
+    forced = torch.zeros_like(ahead, dtype=torch.bool)
+    force_to = torch.zeros_like(ahead)
+    forced.scatter_(1, arg[:, None], True)
+    force_to.scatter_(1, arg[:, None], torch.where(ahead.gather(1, arg[:, None]) < 0, -q, q).float())
+    forced |= ~live[:, None]
+    force_to[~live] = 0
+    if keep is not None:
+        forced |= ~keep
+        force_to[~keep] = 0
+    return s, forced, force_to
