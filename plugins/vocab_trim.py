@@ -39,16 +39,6 @@ CONFIG_TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_i
 #: Placeholder tokens that no text produces (BERT's ``[unused7]``); ``keep_frequent`` skips them.
 _PLACEHOLDER = re.compile(r"^(\[unused\d+\]|<unused\d+>)$")
 
-#: Rows kept by an ``apply_`` in this process, by (original rows, data set, keep params): lets a
-#: later ``estimate`` of the same stage be exact (estimates cannot read data themselves).
-_KNOWN_ROWS: dict[tuple[Any, ...], int] = {}
-
-
-def _memo_key(vocab_rows: int, params: dict[str, Any]) -> tuple[Any, ...]:
-    return (int(vocab_rows), params.get("data"), int(params.get("keep_frequent", 0)),
-            tuple(params.get("keep", ())))
-
-
 # ---------------------------------------------------------------------------- tokenizer files
 def _tokenizer_json(tokenizer: Any, directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Save ``tokenizer`` into ``directory``; return its parsed ``tokenizer.json`` and config."""
@@ -295,20 +285,35 @@ class VocabTrim(Technique):
     example = "stage trim: vocab_trim { data = calib, keep_frequent = 2000 }"
 
     def estimate(self, meta: ModelMeta, params: dict[str, Any]) -> ModelMeta:
-        """Exact when this process has already trimmed the same vocabulary with the same data.
-
-        Otherwise the kept vocabulary is unknown (estimates see neither the data nor the
-        tokenizer), so the vocabulary is assumed unchanged — an upper bound on the size — and
-        ``meta.notes`` says so; ``squeeze run`` measures the real size.
-        """
+        """Without the data the kept vocabulary is unknown: assume it unchanged (an upper bound)."""
         out = meta.copy()
         rows = int(out.config.get("vocab_size") or 0)
-        new_rows = _KNOWN_ROWS.get(_memo_key(rows, params))
-        if new_rows is None:
-            out.notes.append(f"vocab_trim: the kept vocabulary depends on the texts of "
-                             f"'{params.get('data')}'; size estimated with the full vocabulary of "
-                             f"{rows} tokens (an upper bound)")
-            return out
+        out.notes.append(f"vocab_trim: the kept vocabulary depends on the texts of "
+                         f"'{params.get('data')}'; size estimated with the full vocabulary of "
+                         f"{rows} tokens (an upper bound)")
+        return out
+
+    def estimate_with(self, meta: ModelMeta, params: dict[str, Any], ctx: StageContext) -> ModelMeta:
+        """Exact: tokenize the data with the input model's tokenizer (no weights are loaded)."""
+        if ctx.model_dir is None or "vocab_size" not in meta.config:
+            return self.estimate(meta, params)
+        key = ("vocab_trim", str(ctx.model_dir), params.get("data"),
+               int(params.get("keep_frequent", 0)), tuple(params.get("keep", ())))
+        if key not in ctx.cache:
+            from squeezelang.models.hf import load_tokenizer, read_config
+            from transformers import AutoConfig
+
+            tokenizer = load_tokenizer(ctx.model_dir)
+            config = AutoConfig.for_model(**read_config(ctx.model_dir))
+            ctx.cache[key] = len(kept_ids(tokenizer, ctx.data.texts(params["data"]),
+                                          params.get("keep_frequent", 0), params.get("keep", ()),
+                                          config))
+        return self.resize(meta, ctx.cache[key])
+
+    def resize(self, meta: ModelMeta, new_rows: int) -> ModelMeta:
+        """``meta`` with every vocabulary-sized tensor cut to ``new_rows`` rows."""
+        out = meta.copy()
+        rows = int(out.config.get("vocab_size") or 0)
         for name, t in out.tensors.items():
             if t.shape and t.shape[0] == rows and "position" not in name:
                 t.shape = (new_rows,) + tuple(t.shape[1:])
@@ -322,17 +327,14 @@ class VocabTrim(Technique):
             raise SqueezeError("vocab_trim: the model has no tokenizer")
         texts = ctx.data.texts(params["data"])
         model = handle.model
-        rows = model.get_input_embeddings().weight.shape[0]
         ids = kept_ids(handle.tokenizer, ctx.progress(texts, desc="tokenize"),
                        params.get("keep_frequent", 0), params.get("keep", ()), model.config)
         before = len(handle.tokenizer)
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = trimmed_tokenizer(handle.tokenizer, ids, Path(tmp))
-        config_rows = int(getattr(model.config, "vocab_size", rows) or rows)
         trim_embeddings_(model, ids)
         handle.tokenizer = tokenizer
         handle.tokenizer_changed = True
-        _KNOWN_ROWS[_memo_key(config_rows, params)] = len(ids)
         ctx.log(f"vocab_trim: kept {len(ids):,} of {before:,} tokens "
                 f"({len(ids) / max(before, 1):.1%})")
 

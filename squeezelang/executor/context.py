@@ -68,6 +68,8 @@ class Context:
     #: Values computed once per run and reused (e.g. the original's reference outputs).
     cache: dict[Any, Any] = field(default_factory=dict)
     quiet: bool = False
+    #: The input model's directory (set while planning, for estimates that read its tokenizer).
+    model_dir: Path | None = None
     _original: ModelHandle | None = None
 
     def original(self) -> ModelHandle:

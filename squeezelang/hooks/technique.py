@@ -99,6 +99,12 @@ class Technique:
         """Return the model meta-data after this stage, computed without weights."""
         raise NotImplementedError(f"technique '{self.name}' has no estimate")
 
+    def estimate_with(self, meta: ModelMeta, params: dict[str, Any], ctx: StageContext) -> ModelMeta:
+        """``estimate`` for effects that depend on data: ``ctx.data`` holds the recipe's data sets and
+        ``ctx.model_dir`` the input model's directory (no weights are loaded). Defaults to
+        ``estimate``; override it only when the data decides the result (``vocab_trim``)."""
+        return self.estimate(meta, params)
+
     def apply_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:
         """Compress ``handle`` in place (it may replace ``handle.model``)."""
         raise NotImplementedError(f"technique '{self.name}' has no apply_")

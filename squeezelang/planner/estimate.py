@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from squeezelang.errors import PlanError, SqueezeError
+from squeezelang.executor.context import Context
 from squeezelang.hooks.registry import Registries
 from squeezelang.models.meta import ModelMeta
 from squeezelang.planner.constraints import Verdict, evaluate
@@ -50,7 +51,28 @@ class Prediction:
         }
 
 
-def model_meta(plan: Plan, registries: Registries) -> tuple[ModelMeta, Path | None]:
+def planning_context(plan: Plan, registries: Registries) -> Context:
+    """What estimates may read: the recipe's data sets (loaded on use) and the model directory."""
+    from squeezelang.executor.run import data_store
+
+    source = registries.model_sources.get(plan.model.source)
+    directory = source.locate(dict(plan.model.args)) if source is not None else None
+    return Context(data=data_store(plan, registries), seed=plan.search.seed, quiet=True,
+                   model_dir=directory)
+
+
+def model_meta(plan: Plan, registries: Registries, ctx: Context | None = None) -> tuple[ModelMeta, Path | None]:
+    """The original model's meta-data (built once per planning context) and its directory."""
+    if ctx is not None and "original_meta" in ctx.cache:
+        meta, directory = ctx.cache["original_meta"]
+        return meta.copy(), directory
+    meta, directory = _model_meta(plan, registries)
+    if ctx is not None:
+        ctx.cache["original_meta"] = (meta.copy(), directory)
+    return meta, directory
+
+
+def _model_meta(plan: Plan, registries: Registries) -> tuple[ModelMeta, Path | None]:
     source = registries.model_sources.get(plan.model.source)
     if source is None:
         raise PlanError(f"model source '{plan.model.source}' is not installed")
@@ -63,13 +85,14 @@ def model_meta(plan: Plan, registries: Registries) -> tuple[ModelMeta, Path | No
 
 
 def run_estimates(meta: ModelMeta, stages: tuple[StagePlan, ...] | list[StagePlan],
-                  registries: Registries) -> list[tuple[StagePlan, ModelMeta]]:
-    """Meta-data after each stage, by chaining the techniques' ``estimate``."""
+                  registries: Registries, ctx: Context | None = None) -> list[tuple[StagePlan, ModelMeta]]:
+    """Meta-data after each stage, by chaining the techniques' ``estimate_with``."""
+    ctx = ctx if ctx is not None else Context(quiet=True)
     out = []
     for stage in stages:
         tech = registries.techniques.get(stage.technique)
         try:
-            meta = tech.estimate(meta.copy(), dict(stage.params))
+            meta = tech.estimate_with(meta.copy(), dict(stage.params), ctx)
         except NotImplementedError:
             raise PlanError(f"stage '{stage.name}': technique '{stage.technique}' cannot estimate "
                             "its effect") from None
@@ -78,21 +101,28 @@ def run_estimates(meta: ModelMeta, stages: tuple[StagePlan, ...] | list[StagePla
     return out
 
 
-def predict(plan: Plan, registries: Registries, stages: list[StagePlan] | None = None) -> Prediction:
-    """Predicted params and size after each stage, and the size-type constraints checked on them."""
+def predict(plan: Plan, registries: Registries, stages: list[StagePlan] | None = None,
+            ctx: Context | None = None) -> Prediction:
+    """Predicted params and size after each stage, and the size-type constraints checked on them.
+
+    Pass the same ``ctx`` (``planning_context``) to repeated calls: the model's meta-data and
+    whatever the estimates read from data are then computed once.
+    """
     from squeezelang.models.size import artifact_bytes
 
-    meta, directory = model_meta(plan, registries)
+    ctx = ctx if ctx is not None else planning_context(plan, registries)
+    meta, directory = model_meta(plan, registries, ctx)
     measured = artifact_bytes(directory) if directory is not None and directory.is_dir() else 0
     pred = Prediction(meta.params(), measured or meta.size_bytes(), meta.size_bytes())
-    for stage, after in run_estimates(meta, tuple(stages or plan.stages), registries):
+    for stage, after in run_estimates(meta, tuple(stages or plan.stages), registries, ctx):
         pred.stages.append(StagePrediction(stage.name, stage.technique, stage.method, dict(stage.params),
                                            after.params(), after.size_bytes()))
+        pred.notes.extend(n for n in after.notes if n not in pred.notes)
     pred.constraints = _size_verdicts(plan, pred.original_size, pred.original_params,
                                       pred.final_size, pred.final_params)
     if plan.has_auto and stages is None:
         extreme = [most_compressed(s, registries) for s in plan.stages]
-        best = run_estimates(meta, tuple(extreme), registries)[-1][1]
+        best = run_estimates(meta, tuple(extreme), registries, ctx)[-1][1]
         for v in _size_verdicts(plan, pred.original_size, pred.original_params,
                                 best.size_bytes(), best.params()):
             if not v.met:

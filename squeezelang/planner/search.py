@@ -30,6 +30,7 @@ from squeezelang.hooks.registry import Registries
 from squeezelang.planner.plan import Plan
 
 if TYPE_CHECKING:
+    from squeezelang.executor.context import Context
     from squeezelang.executor.run import RunResult
     from squeezelang.models.handle import ModelHandle
 
@@ -71,30 +72,31 @@ def _has_size_constraints(plan: Plan) -> bool:
     return any(plan.metric(c.metric) and plan.metric(c.metric).kind in SIZE_KINDS for c in plan.constraints)
 
 
-def predicted_ok(plan: Plan, registries: Registries, levels: Levels | float) -> tuple[bool, int]:
+def predicted_ok(plan: Plan, registries: Registries, levels: Levels | float,
+                 ctx: Context) -> tuple[bool, int]:
     """Whether the estimates meet the size-type constraints at ``levels``, and the predicted size."""
     from squeezelang.planner.estimate import predict
 
-    pred = predict(at_levels(plan, registries, levels), registries)
+    pred = predict(at_levels(plan, registries, levels), registries, ctx=ctx)
     return all(v.met for v in pred.constraints), pred.final_size
 
 
-def size_floor(plan: Plan, registries: Registries, steps: int = 30) -> tuple[float, list[str]]:
+def size_floor(plan: Plan, registries: Registries, ctx: Context, steps: int = 30) -> tuple[float, list[str]]:
     """The smallest common level whose *predicted* size/params meet the size-type constraints."""
     from squeezelang.planner.estimate import predict
 
     if not _has_size_constraints(plan):
         return 0.0, []
-    if not predicted_ok(plan, registries, 1.0)[0]:
-        pred = predict(at_levels(plan, registries, 1.0), registries)
+    if not predicted_ok(plan, registries, 1.0, ctx)[0]:
+        pred = predict(at_levels(plan, registries, 1.0), registries, ctx=ctx)
         return 1.0, [f"{v.constraint}: the most compressed setting is predicted at {v.value:,.0f} "
                      f"(bound {v.bound:,.0f})" for v in pred.constraints if not v.met]
-    if predicted_ok(plan, registries, 0.0)[0]:
+    if predicted_ok(plan, registries, 0.0, ctx)[0]:
         return 0.0, []
     lo, hi = 0.0, 1.0
     for _ in range(steps):
         mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if predicted_ok(plan, registries, mid)[0] else (mid, hi)
+        lo, hi = (lo, mid) if predicted_ok(plan, registries, mid, ctx)[0] else (mid, hi)
     return hi, []
 
 
@@ -102,8 +104,8 @@ class _Trials:
     """Runs and logs trials within the search budget."""
 
     def __init__(self, plan: Plan, registries: Registries, scratch: Path, handle: ModelHandle | None,
-                 quiet: bool) -> None:
-        self.plan, self.registries, self.scratch = plan, registries, scratch
+                 quiet: bool, ctx: Context) -> None:
+        self.plan, self.registries, self.scratch, self.ctx = plan, registries, scratch, ctx
         self.handle, self.quiet = handle, quiet
         self.log: list[dict[str, Any]] = []
         self.started = time.perf_counter()
@@ -116,7 +118,7 @@ class _Trials:
         from squeezelang.executor.run import execute
 
         fixed = at_levels(self.plan, self.registries, levels)
-        _, predicted = predicted_ok(self.plan, self.registries, levels)
+        _, predicted = predicted_ok(self.plan, self.registries, levels, self.ctx)
         out = self.scratch / f"trial-{len(self.log) + 1:02d}"
         t0 = time.perf_counter()
         result = execute(fixed, self.registries, output=out, force=True, handle=self.handle, quiet=True)
@@ -169,7 +171,8 @@ def _random(trials: _Trials, floor: float) -> None:
     while trials.budget_left() and attempts < 50 * trials.plan.search.trials:
         attempts += 1
         levels = {k: rng.uniform(0.0, 1.0) for k in knobs}
-        if _has_size_constraints(trials.plan) and not predicted_ok(trials.plan, trials.registries, levels)[0]:
+        if _has_size_constraints(trials.plan) and \
+                not predicted_ok(trials.plan, trials.registries, levels, trials.ctx)[0]:
             continue  # ruled out by the estimates: no trial spent
         trials.run(levels)
 
@@ -183,12 +186,15 @@ def solve(plan: Plan, registries: Registries, output: str | Path | None = None, 
     from squeezelang.executor.artifacts import check_output_dir
     from squeezelang.executor.run import execute
 
+    from squeezelang.planner.estimate import planning_context
+
     out = Path(output or plan.output_dir).resolve()
     check_output_dir(out, force)
-    floor, impossible = size_floor(plan, registries)
+    ctx = planning_context(plan, registries)
+    floor, impossible = size_floor(plan, registries, ctx)
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.trials-", dir=out.parent))
-    trials = _Trials(plan, registries, scratch, handle, quiet)
+    trials = _Trials(plan, registries, scratch, handle, quiet, ctx)
     try:
         if not impossible:
             STRATEGY_FUNCTIONS[plan.search.strategy](trials, floor)

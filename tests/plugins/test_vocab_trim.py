@@ -49,9 +49,11 @@ def _trim(src, registries, out_dir, ctx=None, **params):
     original, handle = load_model(src), load_model(src)
     meta = meta_from_model(handle.model, handle.task)
     meta.overhead_bytes = measured_overhead(meta, src)
+    ctx = ctx or _ctx()
     blind = tech.estimate(meta, _params(tech, **params))
-    tech.apply_(handle, _params(tech, **params), ctx or _ctx())
-    informed = tech.estimate(meta, _params(tech, **params))
+    ctx.model_dir = Path(src)  # as the planner sets it: the estimate reads the tokenizer and data
+    informed = tech.estimate_with(meta, _params(tech, **params), ctx)
+    tech.apply_(handle, _params(tech, **params), ctx)
     save_model(handle, out_dir)
     return original, handle, blind, informed, artifact_bytes(out_dir)
 

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks [NAME…]`` runs them, prints tables and writes JSON."""
