@@ -167,7 +167,8 @@ class Factorize(Technique):
         done: dict[str, int] = {}
         scale: dict[str, Any] = {}
         if params["method"] == "asvd":
-            from squeezelang.models.linear_stats import calibration_texts, input_stats
+            from squeezelang.models.calibrate import calibration_texts
+            from squeezelang.models.linear_stats import input_stats
 
             texts = calibration_texts(ctx, params.get("data"), int(params.get("samples", 128)),
                                       "factorize asvd")

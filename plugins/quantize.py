@@ -209,7 +209,8 @@ class Quantize(Technique):
         import torch
 
         from squeezelang.models.codec import quantize_weight
-        from squeezelang.models.linear_stats import calibration_texts, gptq_quantize, input_stats
+        from squeezelang.models.calibrate import calibration_texts
+        from squeezelang.models.linear_stats import gptq_quantize, input_stats
         from squeezelang.models.select import kind_of
 
         shared = _shared_weights(handle.model)

@@ -113,7 +113,10 @@ def collect(handle: ModelHandle, texts: Sequence[str], samples: int = 256, batch
 
 
 def calibration_texts(ctx: Any, data: str | None, samples: int, who: str) -> list[str]:
-    """The texts of the declared data set ``data`` (at most ``samples``); ``SqueezeError`` if none."""
+    """The non-empty texts of the declared data set ``data``, at most ``samples``."""
     if not data:
         raise SqueezeError(f"{who} needs calibration data: set data = <a declared data set>")
-    return ctx.data.texts(data, limit=samples)
+    texts = [t for t in ctx.data.texts(data) if t.strip()][:samples]
+    if not texts:
+        raise SqueezeError(f"{who}: data set '{data}' has no non-empty text")
+    return texts

@@ -30,16 +30,6 @@ class InputStats:
     gram: torch.Tensor | None = None
 
 
-def calibration_texts(ctx: Any, data: str | None, samples: int, who: str) -> list[str]:
-    """The non-empty texts of the declared data set ``data``, at most ``samples``."""
-    if not data:
-        raise SqueezeError(f"{who} needs calibration data: set data = <a declared data set>")
-    texts = [t for t in ctx.data.texts(data) if t.strip()][:samples]
-    if not texts:
-        raise SqueezeError(f"{who}: data set '{data}' has no non-empty text")
-    return texts
-
-
 def input_stats(handle: ModelHandle, texts: Sequence[str], modules: Sequence[tuple[str, Any]],
                 gram: bool = False, batch_size: int = 16,
                 max_length: int = 128) -> dict[str, InputStats]:
