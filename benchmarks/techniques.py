@@ -102,7 +102,12 @@ def main(only: list[str] | None = None) -> int:
             rows.append({"name": name, "error": f"{type(exc).__name__}: {exc}"})
         ok = [r for r in rows if "error" not in r]
         print(table(ok[-1:]) if ok and ok[-1]["name"] == name else "", flush=True)
-    (RESULTS / "techniques.json").write_text(json.dumps(rows, indent=2))
+    path = RESULTS / "techniques.json"
+    if only and path.is_file():  # a partial re-run updates its rows and keeps the others
+        fresh = {r["name"]: r for r in rows}
+        previous = json.loads(path.read_text())
+        rows = [fresh.pop(r["name"], r) for r in previous] + list(fresh.values())
+    path.write_text(json.dumps(rows, indent=2))
     print("\n" + table([r for r in rows if "error" not in r]))
     for r in rows:
         if "error" in r:
