@@ -40,6 +40,8 @@ ROWS: dict[str, str] = {
     "factorize-svd-50": 'stage s: factorize { method = "svd", rank = 0.5 }',
     "factorize-asvd-50": 'stage s: factorize { method = "asvd", rank = 0.5, data = calib }',
     "share-cluster-4bit": 'stage s: share { method = "cluster", bits = 4 }',
+    "share-cross_layer-3+distill": 'stage s: share { method = "cross_layer", groups = 3 }\n'
+                                   'stage d: distill { data = calib, steps = 300 }',
     "quantize-int8": 'stage s: quantize { scheme = "int8" }',
     "quantize-int8-dynamic": 'stage s: quantize { scheme = "int8-dynamic" }',
     "quantize-int4-rtn": 'stage s: quantize { scheme = "int4", method = "rtn" }',
