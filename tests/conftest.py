@@ -120,3 +120,11 @@ def sentences_file(tmp_path) -> Path:
 def _threads():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     yield
+
+
+@pytest.fixture(scope="session")
+def registries():
+    """Every installed plugin's registries, built through the entry points like a user's run."""
+    from squeezelang.hooks.manager import build_registries, plugin_manager
+
+    return build_registries(plugin_manager())

@@ -157,14 +157,21 @@ class _Resolver:
             package = (package[0], package[1])
         return ModelPlan(call.name, args, str(args.get("task", "embedding")), package)
 
-    def data(self) -> tuple[DataPlan, ...]:
+    def unique(self, decls: Any, what: str, span_of: Any, hint: str = "") -> list[Any]:
+        """``decls`` without repeated names; each repeat is an error pointing at the first."""
         out, seen = [], {}
-        for decl in self.recipe.data:
+        for decl in decls:
             if decl.name in seen:
-                self.error(f"data set '{decl.name}' is declared twice", decl.name_span,
-                           hint=f"first declared on line {seen[decl.name]}")
+                self.error(f"{what} '{decl.name}' is declared twice", span_of(decl),
+                           hint=f"first declared on line {seen[decl.name]}{hint}")
                 continue
             seen[decl.name] = decl.span.line
+            out.append(decl)
+        return out
+
+    def data(self) -> tuple[DataPlan, ...]:
+        out = []
+        for decl in self.unique(self.recipe.data, "data set", lambda d: d.name_span):
             call = decl.source
             source = self.regs.data_sources.get(call.name)
             if source is None:
@@ -198,13 +205,8 @@ class _Resolver:
 
     def metrics(self) -> tuple[MetricPlan, ...]:
         out: list[MetricPlan] = []
-        seen: dict[str, int] = {}
-        for decl in self.recipe.metrics:
-            if decl.name in seen:
-                self.error(f"metric '{decl.name}' is declared twice", decl.name_span,
-                           hint=f"first declared on line {seen[decl.name]}")
-                continue
-            seen[decl.name] = decl.span.line
+        declared = self.unique(self.recipe.metrics, "metric", lambda d: d.name_span)
+        for decl in declared:
             call = decl.kind
             metric = self.regs.metrics.get(call.name)
             if metric is None:
@@ -239,21 +241,16 @@ class _Resolver:
             out.append(MetricPlan(decl.name, call.name, data_name, kwargs, metric.dimension,
                                   metric.higher_is_better))
         for metric in self.regs.metrics:
-            if metric.implicit and metric.name not in seen:
+            if metric.implicit and metric.name not in {d.name for d in declared}:
                 out.append(MetricPlan(metric.name, metric.name, None, {}, metric.dimension,
                                       metric.higher_is_better, implicit=True))
         return tuple(out)
 
     def stages(self) -> tuple[StagePlan, ...]:
         out: list[StagePlan] = []
-        seen: dict[str, int] = {}
         states: dict[str, str] = {}  # state -> stage that produced it
-        for decl in self.recipe.stages:
-            if decl.name in seen:
-                self.error(f"stage '{decl.name}' is declared twice", decl.span,
-                           hint=f"first declared on line {seen[decl.name]}; name stages: stage NAME: TECHNIQUE {{…}}")
-                continue
-            seen[decl.name] = decl.span.line
+        for decl in self.unique(self.recipe.stages, "stage", lambda d: d.span,
+                                "; name stages: stage NAME: TECHNIQUE {…}"):
             tech = self.regs.techniques.get(decl.technique)
             if tech is None:
                 self.error(f"unknown technique '{decl.technique}'", decl.technique_span,

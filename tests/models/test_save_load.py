@@ -8,20 +8,12 @@ import pytest
 import torch
 
 from squeezelang.errors import SqueezeError
-from squeezelang.hooks.manager import build_registries, plugin_manager
 from squeezelang.models import codec
 from squeezelang.models.load import load_model, task_from_config
 from squeezelang.models.save import save_model
 from squeezelang.models.size import artifact_bytes
 
 IDS = torch.tensor([[2, 10, 11, 12, 13, 3]])
-
-
-@pytest.fixture(scope="module")
-def registries():
-    return build_registries(plugin_manager(
-        ["squeezelang_plugins.prune", "squeezelang_plugins.factorize",
-         "squeezelang_plugins.quantize"], entry_points=False))
 
 
 def _out(model):

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from squeezelang.executor.context import Context
-from squeezelang.hooks.manager import build_registries, plugin_manager
 from squeezelang.models.forward import outputs_for_fidelity
 from squeezelang.models.layers import LowRankLinear
 from squeezelang.models.load import load_model
@@ -16,11 +15,6 @@ from squeezelang.models.meta import meta_from_model, measured_overhead
 from squeezelang.models.save import save_model
 from squeezelang.models.size import artifact_bytes
 from tests.conftest import SENTENCES, build_tiny_bert
-
-
-@pytest.fixture(scope="module")
-def registries():
-    return build_registries(plugin_manager(["squeezelang_plugins.factorize"], entry_points=False))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import torch
 
 from squeezelang.errors import SqueezeError
 from squeezelang.executor.context import Context
-from squeezelang.hooks.manager import build_registries, plugin_manager
 from squeezelang.models.forward import encode, logits
 from squeezelang.models.load import load_model
 from squeezelang.models.meta import meta_from_model
@@ -20,13 +19,6 @@ from tests.conftest import SENTENCES, WORDS
 
 #: Training texts: random sentences over the tiny vocabulary; SENTENCES stay held out.
 TRAIN = [" ".join(random.Random(i).choice(WORDS) for _ in range(4 + i % 9)) for i in range(200)]
-
-
-@pytest.fixture(scope="module")
-def registries():
-    return build_registries(plugin_manager(
-        ["squeezelang_plugins.distill", "squeezelang_plugins.prune", "squeezelang_plugins.factorize",
-         "squeezelang_plugins.quantize", "squeezelang_plugins.vocab_trim"], entry_points=False))
 
 
 def _amplified(src: Path, dest: Path) -> Path:

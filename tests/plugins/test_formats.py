@@ -6,18 +6,10 @@ import torch
 
 from squeezelang.errors import SqueezeError
 from squeezelang.executor.context import Context
-from squeezelang.hooks.manager import build_registries, plugin_manager
 from squeezelang.models.load import load_model
 from squeezelang.models.size import artifact_bytes
 
 IDS = torch.tensor([[2, 10, 11, 12, 13, 14, 3]])
-
-
-@pytest.fixture(scope="module")
-def registries():
-    return build_registries(plugin_manager(
-        ["squeezelang_plugins.prune", "squeezelang_plugins.factorize",
-         "squeezelang_plugins.quantize", "squeezelang_plugins.formats"], entry_points=False))
 
 
 def _out(model):

@@ -9,7 +9,6 @@ import torch
 
 from squeezelang.errors import SqueezeError
 from squeezelang.executor.context import Context
-from squeezelang.hooks.manager import build_registries, plugin_manager
 from squeezelang.models.forward import outputs_for_fidelity
 from squeezelang.models.load import load_model
 from squeezelang.models.meta import meta_from_model, measured_overhead
@@ -19,12 +18,6 @@ from squeezelang.models.size import artifact_bytes
 from tests.conftest import SENTENCES
 
 IDS = torch.tensor([[2, 10, 11, 12, 13, 14, 3]])
-
-
-@pytest.fixture(scope="module")
-def registries():
-    return build_registries(plugin_manager(
-        ["squeezelang_plugins.prune", "squeezelang_plugins.quantize"], entry_points=False))
 
 
 def _ctx(texts=SENTENCES):

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from squeezelang.executor.context import Context
-from squeezelang.hooks.manager import build_registries, plugin_manager
 from squeezelang.models.load import load_model
 from squeezelang.models.meta import meta_from_model, measured_overhead
 from squeezelang.models.save import save_model
@@ -15,12 +14,6 @@ from squeezelang.models.select import BLOCKS, LINEAR_KINDS, select_modules
 from squeezelang.models.size import artifact_bytes
 
 IDS = torch.tensor([[2, 10, 11, 12, 13, 14, 3]])
-
-
-@pytest.fixture(scope="module")
-def registries():
-    return build_registries(plugin_manager(
-        ["squeezelang_plugins.prune", "squeezelang_plugins.quantize"], entry_points=False))
 
 
 def _out(model, ids=IDS):

@@ -10,7 +10,6 @@ import torch
 
 from squeezelang.errors import SqueezeError
 from squeezelang.executor.context import Context
-from squeezelang.hooks.manager import build_registries, plugin_manager
 from squeezelang.models.load import load_model, read_weights
 from squeezelang.models.meta import meta_from_model, measured_overhead
 from squeezelang.models.save import save_model
@@ -18,13 +17,6 @@ from squeezelang.models.size import artifact_bytes
 from tests.conftest import SENTENCES, build_tiny_bert, build_tiny_gpt2
 
 IDS = torch.tensor([[2, 10, 11, 12, 13, 14, 3]])
-
-
-@pytest.fixture(scope="module")
-def registries():
-    return build_registries(plugin_manager(
-        ["squeezelang_plugins.share", "squeezelang_plugins.quantize", "squeezelang_plugins.prune"],
-        entry_points=False))
 
 
 @pytest.fixture(scope="module")

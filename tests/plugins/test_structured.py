@@ -13,7 +13,6 @@ import torch
 
 from squeezelang.errors import SqueezeError
 from squeezelang.executor.context import Context, DataStore
-from squeezelang.hooks.manager import build_registries, plugin_manager
 from squeezelang.models import surgery
 from squeezelang.models.load import load_model
 from squeezelang.models.meta import measured_overhead, meta_from_model
@@ -23,21 +22,6 @@ from squeezelang.models.size import artifact_bytes
 from tests.conftest import SENTENCES
 
 IDS = torch.tensor([[2, 10, 11, 12, 13, 14, 3]])
-PLUGINS = ["squeezelang_plugins.prune", "squeezelang_plugins.shrink", "squeezelang_plugins.task_prune"]
-
-
-@pytest.fixture(scope="module")
-def registries():
-    import importlib
-
-    names = []
-    for name in PLUGINS:
-        try:
-            importlib.import_module(name)
-            names.append(name)
-        except ImportError:
-            pass
-    return build_registries(plugin_manager(names, entry_points=False))
 
 
 def _ctx() -> Context:

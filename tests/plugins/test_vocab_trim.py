@@ -9,7 +9,6 @@ import torch
 
 from squeezelang.errors import SqueezeError
 from squeezelang.executor.context import Context
-from squeezelang.hooks.manager import build_registries, plugin_manager
 from squeezelang.models.load import load_model
 from squeezelang.models.meta import meta_from_model, measured_overhead
 from squeezelang.models.save import save_model
@@ -19,12 +18,6 @@ from tests.conftest import SENTENCES
 # Recombinations of the data's words: every token is kept.
 IN_VOCAB = ["the man sits on the guitar", "a dog reads the song", "the child is very old"]
 OUT_OF_VOCAB = "xylophone zebra qqq"
-
-
-@pytest.fixture(scope="module")
-def registries():
-    return build_registries(plugin_manager(
-        ["squeezelang_plugins.vocab_trim", "squeezelang_plugins.prune"], entry_points=False))
 
 
 def _ctx(texts=SENTENCES):
