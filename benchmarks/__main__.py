@@ -1,12 +1,12 @@
-"""Run benchmarks by name (default: all): ``python -m benchmarks techniques``."""
+"""Run benchmarks by name (default: all): ``python -m benchmarks techniques``, ``… allocation``."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from benchmarks import techniques
+from benchmarks import allocation, techniques
 
-SUITES = {"techniques": techniques.main}
+SUITES = {"techniques": techniques.main, "allocation": allocation.main}
 
 
 def main(argv: list[str] | None = None) -> int:

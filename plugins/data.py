@@ -2,8 +2,10 @@
 
 Rows are dicts of column -> value. Values stay as the file holds them (CSV fields are strings, JSON
 values keep their JSON type); the metric that reads a numeric column converts it and names the data
-set and row when it cannot. ``columns`` reads at most the first line, because ``squeeze check`` calls
-it for every declared data set.
+set and row when it cannot. ``columns`` reads no further than the first example (so that
+``squeeze check``, which calls it for every declared data set, refuses an empty file); ``load`` reads
+everything and names the file and line of the first bad one (wrong field count, broken JSON, bytes
+that are not UTF-8).
 """
 from __future__ import annotations
 
@@ -25,9 +27,9 @@ _NAMES = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItem
 def _open(path: str, newline: str | None = None) -> IO[str]:
     """Open a UTF-8 text file (a leading byte-order mark is dropped), or raise naming it."""
     file = Path(path)
-    if file.is_dir():
-        raise SqueezeError(f"{path}: is a directory, not a data file")
     try:
+        if file.is_dir():
+            raise SqueezeError(f"{path}: is a directory, not a data file")
         return file.open(encoding="utf-8-sig", newline=newline)
     except FileNotFoundError:
         raise SqueezeError(f"{path}: no such data file") from None
@@ -35,18 +37,38 @@ def _open(path: str, newline: str | None = None) -> IO[str]:
         raise SqueezeError(f"{path}: cannot read the data file: {exc.strerror or exc}") from None
 
 
+def _not_utf8(path: str, exc: UnicodeDecodeError) -> SqueezeError:
+    """The error for a file that is not UTF-8, naming the first line that does not decode.
+
+    Text is decoded in chunks, so the line being read when the error surfaced is not the one at
+    fault; the file is scanned again, as bytes, to find it.
+    """
+    number = 0
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                break
+    return SqueezeError(f"{path}:{number}: not valid UTF-8 text ({exc.reason}); save the file as "
+                        "UTF-8")
+
+
 def _lines(path: str) -> Iterator[tuple[int, str]]:
     """``(line number, line)`` of every non-blank line, without its line ending."""
     with _open(path) as fh:
-        number = 0
         try:
             for number, line in enumerate(fh, start=1):
                 line = line.rstrip("\r\n")
                 if line.strip():
                     yield number, line
         except UnicodeDecodeError as exc:
-            raise SqueezeError(f"{path}: not valid UTF-8 text ({exc.reason}, after line "
-                               f"{number})") from None
+            raise _not_utf8(path, exc) from None
+
+
+def _empty(path: str, what: str) -> SqueezeError:
+    """The error for a data file without a single example (refused by ``squeeze check``)."""
+    return SqueezeError(f"{path}: holds no {what}; a data set needs at least one example")
 
 
 class TextSource(DataSource):
@@ -58,8 +80,9 @@ class TextSource(DataSource):
               "required": ["path"], "additionalProperties": False}
 
     def columns(self, args: dict[str, Any]) -> list[str]:
-        _open(args["path"]).close()
-        return ["text"]
+        for _ in _lines(args["path"]):  # the first example is enough
+            return ["text"]
+        raise _empty(args["path"], "example (the file is empty or every line is blank)")
 
     def load(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         limit = args.get("limit")
@@ -68,6 +91,8 @@ class TextSource(DataSource):
             if limit is not None and len(rows) >= limit:
                 break
             rows.append({"text": line})
+        if not rows:
+            raise _empty(args["path"], "example (the file is empty or every line is blank)")
         return rows
 
 
@@ -104,10 +129,13 @@ class CsvSource(DataSource):
             raise SqueezeError(f"{path}: csv with header = false needs columns = [...] to name "
                                "its fields")
         with _open(path, newline="") as fh:
-            reader = csv.reader(fh, delimiter=args.get("delimiter", ","))
+            # strict: an unclosed quote is an error, not the rest of the file swallowed as one field
+            reader = csv.reader(fh, delimiter=args.get("delimiter", ","), strict=True)
+            read = 0  # lines read up to the end of the last complete row
             try:
                 first = True
                 for fields in reader:
+                    read = reader.line_num
                     if not fields or (len(fields) == 1 and not fields[0].strip()):
                         continue  # blank line
                     if first and header:
@@ -131,18 +159,27 @@ class CsvSource(DataSource):
                                            f"fields ({', '.join(names)}), found {len(fields)}")
                     yield reader.line_num, names, fields
             except UnicodeDecodeError as exc:
-                raise SqueezeError(f"{path}: not valid UTF-8 text ({exc.reason}, near line "
-                                   f"{reader.line_num + 1})") from None
+                raise _not_utf8(path, exc) from None
             except csv.Error as exc:
-                raise SqueezeError(f"{path}:{reader.line_num}: bad CSV: {exc}") from None
+                hint = "; a quote opened in this row is never closed" if "end of data" in str(exc) else ""
+                raise SqueezeError(f"{path}:{read + 1}: bad CSV: {exc}{hint}") from None
         if first:
             raise SqueezeError(f"{path}: the file is empty" + (
                 "" if names is not None else "; it needs a header row or columns = [...]"))
 
     def columns(self, args: dict[str, Any]) -> list[str]:
-        for _, names, _ in self._rows(args):
-            return list(names)
-        return list(args.get("columns") or [])
+        rows = self._rows(args)
+        _, names, _ = next(rows)  # the header (an empty file raises)
+        try:
+            next(rows)  # a data row must follow; a bad one is left for ``load`` to name
+        except StopIteration:
+            raise _empty(args["path"], "data row" + (" after the header" if args.get(
+                "header", not args.get("columns")) else "")) from None
+        except SqueezeError:
+            pass
+        finally:
+            rows.close()
+        return list(names)
 
     def load(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         limit = args.get("limit")
@@ -153,6 +190,9 @@ class CsvSource(DataSource):
             if limit is not None and len(rows) >= limit:
                 break
             rows.append(dict(zip(names, fields)))
+        if not rows:
+            raise _empty(args["path"], "data row" + (" after the header" if args.get(
+                "header", not args.get("columns")) else ""))
         return rows
 
 
@@ -190,12 +230,9 @@ class JsonlSource(DataSource):
             yield number, obj
 
     def columns(self, args: dict[str, Any]) -> list[str]:
-        if args.get("fields"):
-            _open(args["path"]).close()
-            return list(args["fields"])
-        for _, obj in self._objects(args["path"]):
-            return list(obj)
-        raise SqueezeError(f"{args['path']}: the file is empty")
+        for _, obj in self._objects(args["path"]):  # the first object is enough
+            return list(args.get("fields") or obj)
+        raise _empty(args["path"], "JSON object (the file is empty or every line is blank)")
 
     def load(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         path, fields, limit = args["path"], args.get("fields"), args.get("limit")
@@ -210,6 +247,8 @@ class JsonlSource(DataSource):
                                        f"{', '.join(repr(m) for m in missing)}")
                 obj = {f: obj[f] for f in fields}
             rows.append(obj)
+        if not rows:
+            raise _empty(path, "JSON object (the file is empty or every line is blank)")
         return rows
 
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from squeezelang import hookimpl
 from squeezelang.errors import SqueezeError
-from squeezelang.hooks.technique import Technique
+from squeezelang.hooks.technique import Candidate, Technique
 
 if TYPE_CHECKING:
     import torch
@@ -185,6 +185,11 @@ class Distill(Technique):
     }
     data_params = {"data": "text|a,b"}
     example = "stage heal: distill { teacher = original, data = calib, steps = 300 }"
+
+    def candidates(self, task: str) -> list[Candidate]:
+        """Heals what a structural stage before it lost; composed only after one."""
+        return [Candidate("distill", {"teacher": "original", "steps": 300}, risk=-1.5, order=60,
+                          needs_data=True, heals=True)]
 
     def estimate(self, meta: ModelMeta, params: dict[str, Any]) -> ModelMeta:
         """Distillation changes values, never shapes or codecs."""

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from squeezelang import hookimpl
 from squeezelang.errors import SqueezeError
-from squeezelang.hooks.technique import Knob, Technique
+from squeezelang.hooks.technique import Candidate, Knob, Technique
 from squeezelang.models.codec import edit_bytes
 from squeezelang.models.meta import ModuleMeta, TensorMeta
 from squeezelang.models.select import BLOCKS, LINEAR_KINDS
@@ -86,6 +86,9 @@ class Factorize(Technique):
     produces = frozenset({"factorized"})
     data_params = {"data": "text|a,b"}
     example = 'stage lowrank: factorize { rank = 25%, exclude = ["*.attention.*"] }'
+
+    def candidates(self, task: str) -> list[Candidate]:
+        return [Candidate("svd", {"method": "svd", "rank": 0.5}, risk=4.0, order=45, autos=("rank",))]
 
     def defaults_for(self, params: dict[str, Any]) -> dict[str, Any]:
         """``samples`` and ``alpha`` only for asvd."""

@@ -9,15 +9,25 @@ call), which is faster on CPU; loading re-applies the swap after the weights are
 inputs, two codes per byte (about 1/7 of float32 at group 128); ``method = "gptq"`` rounds the
 linear layers with GPTQ on calibration ``data`` (error compensation through ``XᵀX``) instead of to
 the nearest level (``"rtn"``). Weights already pruned keep their zeros under either method.
+
+``scheme = "mixed"`` is int4's grouped format with a width per tensor, chosen among ``bits``: the
+tensors together may take the bytes they would at ``avg_bits`` code bits per weight (plus their
+group scales, the same at every width), and ``models.allocate`` picks the widths that least disturb
+the layers' outputs on calibration ``data`` (``models.sensitivity``: the summed noise-to-signal
+ratio of every quantized layer, embeddings included — an embedding is a linear layer on one-hot
+inputs, weighted by how often each token occurs). ``avg_bits = 4`` is therefore exactly the size of
+``scheme = "int4"`` with the same ``group_size``. Each candidate is scored with round-to-nearest
+codes; ``method = "gptq"`` then rounds the linear layers at their chosen widths with GPTQ.
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from squeezelang import hookimpl
 from squeezelang.errors import SqueezeError
-from squeezelang.hooks.technique import Technique
-from squeezelang.models.codec import edit_bytes, merge
+from squeezelang.hooks.technique import Candidate, Knob, Technique
+from squeezelang.models.codec import edit_bytes, merge, stored_bytes
 from squeezelang.models.select import LINEAR_KINDS, output_axis
 
 if TYPE_CHECKING:
@@ -25,10 +35,23 @@ if TYPE_CHECKING:
     from squeezelang.models.handle import ModelHandle
     from squeezelang.models.meta import ModelMeta
 
-SCHEMES = ("int8", "int8-dynamic", "int4")
-#: Parameters that only the grouped weight-only scheme reads.
-INT4_ONLY = ("method", "group_size", "data", "samples")
+SCHEMES = ("int8", "int8-dynamic", "int4", "mixed")
+#: The weight-only schemes with group-wise scales.
+GROUPED = ("int4", "mixed")
 EMBEDDING_KINDS = ("Embedding",)
+
+
+def _applies(scheme: str, method: str) -> set[str]:
+    """The parameters a scheme (and, for the grouped ones, a method) reads."""
+    keys = {"scheme", "include", "exclude"}
+    if scheme not in GROUPED:
+        return keys | {"granularity"}
+    keys |= {"method", "group_size"}
+    if scheme == "mixed":
+        keys |= {"bits", "avg_bits", "data", "samples"}
+    elif method == "gptq":
+        keys |= {"data", "samples"}
+    return keys
 
 
 def _kinds(scheme: str) -> tuple[str, ...]:
@@ -39,11 +62,32 @@ def _axis(kind: str, granularity: str) -> int | None:
     return output_axis(kind) if granularity == "channel" else None
 
 
-def _spec(kind: str, params: dict[str, Any]) -> dict[str, Any]:
-    """The ``quant`` codec entry of a weight of ``kind`` under the stage's parameters."""
-    if params["scheme"] == "int4":
-        return {"bits": 4, "axis": output_axis(kind), "group": int(params["group_size"])}
+def _spec(kind: str, params: dict[str, Any], bits: int = 4) -> dict[str, Any]:
+    """The ``quant`` codec entry of a weight of ``kind`` (``bits``: a grouped scheme's width)."""
+    if params["scheme"] in GROUPED:
+        return {"bits": bits, "axis": output_axis(kind), "group": int(params["group_size"])}
     return {"bits": 8, "axis": _axis(kind, params["granularity"])}
+
+
+def _code_bytes(count: int, bits: float) -> int:
+    """Bytes of ``count`` codes at ``bits`` each, packed like ``models.codec`` (8 bits: one byte)."""
+    return count if bits == 8 else math.ceil(count * bits / 8)
+
+
+def _budget_bytes(shape: tuple[int, ...], dtype: str, spec: dict[str, Any], avg_bits: float) -> int:
+    """The stored bytes of a tensor under ``spec`` (a ``quant`` codec) with its codes at ``avg_bits``."""
+    from squeezelang.models.codec import CODES, layout, stored_bytes
+
+    wide = merge(spec, {"quant": {**spec["quant"], "bits": 8}})
+    count = next(math.prod(s) for n, _, s in layout("t", shape, dtype, wide) if n.endswith(CODES))
+    return stored_bytes(shape, dtype, wide) - count + _code_bytes(count, avg_bits)
+
+
+def _counted(spec: dict[str, Any] | None, weight: Any) -> dict[str, Any] | None:
+    """``spec`` with a sparse weight's actual density, so ``stored_bytes`` counts its nonzeros."""
+    if spec and spec.get("sparse"):
+        return {**spec, "density": int((weight != 0).sum()) / weight.numel()}
+    return spec
 
 
 def _shared_weights(model: Any) -> set[int]:
@@ -61,25 +105,37 @@ class Quantize(Technique):
         "default). scheme \"int8\": weight-only, on linear layers and embeddings; the model keeps "
         "running in float with the rounded weights. scheme \"int8-dynamic\": linear layers only, "
         "and they run torch's int8 kernels on CPU (faster). Either way the saved weights are about "
-        "a quarter of float32. A model cannot be quantized twice.")
+        "a quarter of float32. scheme \"int4\": 4-bit codes with group-wise scales; scheme "
+        "\"mixed\": a width per tensor among `bits`, chosen from each layer's measured "
+        "sensitivity on calibration `data` to fit the bytes of `avg_bits` per weight. A model "
+        "cannot be quantized twice.")
     schema = {
         "type": "object",
         "additionalProperties": False,
         "properties": {
             "scheme": {"type": "string", "enum": list(SCHEMES), "default": "int8",
                        "description": "\"int8\" (weight-only), \"int8-dynamic\" (int8 CPU kernels "
-                                      "for linear layers) or \"int4\" (weight-only, 4-bit codes "
-                                      "with group-wise scales)."},
+                                      "for linear layers), \"int4\" (weight-only, 4-bit codes "
+                                      "with group-wise scales) or \"mixed\" (like int4 with a "
+                                      "width per tensor, allocated from measured sensitivity)."},
             "method": {"type": "string", "enum": ["rtn", "gptq"], "default": "rtn",
-                       "description": "int4 only: \"rtn\" rounds to the nearest level; \"gptq\" "
+                       "description": "int4/mixed: \"rtn\" rounds to the nearest level; \"gptq\" "
                                       "quantizes linear layers column by column, compensating "
                                       "the error with calibration `data` (embeddings stay rtn)."},
             "group_size": {"type": "integer", "minimum": 1, "default": 128,
-                           "description": "int4 only: inputs sharing one scale per output channel."},
+                           "description": "int4/mixed: inputs sharing one scale per output channel."},
             "data": {"type": "string",
-                     "description": "int4 gptq only: the declared data set of calibration texts."},
+                     "description": "mixed, and int4 gptq: the declared data set of calibration "
+                                    "texts."},
             "samples": {"type": "integer", "minimum": 1, "default": 128,
-                        "description": "int4 gptq only: calibration texts used at most."},
+                        "description": "mixed, and int4 gptq: calibration texts used at most."},
+            "bits": {"type": "array", "items": {"type": "integer", "minimum": 2, "maximum": 8},
+                     "minItems": 1, "uniqueItems": True, "default": [2, 3, 4, 5, 6, 8],
+                     "description": "mixed only: the widths a tensor may get."},
+            "avg_bits": {"type": "number", "minimum": 2, "maximum": 8, "default": 4,
+                         "description": "mixed only: the size budget, in code bits per quantized "
+                                        "weight on average (group scales come on top, as for "
+                                        "int4: avg_bits = 4 is the size of int4)."},
             "granularity": {"type": "string", "enum": ["channel", "tensor"], "default": "channel",
                             "description": "One scale per output channel (row of an embedding), or "
                                            "one per tensor."},
@@ -91,58 +147,88 @@ class Quantize(Technique):
         },
     }
     methods = ("rtn", "gptq")
+    knobs = (Knob("avg_bits", 2, 8, compresses="down",
+                  description="mixed: average code bits per weight (the size budget)"),)
     produces = frozenset({"quantized"})
     refuses = frozenset({"quantized"})
     data_params = {"data": "text|a,b"}
     example = 'stage int8: quantize { scheme = "int8", granularity = "channel" }'
 
+    def candidates(self, task: str) -> list[Candidate]:
+        """Last in a pipeline: int8 (near lossless), int8 kernels (faster), int4 (smaller)."""
+        return [
+            Candidate("int8", {"scheme": "int8"}, risk=1.0, order=90),
+            Candidate("int8-dynamic", {"scheme": "int8-dynamic"}, risk=1.2, order=90, speeds_up=True),
+            Candidate("int4-gptq", {"scheme": "int4", "method": "gptq"}, risk=3.5, order=90,
+                      needs_data=True),
+            Candidate("int4", {"scheme": "int4"}, risk=4.0, order=90),
+        ]
+
     def defaults_for(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Only the defaults of the parameters the scheme (and int4's method) reads."""
-        values = self.defaults()
-        if params.get("scheme", "int8") != "int4":
-            drop: tuple[str, ...] = INT4_ONLY
-        elif params.get("method", "rtn") != "gptq":
-            drop = ("granularity", "data", "samples")
-        else:
-            drop = ("granularity",)
-        return {k: v for k, v in values.items() if k not in drop}
+        """Only the defaults of the parameters the scheme (and a grouped scheme's method) reads."""
+        used = _applies(params.get("scheme", "int8"), params.get("method", "rtn"))
+        return {k: v for k, v in self.defaults().items() if k in used}
 
     def check(self, params: dict[str, Any]) -> list[tuple[str | None, str]]:
         scheme, method = params.get("scheme", "int8"), params.get("method", "rtn")
-        if scheme != "int4":
-            return [(k, f"'{k}' applies to scheme \"int4\" only, not \"{scheme}\"")
-                    for k in INT4_ONLY if k in params and not (k == "method" and method == "rtn")]
+        used = _applies(scheme, method)
         errors: list[tuple[str | None, str]] = []
-        if "granularity" in params:
-            errors.append(("granularity", "scheme \"int4\" has group-wise scales: set group_size"))
-        if method != "gptq":
-            errors += [(k, f"'{k}' applies to method \"gptq\" only") for k in ("data", "samples")
-                       if k in params]
-        elif not params.get("data"):
-            errors.append(("data", "method \"gptq\" needs calibration data = <a data set>"))
+        for key in params:
+            if key in used or (key == "method" and method == "rtn"):
+                continue
+            if key == "granularity":
+                message = f"scheme \"{scheme}\" has group-wise scales: set group_size"
+            elif key in ("bits", "avg_bits"):
+                message = f"'{key}' applies to scheme \"mixed\" only, not \"{scheme}\""
+            elif scheme == "int4":
+                message = f"'{key}' applies to method \"gptq\" only"
+            else:
+                message = f"'{key}' applies to schemes \"int4\" and \"mixed\" only, not \"{scheme}\""
+            errors.append((key, message))
+        if "data" in used and not params.get("data"):
+            errors.append(("data", "scheme \"mixed\" measures each layer's sensitivity on calibration "
+                                   "data = <a data set>" if scheme == "mixed" else
+                                   "method \"gptq\" needs calibration data = <a data set>"))
+        bits, avg = params.get("bits"), params.get("avg_bits")
+        if scheme == "mixed" and bits and isinstance(avg, (int, float)) and avg < min(bits):
+            errors.append(("avg_bits", f"avg_bits = {avg:g} is below the narrowest width allowed "
+                                       f"(bits = {sorted(bits)}): no allocation fits"))
         return errors
 
     def _resolved(self, params: dict[str, Any]) -> dict[str, Any]:
         params = {**self.defaults_for(params), **params}
-        if params.get("method", "rtn") == "gptq" and params["scheme"] != "int4":
-            raise SqueezeError("quantize: method \"gptq\" needs scheme \"int4\"")
-        if params.get("method") == "gptq" and not params.get("data"):
-            raise SqueezeError("quantize: method \"gptq\" needs calibration data = <a data set>")
+        if params.get("method", "rtn") == "gptq" and params["scheme"] not in GROUPED:
+            raise SqueezeError("quantize: method \"gptq\" needs scheme \"int4\" or \"mixed\"")
+        if "data" in _applies(params["scheme"], params.get("method", "rtn")) and not params.get("data"):
+            who = "scheme \"mixed\"" if params["scheme"] == "mixed" else "method \"gptq\""
+            raise SqueezeError(f"quantize: {who} needs calibration data = <a data set>")
         return params
 
     def estimate(self, meta: ModelMeta, params: dict[str, Any]) -> ModelMeta:
+        """The codecs the stage writes; exact except for ``"mixed"``, whose widths depend on data.
+
+        ``"mixed"`` is estimated at its budget, the bound the allocation is held to: every tensor
+        gets the widest width's codec and ``overhead_bytes`` takes back the difference between
+        those codes and codes of ``avg_bits`` (capped at the widest width). The saved size is at
+        most this, less by what the widths leave of the budget (a fraction of a layer).
+        """
         params = self._resolved(params)
         out = meta.copy()
         scheme = params["scheme"]
+        widest = max(params["bits"]) if scheme == "mixed" else 4
         modules = []
         for mod in out.select(_kinds(scheme), params.get("include"), params.get("exclude", ())):
             name = f"{mod.name}.weight"
             if name not in out.tensors:
                 continue  # tied to a tensor owned by another module
             t = out.tensors[name]
-            if scheme == "int4" and len(t.shape) != 2:
+            if scheme in GROUPED and len(t.shape) != 2:
                 continue
-            t.codec = merge(t.codec, {"quant": _spec(mod.kind, params)})
+            t.codec = merge(t.codec, {"quant": _spec(mod.kind, params, widest)})
+            if scheme == "mixed":
+                avg = min(float(params["avg_bits"]), widest)
+                out.overhead_bytes += (_budget_bytes(t.shape, t.dtype, t.codec, avg)
+                                       - stored_bytes(t.shape, t.dtype, t.codec))
             modules.append(mod.name)
         if scheme == "int8-dynamic" and modules:
             out.overhead_bytes += edit_bytes(self._record(modules, params["granularity"]))
@@ -171,8 +257,8 @@ class Quantize(Technique):
             if "cluster" in (handle.codecs.get(f"{name}.weight") or {}):
                 raise SqueezeError(f"quantize: '{name}.weight' is clustered (share method "
                                    "\"cluster\"); it cannot also be quantized")
-        if scheme == "int4":
-            self._int4_(handle, targets, params, ctx)
+        if scheme in GROUPED:
+            self._grouped_(handle, targets, params, ctx)
             return
         shared = _shared_weights(model)
         seen: set[int] = set()
@@ -203,9 +289,9 @@ class Quantize(Technique):
         handle.states.add("quantized")
         ctx.log(f"quantized {len(seen)} weights ({scheme}, per {granularity})")
 
-    def _int4_(self, handle: ModelHandle, targets: list[tuple[str, Any]], params: dict[str, Any],
-               ctx: StageContext) -> None:
-        """Group-wise 4-bit weights, rounded to nearest or with GPTQ on calibration data."""
+    def _grouped_(self, handle: ModelHandle, targets: list[tuple[str, Any]], params: dict[str, Any],
+                  ctx: StageContext) -> None:
+        """Group-wise weights (4-bit, or allocated widths), rounded to nearest or with GPTQ."""
         import torch
 
         from squeezelang.models.codec import quantize_weight
@@ -215,12 +301,14 @@ class Quantize(Technique):
 
         shared = _shared_weights(handle.model)
         targets = [(n, m) for n, m in targets if m.weight.ndim == 2]
-        stats = {}
-        if params["method"] == "gptq":
-            calibrated = [(n, m) for n, m in targets
-                          if kind_of(m) in LINEAR_KINDS and id(m.weight) not in shared]
-            texts = calibration_texts(ctx, params.get("data"), int(params["samples"]), "quantize gptq")
-            stats = input_stats(handle, texts, calibrated, gram=True)
+        mixed, gptq = params["scheme"] == "mixed", params["method"] == "gptq"
+        calibrated = {n for n, m in targets
+                      if gptq and kind_of(m) in LINEAR_KINDS and id(m.weight) not in shared}
+        texts = calibration_texts(ctx, params.get("data"), int(params["samples"]),
+                                  "quantize mixed" if mixed else "quantize gptq") if mixed or gptq else []
+        widths = self._widths(handle, targets, texts, params, ctx) if mixed else {}
+        stats = input_stats(handle, texts, [(n, m) for n, m in targets if n in calibrated],
+                            gram=True) if calibrated else {}
         group = int(params["group_size"])
         seen: set[int] = set()
         with torch.no_grad():
@@ -232,18 +320,65 @@ class Quantize(Technique):
                 kind = kind_of(module)
                 key = f"{name}.weight"
                 old = handle.codecs.get(key) or {}
-                if name in stats:
+                bits = widths.get(key, 4)
+                if name in calibrated:
                     transposed = kind == "Conv1D"
                     w = weight.detach().t() if transposed else weight.detach()
                     keep = (w != 0) if (old.get("sparse") or old.get("nm")) else None
-                    q = gptq_quantize(w.float(), stats[name].gram, 4, group, keep)
+                    q = gptq_quantize(w.float(), stats[name].gram, bits, group, keep)
                     weight.copy_(q.t() if transposed else q)
                 else:
-                    weight.copy_(quantize_weight(weight.detach().float(), 4, output_axis(kind), group))
-                handle.codecs[key] = merge(old, {"quant": _spec(kind, params)})
+                    weight.copy_(quantize_weight(weight.detach().float(), bits, output_axis(kind), group))
+                handle.codecs[key] = merge(old, {"quant": _spec(kind, params, bits)})
         handle.states.add("quantized")
-        ctx.log(f"quantized {len(seen)} weights to int4 ({params['method']}, groups of {group}"
-                + (f", {len(stats)} with gptq" if stats else "") + ")")
+        what = "mixed widths" if mixed else "int4"
+        ctx.log(f"quantized {len(seen)} weights to {what} ({params['method']}, groups of {group}"
+                + (f", {len(calibrated)} with gptq" if calibrated else "") + ")")
+
+    def _widths(self, handle: ModelHandle, targets: list[tuple[str, Any]], texts: list[str],
+                params: dict[str, Any], ctx: StageContext) -> dict[str, int]:
+        """``scheme = "mixed"``: the width of every weight (by codec key), from ``models.allocate``.
+
+        A weight's cost at a width is the predicted effect of its round-to-nearest codes on the
+        model's outputs (``models.sensitivity``, measured around every weight at the width nearest
+        ``avg_bits``, one width narrower); its size is its stored bytes. A weight read by several
+        modules (tied) is one choice.
+        """
+        from squeezelang.models.allocate import allocate, describe
+        from squeezelang.models.codec import quantize_weight
+        from squeezelang.models.select import kind_of
+        from squeezelang.models.sensitivity import Candidates, costs
+
+        widths = sorted(set(params["bits"]))
+        avg = min(float(params["avg_bits"]), widths[-1])
+        reference = min(range(len(widths)), key=lambda i: (abs(widths[i] - avg), widths[i]))
+        probe = reference - 1 if reference > 0 else min(reference + 1, len(widths) - 1)
+        readers: dict[int, list[tuple[str, Any]]] = {}
+        for name, module in targets:
+            readers.setdefault(id(module.weight), []).append((name, module))
+        keys, items, sizes, budget = [], [], [], 0
+        for users in readers.values():
+            name, module = users[0]
+            shape, key = tuple(module.weight.shape), f"{name}.weight"
+            old = _counted(handle.codecs.get(key), module.weight)
+            specs = [merge(old, {"quant": _spec(kind_of(module), params, b)}) for b in widths]
+
+            def make(weight: Any = module.weight, specs: list[dict[str, Any]] = specs) -> list[Any]:
+                return [quantize_weight(weight.detach().float(), s["quant"]["bits"], s["quant"]["axis"],
+                                        s["quant"]["group"]) for s in specs]
+
+            keys.append(key)
+            items.append(Candidates(module.weight, users, make, reference, probe))
+            sizes.append([stored_bytes(shape, "float32", spec) for spec in specs])
+            budget += _budget_bytes(shape, "float32", specs[-1], avg)
+        choice = allocate(costs(handle, texts, items, ctx.progress), sizes, budget, keys,
+                          what='quantize scheme "mixed"')
+        chosen = {k: widths[i] for k, i in zip(keys, choice)}
+        used = sum(s[i] for s, i in zip(sizes, choice))
+        counts = ", ".join(f"{b} bits x{list(chosen.values()).count(b)}" for b in widths)
+        ctx.log(f"mixed widths ({counts}) take {used:,} of a {budget:,}-byte budget: "
+                + describe([k.removesuffix(".weight") for k in keys], [str(b) for b in chosen.values()]))
+        return chosen
 
     def rebuild_(self, model: Any, record: dict[str, Any]) -> Any:
         from squeezelang.models.layers import Int8DynamicLinear

@@ -7,11 +7,15 @@ from typing import TYPE_CHECKING, Any
 from squeezelang import hookimpl
 from squeezelang.errors import SqueezeError
 from squeezelang.hooks.sources import ModelSource
+from squeezelang.models import hf
 from squeezelang.models.handle import TASKS
 
 if TYPE_CHECKING:
     from squeezelang.models.handle import ModelHandle
     from squeezelang.models.meta import ModelMeta
+
+#: Weight files that are pickles (``torch.save``): a directory holding only these is refused.
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 class HfSource(ModelSource):
@@ -36,15 +40,26 @@ class HfSource(ModelSource):
 
     def locate(self, args: dict[str, Any]) -> Path:
         directory = Path(args["path"])
-        if not directory.is_dir():
-            what = "is a file, not" if directory.exists() else "does not exist; expected"
-            raise SqueezeError(f"{directory}: {what} a model directory")
-        if not (directory / "config.json").is_file():
-            raise SqueezeError(f"{directory}: no config.json — not a transformers model directory")
+        try:
+            if not directory.is_dir():
+                what = "is a file, not" if directory.exists() else "does not exist; expected"
+                raise SqueezeError(f"{directory}: {what} a model directory")
+            if not (directory / "config.json").is_file():
+                raise SqueezeError(f"{directory}: no config.json — not a transformers model directory")
+            pickled = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+            safe = any(directory.glob("*.safetensors"))
+        except OSError as exc:  # a name too long for the file system, say
+            raise SqueezeError(f"{directory}: cannot read the model directory: "
+                               f"{exc.strerror or exc}") from None
+        hf.read_config(directory)  # valid JSON, checked without torch
+        if pickled and not safe:
+            raise SqueezeError(
+                f"{directory / pickled[0]}: pickle-based weights are never read (loading a pickle can "
+                "run code); convert the checkpoint to safetensors, e.g. load it once with "
+                "transformers and save_pretrained(..., safe_serialization=True)")
         return directory
 
     def meta(self, args: dict[str, Any]) -> ModelMeta:
-        from squeezelang.models import hf
         from squeezelang.models.meta import measured_overhead, meta_from_model
 
         directory = self.locate(args)
@@ -61,7 +76,6 @@ class HfSource(ModelSource):
         return meta
 
     def load(self, args: dict[str, Any]) -> ModelHandle:
-        from squeezelang.models import hf
         from squeezelang.models.handle import ModelHandle
 
         directory = self.locate(args)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from squeezelang import hookimpl
 from squeezelang.errors import SqueezeError
-from squeezelang.hooks.technique import Technique
+from squeezelang.hooks.technique import Candidate, Technique
 
 if TYPE_CHECKING:
     from squeezelang.executor.context import StageContext
@@ -282,6 +282,10 @@ class VocabTrim(Technique):
         "required": ["data"],
     }
     data_params = {"data": "text|a,b"}
+
+    def candidates(self, task: str) -> list[Candidate]:
+        """Lossless on texts like the calibration data: the cheapest size cut to try first."""
+        return [Candidate("vocab_trim", {}, risk=0.1, order=10, needs_data=True)]
     example = "stage trim: vocab_trim { data = calib, keep_frequent = 2000 }"
 
     def estimate(self, meta: ModelMeta, params: dict[str, Any]) -> ModelMeta:

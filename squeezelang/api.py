@@ -88,7 +88,7 @@ def run(recipe: Recipe | str | Path, output: str | Path | None = None, *, force:
     from squeezelang.planner.search import solve
 
     return solve(resolved, regs, output=output, force=force, handle=handle, quiet=quiet) \
-        if resolved.has_auto else execute(resolved, regs, output=output, force=force, handle=handle,
+        if resolved.needs_search else execute(resolved, regs, output=output, force=force, handle=handle,
                                            quiet=quiet)
 
 

@@ -8,12 +8,13 @@ same command to resume).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from squeezelang.errors import (ExecutionError, OutputError, PlanError, PluginError, RecipeError,
+from squeezelang.errors import (ExecutionError, Infeasible, OutputError, PlanError, PluginError, RecipeError,
                                 RecipeErrors, SqueezeError)
 
 EXIT_OK, EXIT_NOT_MET, EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -61,11 +62,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from squeezelang.planner.resolve import resolve
     from squeezelang.executor.report import fmt_value
 
+    from squeezelang.planner.estimate import planning_context
+    from squeezelang.planner.search import solved_floor
+
     regs = _registries(args)
     plan = resolve(_load(args.recipe), regs)
-    pred = predict(plan, regs)
+    ctx = planning_context(plan, regs)
+    pred = predict(plan, regs, ctx=ctx)
+    ranked = None
+    if plan.compose is not None:
+        from squeezelang.planner.compose import pipelines, refuse_if_unreachable
+
+        ranked = pipelines(plan, regs, ctx)
+        refuse_if_unreachable(plan, ranked, pred.original_size)
+    floors = solved_floor(plan, regs, ctx) if plan.has_auto else {}
     if args.json:
-        print(json.dumps({"plan": plan.to_json(), "prediction": pred.to_json()}, indent=2, default=str))
+        out = {"plan": plan.to_json(), "prediction": pred.to_json(),
+               "solved": {f"{s}.{k}": v for (s, k), v in floors.items()}}
+        if ranked is not None:
+            out["composition"] = [p.to_json() for p in ranked]
+        print(json.dumps(out, indent=2, default=str))
         return EXIT_OK
     print(f"recipe '{plan.name}': model {plan.model.args.get('path')} ({plan.model.task})")
     print(f"  original: {fmt_value(pred.original_params, 'count')} params, "
@@ -74,8 +90,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         tech = stage.technique + (f" ({stage.method})" if stage.method else "")
         print(f"\nstage {i} '{stage.name}': {tech}   [plugin {stage.plugin}]")
         for key, value in stage.params.items():
-            auto = f"   <- auto {stage.autos[key][0]:g} .. {stage.autos[key][1]:g} (shown at mid-range)" \
-                if key in stage.autos else ""
+            auto = ""
+            if key in stage.autos:
+                lo, hi = stage.autos[key]
+                floor = floors.get((stage.name, key))
+                op = ">=" if regs.techniques.get(stage.technique).knob(key).compresses == "up" else "<="
+                auto = f"   <- auto {lo:g} .. {hi:g} (shown at mid-range)" if floor is None else \
+                    (f"   <- auto {lo:g} .. {hi:g}; solved from the estimates: the size constraints "
+                     f"need {key} {op} {floor:.4g}, the search measures from there")
             print(f"    {key} = {json.dumps(value)}{auto}")
         ratio = sp.size_bytes / pred.original_size if pred.original_size else 0
         print(f"  -> predicted {fmt_value(sp.params_count, 'count')} params, "
@@ -85,12 +107,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
         predicted = {v.constraint: v for v in pred.constraints}
         for c in plan.constraints:
             v = predicted.get(c.describe())
-            if v is None:
+            if v is not None and plan.compose is not None:
+                print(f"  {c.describe():32s} decides which composed pipelines can reach it (below)")
+            elif v is None:
                 print(f"  {c.describe():32s} measured after the run")
             else:
                 dim = "bytes" if c.metric == "size" or plan.metric(c.metric).kind == "size" else "count"
                 state = "predicted met" if v.met else "PREDICTED NOT MET"
                 print(f"  {c.describe():32s} {state}: {fmt_value(v.value, dim)} vs bound {fmt_value(v.bound, dim)}")
+    if ranked is not None:
+        reachable = [p for p in ranked if p.feasible]
+        print(f"\ncompose: {len(ranked)} pipelines of {', '.join(plan.compose.allow)} "
+              f"(at most {plan.compose.stages} stages); {len(reachable)} can meet the size "
+              "constraints; the search tries them in this order:")
+        for i, p in enumerate(reachable[:10], 1):
+            ratio = p.best_size / pred.original_size if pred.original_size else 0
+            knobs = ", ".join(f"{s.name}.{k}" for s in p.stages for k in s.autos)
+            print(f"  {i:2d}. {p.label:40s} risk {p.risk:4.1f}   down to "
+                  f"{fmt_value(p.best_size, 'bytes')} ({ratio:.1%})" + (f"   auto: {knobs}" if knobs else ""))
+        if len(reachable) > 10:
+            print(f"  … and {len(reachable) - 10} more")
     for note in pred.notes:
         print(f"\nnote: {note}")
     print(f"\noutput: {plan.output_dir} (format {plan.output_format})")
@@ -104,7 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     regs = _registries(args)
     plan = resolve(_load(args.recipe), regs)
-    if plan.has_auto:
+    if plan.needs_search:
         from squeezelang.planner.search import solve
         result = solve(plan, regs, output=args.output, force=args.force, quiet=args.quiet)
     else:
@@ -266,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RecipeError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
+    except Infeasible as exc:
+        print(f"error: cannot be met: {exc}", file=sys.stderr)
+        return EXIT_NOT_MET
     except (OutputError, PluginError, PlanError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -274,6 +313,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except SqueezeError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:  # a full disk, an unwritable or vanished file: the path and the reason
+        where = f"{exc.filename}: " if exc.filename else ""
+        hint = "; free some space and run the same command again to resume" \
+            if exc.errno == errno.ENOSPC else ""
+        print(f"error: {where}{exc.strerror or exc}{hint}", file=sys.stderr)
+        return EXIT_FAILURE
+    except MemoryError:
+        print("error: out of memory; completed stages are checkpointed, so the same command resumes "
+              "after them", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("\ninterrupted: completed stages are checkpointed; run the same command again to resume",

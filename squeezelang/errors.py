@@ -41,6 +41,11 @@ class PlanError(SqueezeError):
     """The recipe is valid but cannot be planned against this model or these plugins."""
 
 
+class Infeasible(PlanError):
+    """The estimates show a size-type constraint cannot hold for any setting the recipe allows;
+    refused before any expensive step, with the best reachable figure."""
+
+
 class ExecutionError(SqueezeError):
     """A failure while running; names the stage and the plugin at fault when there is one."""
 
@@ -48,6 +53,8 @@ class ExecutionError(SqueezeError):
         where = ""
         if stage:
             where = f"stage '{stage}'" + (f" (plugin '{plugin}')" if plugin else "") + ": "
+        elif plugin:
+            where = f"plugin '{plugin}': "
         super().__init__(where + message)
         self.stage = stage
         self.plugin = plugin

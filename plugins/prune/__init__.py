@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from squeezelang import hookimpl
-from squeezelang.hooks.technique import Knob, Technique
+from squeezelang.hooks.technique import Candidate, Knob, Technique
 from squeezelang_plugins.prune.base import COMMON, PruneMethod
 from squeezelang_plugins.prune.activation import Activation
 from squeezelang_plugins.prune.depth import Depth
@@ -47,6 +47,16 @@ class Prune(Technique):
     data_params = {"data": "text|a,b"}
     example = 'stage sparse: prune { method = "magnitude", ratio = 50%, scope = "layer" }'
 
+    def candidates(self, task: str) -> list[Candidate]:
+        """Unstructured magnitude pruning (smaller files), or MLP neurons by activation (smaller
+        and faster); the ratio is left to the search."""
+        return [
+            Candidate("magnitude", {"method": "magnitude", "ratio": 0.5}, risk=3.0, order=40,
+                      autos=("ratio",)),
+            Candidate("activation-mlp", {"method": "activation", "target": "mlp", "ratio": 0.5},
+                      risk=3.5, order=30, autos=("ratio",), needs_data=True, speeds_up=True),
+        ]
+
     def _method(self, params: dict[str, Any]) -> PruneMethod:
         return METHODS[params.get("method") or self.methods[0]]
 
@@ -55,7 +65,7 @@ class Prune(Technique):
 
     def defaults_for(self, params: dict[str, Any]) -> dict[str, Any]:
         """Only the defaults of the properties the chosen method uses."""
-        used = self._method(params).used(self.schema["properties"])
+        used = self._method(params).used(self.schema["properties"], params)
         return {k: p["default"] for k, p in self.schema["properties"].items()
                 if k in used and "default" in p}
 

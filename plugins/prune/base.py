@@ -29,7 +29,9 @@ class PruneMethod:
     #: Model states it adds: unstructured methods leave a "sparse" model; structured ones none.
     produces: ClassVar[frozenset[str]] = frozenset()
 
-    def used(self, all_properties: dict[str, Any]) -> set[str]:
+    def used(self, all_properties: dict[str, Any], params: dict[str, Any] | None = None) -> set[str]:
+        """The properties this method accepts; with ``params``, those that apply to them (a
+        property only some settings read gets its default only when it applies)."""
         return {"method", *self.common, *self.properties}
 
     def check(self, params: dict[str, Any]) -> list[tuple[str | None, str]]:

@@ -1,23 +1,88 @@
-"""Atomic output: everything is written into a temporary sibling directory, then renamed into place."""
+"""Atomic output: everything is written into a temporary sibling directory, then renamed into place.
+
+The temporary (``.<out>.tmp-<pid>-…``, a search's ``.<out>.trials-<pid>-…``) and backup
+(``.<out>.old-<pid>``) siblings carry the id of the process that made them, so that a later run can
+tell those of a killed process from those of a live one and clean them up (``recover``).
+"""
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from squeezelang.errors import OutputError
 
 
-def check_output_dir(out: Path, force: bool) -> None:
-    """Refuse an existing non-empty output directory unless ``force``; refuse a file in its place."""
+def check_output_dir(out: Path, force: bool, inputs: Iterable[str | Path] = ()) -> None:
+    """Refuse an existing non-empty output directory unless ``force``; refuse a file in its place.
+
+    Also refuse, even with ``force``, an output directory that is or holds one of ``inputs`` (the
+    model directory, the recipe, the data files): replacing it would destroy them.
+    """
+    out = Path(out).resolve()
+    for item in inputs:
+        path = Path(item).resolve()
+        if path == out or out in path.parents:
+            raise OutputError(f"output directory {out} holds an input of the run ({path}); "
+                              "choose another output directory (it is replaced as a whole)")
+    recover(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"output path {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise OutputError(f"output directory {out} exists and is not empty; "
                           "use --force to replace it (it is only replaced once the new run succeeds)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {out.parent} for the output: {exc.strerror or exc}") from None
+    # Checked before any work: the checkpoints and the staged output are written next to ``out``.
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write into {out.parent}, where the output {out.name} and its work "
+                          "directory go (permission denied or a read-only file system)")
+
+
+_SIBLING = re.compile(r"(tmp|trials|old)-(\d+)(-.*)?")
+
+
+def _alive(pid: int) -> bool:
+    if os.name != "posix":  # no harmless liveness probe there: treat the process as running
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover(out: Path) -> None:
+    """Clean up after killed runs into ``out``: remove their staging directories, and put back a
+    previous output that a kill caught between the two renames of ``publish``."""
+    prefix = f".{out.name}."
+    try:
+        names = [p for p in out.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return
+    backups = []
+    for path in names:
+        match = _SIBLING.fullmatch(path.name[len(prefix):])
+        if match is None or _alive(int(match.group(2))):
+            continue
+        if match.group(1) == "old":
+            backups.append(path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    if backups and not out.exists():
+        newest = max(backups, key=lambda p: p.stat().st_mtime)
+        os.replace(newest, out)
+        backups.remove(newest)
+    for path in backups:  # the new output did replace these
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def staging_dir(out: Path) -> Path:
@@ -25,7 +90,16 @@ def staging_dir(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(out.parent, os.W_OK):
         raise OutputError(f"cannot write into {out.parent}")
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+
+
+def discard_staging(out: Path) -> None:
+    """Remove this process's staging directories for ``out``, even one whose creation an interrupt
+    cut short before its path was returned."""
+    prefix = f".{out.name}.tmp-{os.getpid()}-"
+    for path in out.parent.iterdir() if out.parent.is_dir() else ():
+        if path.name.startswith(prefix):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def publish(staged: Path, out: Path) -> None:
@@ -38,8 +112,8 @@ def publish(staged: Path, out: Path) -> None:
         os.replace(out, backup)
     try:
         os.replace(staged, out)
-    except OSError:
-        if backup is not None:
+    except BaseException:  # an error or an interrupt: the previous output goes back in place
+        if backup is not None and not out.exists():
             os.replace(backup, out)
         raise
     if backup is not None:

@@ -1,4 +1,10 @@
-"""Per-stage checkpoints in a work directory beside the output, so an interrupted run resumes."""
+"""Per-stage checkpoints in a work directory beside the output, so an interrupted run resumes.
+
+A process may be killed at any instruction, so nothing here is ever half-trusted: a checkpoint is
+written into a temporary directory and renamed into place whole, and it counts as complete only once
+``state.json`` (itself replaced atomically) lists it. Removing the work directory deletes
+``state.json`` first, so a removal cut short leaves nothing a rerun would resume from.
+"""
 from __future__ import annotations
 
 import json
@@ -49,6 +55,7 @@ class WorkDir:
                     f"{self.path} holds an unfinished run of a different recipe (or different "
                     f"settings) for the same output directory; use --force to discard it")
         if self.path.exists():
+            state_file.unlink(missing_ok=True)
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)
         state = WorkState(fingerprint)
@@ -66,14 +73,20 @@ class WorkDir:
 
         name = f"stage-{index:02d}-{stage}"
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=self.path))
-        save_model(handle, tmp)
-        final = self.path / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        try:
+            save_model(handle, tmp)
+            final = self.path / name
+            if final.exists():  # a stage run again: move the old one aside whole, never half-delete it
+                os.replace(final, tmp.with_name(tmp.name + "-old"))
+            os.replace(tmp, final)
+        finally:
+            for leftover in (tmp, tmp.with_name(tmp.name + "-old")):
+                shutil.rmtree(leftover, ignore_errors=True)
         return name
 
     def remove(self) -> None:
+        """Delete the work directory, ``state.json`` first (see the module docstring)."""
+        (self.path / STATE).unlink(missing_ok=True)
         shutil.rmtree(self.path, ignore_errors=True)
 
 

@@ -18,12 +18,17 @@ class DataStore:
     def __init__(self, loaders: dict[str, Callable[[], list[dict[str, Any]]]] | None = None) -> None:
         self._loaders = dict(loaders or {})
         self._rows: dict[str, list[dict[str, Any]]] = {}
+        #: Where each data set comes from (its file), for messages about its rows.
+        self.origins: dict[str, str] = {}
 
-    def add(self, name: str, rows_or_loader: list[dict[str, Any]] | Callable[[], list[dict[str, Any]]]) -> None:
+    def add(self, name: str, rows_or_loader: list[dict[str, Any]] | Callable[[], list[dict[str, Any]]],
+            origin: str | None = None) -> None:
         if callable(rows_or_loader):
             self._loaders[name] = rows_or_loader
         else:
             self._rows[name] = list(rows_or_loader)
+        if origin:
+            self.origins[name] = origin
 
     def names(self) -> list[str]:
         return sorted(set(self._loaders) | set(self._rows))
@@ -34,7 +39,8 @@ class DataStore:
                 raise ExecutionError(f"no data set named '{name}'")
             rows = self._loaders[name]()
             if not rows:
-                raise ExecutionError(f"data set '{name}' is empty")
+                where = f" ({self.origins[name]})" if name in self.origins else ""
+                raise ExecutionError(f"data set '{name}'{where} is empty")
             self._rows[name] = rows
         return self._rows[name]
 
@@ -70,6 +76,8 @@ class Context:
     quiet: bool = False
     #: The input model's directory (set while planning, for estimates that read its tokenizer).
     model_dir: Path | None = None
+    #: What each stage said through ``log`` (stage name -> messages), for its report record.
+    logs: dict[str, list[str]] = field(default_factory=dict)
     _original: ModelHandle | None = None
 
     def original(self) -> ModelHandle:
@@ -89,6 +97,9 @@ class Context:
                     disable=self.quiet, dynamic_ncols=True)
 
     def log(self, message: str) -> None:
+        """Print a message (unless ``quiet``); a stage's messages also go into its report record."""
+        if self.stage:
+            self.logs.setdefault(self.stage, []).append(message)
         if not self.quiet:
             prefix = f"[{self.stage}] " if self.stage else ""
             print(prefix + message, file=sys.stderr)

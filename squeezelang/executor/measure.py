@@ -25,13 +25,21 @@ def measure_all(plan: Plan, registries: Registries, handle: ModelHandle, ctx: Co
             try:
                 value = metric.measure(handle, ctx, m.data, dict(m.args))
             except SqueezeError as exc:
-                raise ExecutionError(f"measuring metric '{m.name}' ({m.kind}) on the {label} model: {exc}",
+                raise ExecutionError(f"measuring metric '{m.name}' ({m.kind}) on the {label} model: "
+                                     f"{exc}{_origin(ctx, m.data, str(exc))}",
                                      plugin=registries.metrics.owner(m.kind)) from exc
             except Exception as exc:
                 raise ExecutionError(f"metric '{m.name}' ({m.kind}, plugin "
                                      f"'{registries.metrics.owner(m.kind)}') failed on the {label} "
-                                     f"model: {type(exc).__name__}: {exc}") from exc
+                                     f"model: {type(exc).__name__}: {exc}"
+                                     f"{_origin(ctx, m.data, str(exc))}") from exc
             results[m.name] = float(value)
     finally:
         ctx.artifact_dir, ctx.stage = previous_dir, previous_stage
     return results
+
+
+def _origin(ctx: Context, data: str | None, message: str) -> str:
+    """`` (data set 'd' is FILE)`` when the metric read a data set whose file the message omits."""
+    origin = ctx.data.origins.get(data) if data else None
+    return f" (data set '{data}' is {origin})" if origin and origin not in message else ""

@@ -11,12 +11,13 @@ from squeezelang.planner.constraints import Verdict
 from squeezelang.planner.plan import Plan
 
 REPORT_VERSION = 1
+SEARCH_PNG = "search.png"
 
 
 def build_report(plan: Plan, registries: Registries, original: dict[str, float],
                  stages: list[dict[str, Any]], final: dict[str, float], verdicts: list[Verdict],
                  files: list[str], timings: dict[str, float], trials: list[dict[str, Any]],
-                 resumed_after: str | None) -> dict[str, Any]:
+                 resumed_after: str | None, composition: dict[str, Any] | None = None) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -43,11 +44,12 @@ def build_report(plan: Plan, registries: Registries, original: dict[str, float],
             {"name": s.name, "technique": s.technique, "plugin": s.plugin, "method": s.method,
              "params": s.params, "solved": {k: s.params[k] for k in s.autos},
              "metrics": rec["metrics"], "seconds": rec["seconds"],
-             "measure_seconds": rec.get("measure_seconds")}
+             "measure_seconds": rec.get("measure_seconds"), "log": rec.get("log", [])}
             for s, rec in zip(plan.stages, stages)
         ],
         "constraints": [v.to_json() for v in verdicts],
         "trials": trials,
+        "composition": composition,
         "resumed_after": resumed_after,
         "timings": timings,
         "environment": {"squeezelang": squeezelang.__version__, "torch": torch.__version__,
@@ -73,8 +75,50 @@ def fmt_value(value: float | None, dimension: str) -> str:
     return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
 
 
-def markdown(report: dict[str, Any]) -> str:
-    """The report as Markdown: metrics, stages, constraints, trials."""
+def chosen_trial(report: dict[str, Any]) -> int | None:
+    """The index of the trial whose pipeline and knob values the final run used, if any."""
+    solved = {s["name"]: s["solved"] for s in report["stages"] if s.get("solved")}
+    pipeline = (report.get("composition") or {}).get("chosen")
+    for i, trial in enumerate(report["trials"]):
+        if (trial.get("values") or {}) == solved and trial.get("pipeline") == pipeline:
+            return i
+    return None
+
+
+def trials_table(report: dict[str, Any]) -> list[str]:
+    """The search trials as Markdown table rows: knob values, every metric, every verdict."""
+    trials = report["trials"]
+    knobs = list(dict.fromkeys((stage, k) for t in trials
+                                for stage, vals in (t.get("values") or {}).items() for k in vals))
+    metrics = report["metrics"]
+    verdicts = list(dict.fromkeys(c for t in trials for c in t.get("verdicts", {})))
+    pipelines = any("pipeline" in t for t in trials)
+    head = (["pipeline"] * pipelines + [f"{stage}.{k}" for stage, k in knobs] + list(metrics)
+            + ["predicted size"] + [f"`{c}`" for c in verdicts] + ["feasible", "seconds"])
+    rows = ["| # | " + " | ".join(head) + " |", "|" + " --- |" * (len(head) + 1)]
+    chosen = chosen_trial(report)
+    for i, t in enumerate(trials):
+        number = f"**{i + 1}** (chosen)" if i == chosen else str(i + 1)
+        values = [(t.get("values") or {}).get(stage, {}).get(k) for stage, k in knobs]
+        cells = ([_cell(t.get("pipeline", "—"))] * pipelines
+                 + [f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in values]
+                 + [fmt_value((t.get("metrics") or {}).get(n), m["dimension"]) for n, m in metrics.items()]
+                 + [fmt_value(t.get("predicted_size"), "bytes")]
+                 + [{True: "met", False: "**not met**"}.get(t.get("verdicts", {}).get(c), "—")
+                    for c in verdicts]
+                 + [_cell(f"failed: {t['error']}") if t.get("error")
+                    else "yes" if t.get("feasible") else "no", f"{t.get('seconds', 0):.1f}"])
+        rows.append(f"| {number} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def _cell(text: Any) -> str:
+    """``text`` fit for one Markdown table cell: its first line, pipes escaped."""
+    return (str(text).splitlines() or [""])[0].replace("|", "\\|")
+
+
+def markdown(report: dict[str, Any], plot_note: str | None = None) -> str:
+    """The report as Markdown: metrics, stages, constraints, trials (``plot_note`` under them)."""
     lines = [f"# squeeze report: {report['recipe']['name']}", ""]
     status = report["status"]
     lines.append(f"**Constraints: {'all met' if status == 'met' else 'NOT MET'}** · "
@@ -98,6 +142,21 @@ def markdown(report: dict[str, Any]) -> str:
             tech = s["technique"] + (f" ({s['method']})" if s["method"] else "")
             vals = [fmt_value(s["metrics"].get(n), report["metrics"][n]["dimension"]) for n in names]
             lines.append(f"| {s['name']} | {tech} | {s['seconds']:.1f} | " + " | ".join(vals) + " |")
+        notes = [f"- {s['name']}: {message}" for s in report["stages"] for message in s.get("log", [])]
+        if notes:
+            lines += ["", "Stage log:", ""] + notes
+    composition = report.get("composition")
+    if composition:
+        lines += ["", "## Composition", "",
+                  f"Chosen pipeline: **{composition['chosen']}** (from `compose {{ … }}`; the "
+                  "pipelines the estimates allow were tried in this order).", "",
+                  "| pipeline | risk | smallest predicted size | reachable |", "| --- | --- | --- | --- |"]
+        for p in composition["considered"]:
+            reach = "yes" if not p["unreachable"] else "no: " + "; ".join(p["unreachable"])
+            lines.append(f"| {p['pipeline']} | {p['risk']:g} | {fmt_value(p['best_size'], 'bytes')} | "
+                         f"{reach} |")
+        if composition.get("skipped"):
+            lines += [""] + [f"- {note}" for note in composition["skipped"]]
     if report["constraints"]:
         lines += ["", "## Constraints", "", "| constraint | measured | bound | verdict |",
                   "| --- | --- | --- | --- |"]
@@ -107,9 +166,11 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| `{c['constraint']}` | {fmt_value(c['value'], dim)} | "
                          f"{fmt_value(c['bound'], dim)} | {verdict} |")
     if report["trials"]:
-        lines += ["", "## Search trials", "", "| # | values | feasible |", "| --- | --- | --- |"]
-        for i, trial in enumerate(report["trials"], 1):
-            lines.append(f"| {i} | {trial.get('values')} | {trial.get('feasible')} |")
+        lines += ["", "## Search trials", ""] + trials_table(report)
+        if SEARCH_PNG in report.get("plots", ()):
+            lines += ["", f"![saved size against quality for every trial]({SEARCH_PNG})"]
+        if plot_note:
+            lines += ["", plot_note]
     t = report["timings"]
     lines += ["", f"Total {t.get('total', 0):.1f} s (load {t.get('load', 0):.1f} s, save "
                   f"{t.get('save', 0):.1f} s)."]
@@ -118,9 +179,28 @@ def markdown(report: dict[str, Any]) -> str:
 
 def write_reports(directory: Path, plan: Plan, report: dict[str, Any], registries: Registries,
                   final_dir: Path) -> None:
-    """Write the three report files into ``directory``, which will become ``final_dir``."""
+    """Write the three report files (and ``search.png`` after a search) into ``directory``.
+
+    ``directory`` is the staging directory that will become ``final_dir``.
+    """
     from squeezelang.executor.lock import lock_text
 
+    report["plots"] = []
+    plot_note = _plot_search(report, directory) if report["trials"] else None
     write_json(directory / "report.json", report)
-    write_text(directory / "report.md", markdown(report))
+    write_text(directory / "report.md", markdown(report, plot_note))
     write_text(directory / "recipe.lock.squeeze", lock_text(plan, registries, final_dir))
+
+
+def _plot_search(report: dict[str, Any], directory: Path) -> str | None:
+    """Draw ``search.png`` into ``directory`` and list it in ``report["plots"]``; a note if not drawn."""
+    from squeezelang.executor.plot import write_search_plot
+
+    try:
+        png = write_search_plot(report, directory)
+    except Exception as exc:  # a plot is never worth the run's artifact
+        return f"_{SEARCH_PNG} could not be drawn: {type(exc).__name__}: {exc}_"
+    if png is None:
+        return f"_Install squeezelang[plot] (matplotlib) for {SEARCH_PNG}, a plot of these trials._"
+    report["plots"].append(png.name)
+    return None

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from squeezelang.errors import ExecutionError, SqueezeError
-from squeezelang.executor.artifacts import check_output_dir, publish, staging_dir
+from squeezelang.executor.artifacts import check_output_dir, discard_staging, publish, staging_dir
 from squeezelang.executor.checkpoint import WorkDir, fingerprint
 from squeezelang.executor.context import Context, DataStore
+from squeezelang.executor.guards import (check_artifact, check_finite, data_origin, input_paths,
+                                         overlong_notes, read_inputs)
 from squeezelang.executor.measure import measure_all
 from squeezelang.hooks.registry import Registries
 from squeezelang.planner.constraints import Verdict, evaluate
@@ -48,7 +50,7 @@ def data_store(plan: Plan, registries: Registries) -> DataStore:
     store = DataStore()
     for d in plan.data:
         source = registries.data_sources.get(d.source)
-        store.add(d.name, (lambda s=source, a=dict(d.args): s.load(a)))
+        store.add(d.name, (lambda s=source, a=dict(d.args): s.load(a)), origin=data_origin(d.args, source))
     return store
 
 
@@ -75,59 +77,81 @@ def apply_stage(stage: StagePlan, handle: ModelHandle, registries: Registries, c
         tech.apply_(handle, dict(stage.params), ctx)
     except SqueezeError as exc:
         raise ExecutionError(str(exc), stage=stage.name, plugin=stage.plugin) from exc
-    except (KeyboardInterrupt, MemoryError):
-        raise
+    except MemoryError as exc:
+        raise ExecutionError(f"technique '{stage.technique}' ran out of memory"
+                             + (f": {exc}" if str(exc) else ""),
+                             stage=stage.name, plugin=stage.plugin) from exc
     except Exception as exc:
         raise ExecutionError(f"technique '{stage.technique}' failed: {type(exc).__name__}: {exc}",
                              stage=stage.name, plugin=stage.plugin) from exc
     finally:
         ctx.stage = None
+    check_finite(handle, stage)
     handle.states |= set(tech.produces_for(dict(stage.params)))
 
 
 def execute(plan: Plan, registries: Registries, output: str | Path | None = None,
             force: bool = False, handle: ModelHandle | None = None, quiet: bool = False,
             threads: int = 2, trials: list[dict[str, Any]] | None = None,
-            search_seconds: float | None = None) -> RunResult:
-    """Run ``plan`` to completion and publish the artifacts; see the module docstring."""
+            search_seconds: float | None = None, original_metrics: dict[str, float] | None = None,
+            measure_stages: bool = True, composition: dict[str, Any] | None = None) -> RunResult:
+    """Run ``plan`` to completion and publish the artifacts; see the module docstring.
+
+    A search passes ``original_metrics`` measured once for all its trials (the original model does
+    not change between them) and ``measure_stages=False``: a trial needs only the saved artifact's
+    metrics, not those after each stage.
+    """
     from squeezelang.executor.report import build_report, write_reports
     from squeezelang.models.load import load_model
 
     out = Path(output or plan.output_dir).resolve()
-    check_output_dir(out, force)
+    check_output_dir(out, force, input_paths(plan, registries))
+    if str(out) != plan.output_dir:  # -o DIR: the report and the result name where artifacts are
+        plan = replace(plan, output_dir=str(out))
     timings: dict[str, float] = {}
     started = time.perf_counter()
     work = WorkDir(out)
     state = work.open(fingerprint(plan.to_json()), force)
+    fresh = state.original_metrics is None and not state.completed
     ctx = Context(data=data_store(plan, registries), seed=plan.search.seed, threads=threads, quiet=quiet)
     in_memory = handle is not None
     ctx.original_loader = (lambda: _copy_handle(handle)) if in_memory else \
         (lambda: load_original(plan, registries))
 
-    t = time.perf_counter()
-    if in_memory:
+    # Inputs first: the data files, then the model (its weights checked as they load), then the
+    # original's metrics. A bad input fails here, before any stage, and leaves no work directory.
+    try:
+        t = time.perf_counter()
+        read_inputs(ctx)
         original = ctx.original()
-    else:
-        original = ctx.original()
-    timings["load"] = time.perf_counter() - t
+        timings["load"] = time.perf_counter() - t
+        notes = overlong_notes(ctx, original)
 
-    t = time.perf_counter()
-    if state.original_metrics is None:
-        orig_dir = original.source_dir
-        tmp = None
-        if orig_dir is None:  # an in-memory model: measure its size on a saved copy
-            from squeezelang.models.save import save_model
-            tmp = staging_dir(out)
-            save_model(original, tmp)
-            orig_dir = tmp
-        try:
-            state.original_metrics = measure_all(plan, registries, original, ctx, orig_dir, "original")
-        finally:
-            if tmp is not None:
-                import shutil
-                shutil.rmtree(tmp, ignore_errors=True)
-        work.save(state)
-    timings["measure_original"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if state.original_metrics is None and original_metrics is not None:
+            state.original_metrics = dict(original_metrics)
+            work.save(state)
+        if state.original_metrics is None:
+            orig_dir = original.source_dir
+            tmp = None
+            if orig_dir is None:  # an in-memory model: measure its size on a saved copy
+                from squeezelang.models.save import save_model
+                tmp = staging_dir(out)
+                save_model(original, tmp)
+                orig_dir = tmp
+            try:
+                state.original_metrics = measure_all(plan, registries, original, ctx, orig_dir,
+                                                     "original")
+            finally:
+                if tmp is not None:
+                    import shutil
+                    shutil.rmtree(tmp, ignore_errors=True)
+            work.save(state)
+        timings["measure_original"] = time.perf_counter() - t
+    except Exception:
+        if fresh:
+            work.remove()
+        raise
 
     done = {c["stage"]: c for c in state.completed}
     resumed_after = None
@@ -140,13 +164,11 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
             resumed_after = stage.name
             continue
         if current is None:
+            # Stages from here on run again: their old records (and checkpoints) no longer count.
+            state.completed = list(stage_records)
+            work.save(state)
             if resumed_after is not None:
-                ckpt = work.path / done[resumed_after]["dir"]
-                if not quiet:
-                    n = len(stage_records)
-                    print(f"resuming after stage '{resumed_after}' ({n} of {len(plan.stages)} stages "
-                          f"done, checkpoint {ckpt})", flush=True)
-                current = load_model(ckpt, registries, task=plan.model.task)
+                current = _resume(work, done[resumed_after], len(stage_records), plan, registries, quiet)
             else:
                 current = _copy_handle(original) if in_memory else load_original(plan, registries)
         t = time.perf_counter()
@@ -155,33 +177,37 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
                   + (f" ({stage.method})" if stage.method else ""), flush=True)
         apply_stage(stage, current, registries, ctx, plan.search.seed + index)
         seconds = time.perf_counter() - t
-        ckpt_name = work.checkpoint(current, index, stage.name)
+        try:
+            ckpt_name = work.checkpoint(current, index, stage.name)
+        except (SqueezeError, OSError) as exc:
+            raise ExecutionError(f"cannot checkpoint the model: {_describe(exc)}", stage=stage.name) from exc
         t = time.perf_counter()
         metrics = measure_all(plan, registries, current, ctx, work.path / ckpt_name,
-                              f"stage '{stage.name}'")
+                              f"stage '{stage.name}'") if measure_stages else {}
         record = {"stage": stage.name, "dir": ckpt_name, "metrics": metrics, "seconds": seconds,
-                  "measure_seconds": time.perf_counter() - t}
+                  "measure_seconds": time.perf_counter() - t, "log": ctx.logs.pop(stage.name, [])}
         state.completed.append(record)
         work.save(state)
         stage_records.append(record)
     if current is None:  # every stage was already done, or there are none
         if resumed_after is not None:
-            current = load_model(work.path / done[resumed_after]["dir"], registries, task=plan.model.task)
+            current = _resume(work, done[resumed_after], len(stage_records), plan, registries, quiet)
         else:
             current = _copy_handle(original) if in_memory else load_original(plan, registries)
 
     # Save the final artifact into a staging directory, reload it, and verify on what was saved.
     t = time.perf_counter()
-    staged = staging_dir(out)
     try:
+        staged = staging_dir(out)
         fmt = registries.output_formats.get(plan.output_format)
         try:
             files = fmt.save(current, staged)
-        except SqueezeError:
-            raise
-        except Exception as exc:
-            raise ExecutionError(f"output format '{plan.output_format}' failed: {type(exc).__name__}: {exc}",
-                                 plugin=registries.output_formats.owner(plan.output_format)) from exc
+        except Exception as exc:  # ours say what failed; anything else gets the format's name
+            message = str(exc) if isinstance(exc, SqueezeError) else \
+                f"output format '{plan.output_format}' failed: {_describe(exc)}"
+            raise ExecutionError(message, plugin=registries.output_formats.owner(plan.output_format)) from exc
+        check_artifact(staged, files, plan.output_format,
+                       registries.output_formats.owner(plan.output_format))
         timings["save"] = time.perf_counter() - t
         t = time.perf_counter()
         reloaded = load_model(staged, registries, task=plan.model.task)
@@ -194,16 +220,36 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
         if search_seconds is not None:
             timings["search"] = search_seconds
         report = build_report(plan, registries, state.original_metrics, stage_records, final, verdicts,
-                              files, timings, trials or [], resumed_after)
+                              files, timings, trials or [], resumed_after, composition)
         write_reports(staged, plan, report, registries, out)
         publish(staged, out)
     except BaseException:
-        import shutil
-        shutil.rmtree(staged, ignore_errors=True)
+        discard_staging(out)
         raise
     work.remove()
     reloaded.source_dir = out
-    return RunResult(plan, report, verdicts, reloaded, out, resumed_after)
+    return RunResult(plan, report, verdicts, reloaded, out, resumed_after, notes)
+
+
+def _resume(work: WorkDir, record: dict[str, Any], done: int, plan: Plan, registries: Registries,
+            quiet: bool) -> ModelHandle:
+    """Load the checkpoint of the last completed stage, saying so."""
+    from squeezelang.models.load import load_model
+
+    ckpt = work.path / record["dir"]
+    if not quiet:
+        print(f"resuming after stage '{record['stage']}' ({done} of {len(plan.stages)} stages "
+              f"done, checkpoint {ckpt})", flush=True)
+    return load_model(ckpt, registries, task=plan.model.task)
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as a message: ours as they are, an ``OSError`` as its path and reason."""
+    if isinstance(exc, SqueezeError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _copy_handle(handle: ModelHandle) -> ModelHandle:

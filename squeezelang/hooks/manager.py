@@ -48,6 +48,8 @@ def build_registries(pm: pluggy.PluginManager) -> Registries:
     for plugin in pm.get_plugins():
         name = pm.get_name(plugin) or repr(plugin)
         regs.plugins[name] = dists.get(name, "")
+    regs.extra = tuple(name for name, plugin in pm.list_name_plugin()
+                       if isinstance(plugin, ModuleType) and name not in dists)
     for hook_name, registry in regs.by_hook().items():
         caller = getattr(pm.hook, hook_name)
         for impl in caller.get_hookimpls():

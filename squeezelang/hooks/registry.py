@@ -75,6 +75,9 @@ class Registries:
     model_sources: Registry[Any] = field(default_factory=lambda: Registry("model source"))
     output_formats: Registry[Any] = field(default_factory=lambda: Registry("output format"))
     plugins: dict[str, str] = field(default_factory=dict)  # plugin name -> distribution ("" if none)
+    #: Plugin modules registered by name besides the entry points (``--plugin MODULE``): what a
+    #: worker process imports to rebuild these registries (``planner.workers``).
+    extra: tuple[str, ...] = ()
 
     def by_hook(self) -> dict[str, Registry[Any]]:
         return {

@@ -35,6 +35,30 @@ class Knob:
             raise PluginError(f"knob '{self.name}': empty range {self.lo} .. {self.hi}")
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """One way a technique can serve in a pipeline the planner composes (``compose { … }``).
+
+    ``params`` are the stage parameters (the planner fills ``data`` with the compose block's data
+    set where ``needs_data``); ``autos`` the knobs left for the search, each over its full range.
+    ``order`` places the stage in a pipeline (smaller first: vocabulary before pruning before
+    distillation before quantization). ``risk`` is the plugin's prior of the quality it costs
+    (0 lossless, 1 int8-like, larger worse; negative for a stage that recovers quality): the
+    planner tries the pipelines that meet the size-type constraints in order of summed risk.
+    ``speeds_up`` says the stage makes the model faster on CPU (needed when there is a latency
+    constraint). ``heals``: a stage that only recovers quality lost by an earlier lossy stage.
+    """
+
+    label: str
+    params: dict[str, Any]
+    risk: float
+    order: int
+    autos: tuple[str, ...] = ()
+    needs_data: bool = False
+    speeds_up: bool = False
+    heals: bool = False
+
+
 class Technique:
     """Base class of technique plugins; subclasses set the class attributes and override methods.
 
@@ -92,6 +116,12 @@ class Technique:
 
     def check(self, params: dict[str, Any]) -> list[tuple[str | None, str]]:
         """Cross-parameter checks the schema cannot express: ``[(key or None, message)]``."""
+        return []
+
+    def candidates(self, task: str) -> list[Candidate]:
+        """The ways this technique may be used when the planner composes a pipeline for a model of
+        ``task`` (``compose { … }``); none by default, so a technique is only ever composed when
+        its author says how."""
         return []
 
     # ------------------------------------------------------------------ behaviour

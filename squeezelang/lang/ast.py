@@ -212,6 +212,8 @@ class Recipe:
     metrics: tuple[MetricDecl, ...] = ()
     stages: tuple[StageDecl, ...] = ()
     constraints: tuple[Constraint, ...] = ()
+    #: ``compose { allow = […], data = NAME, stages = N }``: the planner picks the stages.
+    compose: Block | None = None
     search: Block | None = None
     output: OutputDecl | None = None
     name_span: Span | None = field(default=None, compare=False)

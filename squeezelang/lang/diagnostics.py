@@ -18,10 +18,11 @@ def format_error(err: RecipeError, source: str, file: str | None) -> str:
     else:
         lines = [f"{name}:{span.line}:{max(span.column, 1)}: error: {err.message}"]
         same_source = err.file is None or err.file == file
-        source_lines = source.splitlines()
+        # Lines are counted at \n only, as the parser counts them (not at \r, \f or \u2028).
+        source_lines = source.split("\n")
         if same_source and span.line <= len(source_lines):
-            lines.extend(_excerpt(source_lines[span.line - 1], span.line, span.column,
-                                  span.end_line, span.end_column))
+            text = source_lines[span.line - 1].removesuffix("\r")
+            lines.extend(_excerpt(text, span.line, span.column, span.end_line, span.end_column))
     if err.hint:
         lines.append(f"{_GUTTER}hint: {err.hint}")
     return "\n".join(lines)

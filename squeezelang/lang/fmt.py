@@ -1,7 +1,7 @@
 """Write a Recipe back as canonical recipe text (``squeeze fmt`` and ``recipe.lock.squeeze``).
 
-Statements come out in a fixed order (recipe, use, model, data, metric, stage, constraints, search,
-output), blocks hold one item per line indented by four spaces, and numbers keep the text and unit
+Statements come out in a fixed order (recipe, use, model, data, metric, stage, compose,
+constraints, search, output), blocks hold one item per line indented by four spaces, and numbers keep the text and unit
 they were written with. Comments are not part of the AST, so they are not preserved.
 
 ``parse(format_recipe(r)) == r`` for any recipe ``r`` that ``parse`` returned, and formatting is
@@ -36,6 +36,8 @@ def format_recipe(recipe: Recipe) -> str:
     if recipe.metrics:
         groups.append([f"metric {_name(m.name)} = {format_value(m.kind)}" for m in recipe.metrics])
     groups.extend([_stage(stage)] for stage in recipe.stages)
+    if recipe.compose is not None:
+        groups.append([_block("compose", _params(recipe.compose.params))])
     if recipe.constraints:
         groups.append([_block("constraints", [_constraint(c) for c in recipe.constraints])])
     if recipe.search is not None:

@@ -9,6 +9,7 @@ Semantic checks (techniques, schemas, references, units against metrics) belong 
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -32,7 +33,8 @@ __all__ = ["parse", "parse_file", "STATEMENTS", "KEYWORDS"]
 # Statement keywords, in canonical order, with the one shape each may take.
 STATEMENTS: dict[str, str] = {
     "recipe": "string", "use": "string", "model": "assign", "data": "decl", "metric": "decl",
-    "stage": "stage", "constraints": "block", "search": "block", "output": "string",
+    "stage": "stage", "compose": "block", "constraints": "block", "search": "block",
+    "output": "string",
 }
 USAGE = {
     "recipe": 'recipe "name"',
@@ -42,6 +44,7 @@ USAGE = {
     "metric": "metric NAME = KIND(…), e.g. metric quality = spearman(sts)",
     "stage": "stage NAME: TECHNIQUE { key = value … } or stage TECHNIQUE { … }",
     "constraints": "constraints { SUBJECT OP BOUND … }",
+    "compose": 'compose { allow = ["technique", …], data = NAME, stages = N }',
     "search": "search { key = value … }",
     "output": 'output "dir" or output "dir" { format = … }',
 }
@@ -50,6 +53,7 @@ _MANY = {"use": "uses", "data": "data", "metric": "metrics", "stage": "stages"}
 KEYWORDS = frozenset(STATEMENTS) | {"auto", "original", "drop", "of", "true", "false"}
 _VALUE_WORDS = {"true": True, "false": False}
 
+_LONE_CR = re.compile(r"\r(?!\n)")
 _NUMBER = re.compile(r"(\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)(.*)", re.DOTALL)
 _PUNCT = {"LBRACE", "RBRACE", "LPAREN", "RPAREN", "LBRACKET", "RBRACKET", "EQUALS", "COLON",
           "COMMA", "DOTDOT", "MINUS", "CMP_OP"}
@@ -62,6 +66,9 @@ _DESCRIBE = {
     "DOTDOT": "'..'", "COMMA": "','", "$END": "end of file",
 }
 _COMPARISONS = "comparisons are <=, <, >=, >, =="
+# Far deeper than any recipe needs, and shallow enough that building and checking the nested
+# values cannot exhaust Python's recursion limit.
+MAX_NESTING = 32
 _AUTO_WHOLE = "auto must be a whole value"
 _AUTO_HINT = "write key = auto or key = auto(lo .. hi)"
 
@@ -70,6 +77,9 @@ _AUTO_HINT = "write key = auto or key = auto(lo .. hi)"
 def parse(text: str, file: str | None = None) -> Recipe:
     """Parse recipe text; raise RecipeErrors listing every problem found."""
     tokens = _lex(text)
+    too_deep = _too_deep(tokens)
+    if too_deep is not None:
+        raise RecipeErrors([too_deep], source=text, file=file)
     split_units = _split_unit_errors(tokens)
     try:
         tree = _lark().parse(text)
@@ -102,7 +112,8 @@ def parse_file(path: str | Path) -> Recipe:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _encoding_error(data, exc, name) from None
-    return parse(text, file=name)
+    # A file with old Mac line endings (a lone \r) would otherwise be one long line to the lexer.
+    return parse(_LONE_CR.sub("\n", text), file=name)
 
 
 # ---------------------------------------------------------------- grammar
@@ -276,7 +287,7 @@ class _Builder(Transformer):
         if keyword == "constraints":
             node: Any = self._constraints(block)
         else:
-            node = Block(self._params(block, "a search block"), span)
+            node = Block(self._params(block, f"a {keyword} block"), span)
         return keyword, node, _tspan(children[0]), span
 
     # -------------------------------------------------------- blocks
@@ -359,6 +370,7 @@ class _Builder(Transformer):
         """Unescape a STRING token, reporting every escape other than \\" and \\\\."""
         out: list[str] = []
         body = str(tok)[1:-1]
+        control_seen = False
         i = 0
         while i < len(body):
             ch = body[i]
@@ -368,12 +380,18 @@ class _Builder(Transformer):
                     out.append(nxt)
                 else:
                     col = tok.column + 1 + i
-                    self._error(f"unknown escape '\\{nxt}' in string",
+                    self._error(f"unknown escape '\\{_shown(nxt)}' in string",
                                 Span(tok.line, col, tok.line, col + 2),
                                 'only \\" and \\\\ are escapes; write other characters as they are')
                     out.append("\\" + nxt)
                 i += 2
             else:
+                if _is_control(ch) and not control_seen:
+                    control_seen = True
+                    col = tok.column + 1 + i
+                    self._error(f"control character {_shown(ch)} in string",
+                                Span(tok.line, col, tok.line, col + 1),
+                                "a string holds one line of printable text (tabs are fine)")
                 out.append(ch)
                 i += 1
         return Str("".join(out), _tspan(tok))
@@ -388,6 +406,9 @@ class _Builder(Transformer):
             hint = None if best else "units: " + " ".join(UNITS)
             self._error(f"unknown unit '{unit}'" + (f" — did you mean '{best}'?" if best else ""),
                         _tspan(tok), hint)
+        elif not math.isfinite(float(digits) * UNITS.get(unit, (None, 1.0))[1]):
+            self._error(f"number '{tok}' is too large", _tspan(tok),
+                        "numbers must be below about 1.8e308 in base units")
         return Num(float(text), unit or None, text, _span(meta))
 
     def name(self, meta: Any, children: list[Any]) -> Value:
@@ -417,7 +438,8 @@ class _Builder(Transformer):
             if not failed:  # a bad range inside has been reported already
                 self._error("auto takes one range: auto(lo .. hi)", span, _AUTO_HINT)
             return Auto(None, span)
-        self._no_auto([a.value for a in args])
+        self._no_auto([a.value for a in args], f"auto cannot be an argument of {name_tok}(…)",
+                      "auto may only stand for a technique's knob: stage NAME: TECHNIQUE { key = auto }")
         seen: set[str] = set()
         keyword_seen = False
         for arg in args:
@@ -437,10 +459,21 @@ class _Builder(Transformer):
             return None
         return Arg(str(key), value, _span(meta), _tspan(key))
 
-    def _no_auto(self, values: list[Value]) -> None:
+    def _no_auto(self, values: list[Value], message: str = _AUTO_WHOLE,
+                 hint: str = _AUTO_HINT) -> None:
         for value in values:
             if isinstance(value, Auto):
-                self._error(_AUTO_WHOLE, value.span, _AUTO_HINT)
+                self._error(message, value.span, hint)
+
+
+def _is_control(ch: str) -> bool:
+    """Tell whether a character has no place in a string: C0 controls except tab, DEL, C1."""
+    return (ch < " " and ch != "\t") or "\x7f" <= ch <= "\x9f"
+
+
+def _shown(ch: str) -> str:
+    """Write a character for a message: itself when printable, else its code point (U+000D)."""
+    return ch if ch.isprintable() else f"U+{ord(ch):04X}"
 
 
 def _what(value: Value) -> str:
@@ -486,13 +519,13 @@ def _bad_character(exc: UnexpectedCharacters, text: str) -> RecipeError:
         "!": _COMPARISONS,
         ";": "separate items with newlines or commas",
         "/": "comments start with #",
+        "%": "a unit follows its number directly: 20%",
         ".": "write numbers with a leading digit (0.5); a range is written lo .. hi",
     }
     hint = hints.get(ch)
     if ch == "." and not following.isdigit():
         hint = "a range is written lo .. hi"
-    shown = ch if ch.isprintable() else repr(ch)[1:-1]
-    return RecipeError(f"unexpected character '{shown}'", span, hint)
+    return RecipeError(f"unexpected character '{_shown(ch)}'", span, hint)
 
 
 def _unexpected_token(tok: Token, expected: set[str], tokens: list[Token]) -> RecipeError:
@@ -500,7 +533,7 @@ def _unexpected_token(tok: Token, expected: set[str], tokens: list[Token]) -> Re
     prev = before[-1] if before else None
     block = _open_block(before)
     if block is None and prev is not None:
-        unfinished = _unfinished_statement(prev, expected)
+        unfinished = _unquoted_argument(before) or _unfinished_statement(prev, expected)
         if unfinished is not None:
             return unfinished
     block_kw = _block_keyword(before, block[2]) if block and block[0] == "LBRACE" else None
@@ -512,9 +545,21 @@ def _unexpected_token(tok: Token, expected: set[str], tokens: list[Token]) -> Re
     else:
         shown = f"'{tok}'"
     message = f"unexpected {shown} — expected {_expected_phrase(expected, inside, block_kw)}"
+    if block is None and prev is not None and prev.type == "COLON" and len(before) >= 3 \
+            and str(before[-3]) == "stage":
+        message = f"unexpected {shown} — expected the technique of stage '{before[-2]}'"
     hint = None
+    adjacent = prev is not None and prev.end_pos == tok.start_pos
     if prev is not None and prev.type == "EQUALS" and tok.type == "CMP_OP":
-        hint = _COMPARISONS
+        hint = f"write '{tok}=', not '={tok}'" if adjacent and str(tok) in ("<", ">") else _COMPARISONS
+    elif (prev is not None and adjacent and tok.type == "NUMBER" and prev.type == "COMMA"
+          and before[-2:-1] and before[-2].type == "NUMBER" and before[-2].end_pos == prev.start_pos):
+        hint = f"decimals are written with a point: {before[-2]}.{tok}"
+    elif (block is None and tok.type in ("STRING", "NUMBER") and prev is not None
+          and prev.type == "IDENT" and len(before) >= 2 and before[-2].type == "EQUALS"):
+        hint = f"is a '(' missing? e.g. {prev}({tok})"
+    elif tok.type == "LPAREN" and "LBRACE" in expected and "EQUALS" not in expected:
+        hint = "settings go in braces: { key = value … }"
     elif inside == "LBRACE" and any(t.type == "IDENT" and str(t) in STATEMENTS and _starts_line(t, before)
                                     for t in (tok, prev) if t is not None):
         hint = f"is a '}}' missing? the block opened at line {block[1]} is not closed"
@@ -538,11 +583,24 @@ def _unexpected_end(expected: set[str], text: str, tokens: list[Token]) -> Recip
         return RecipeError(f"unexpected end of file — {what} is not closed (opened at line {line})",
                            span, f"add the missing '{closer}'")
     if tokens:
-        unfinished = _unfinished_statement(tokens[-1], expected)
+        unfinished = _unquoted_argument(tokens) or _unfinished_statement(tokens[-1], expected)
         if unfinished is not None:
             return unfinished
     phrase = _expected_phrase(expected, None, None) if expected else "more input"
     return RecipeError(f"unexpected end of file — expected {phrase}", span)
+
+
+def _unquoted_argument(before: list[Token]) -> RecipeError | None:
+    """Explain ``use squeezelang`` or ``output out``: a name where the statement takes a string."""
+    if len(before) < 2 or before[-1].type != "IDENT" or before[-2].type != "IDENT":
+        return None
+    keyword, word = str(before[-2]), before[-1]
+    if STATEMENTS.get(keyword) != "string":
+        return None
+    if len(before) >= 3 and before[-3].type in ("IDENT", "EQUALS", "COLON"):
+        return None  # the keyword is not the first word of a statement
+    return RecipeError(f"'{keyword}' takes a string in double quotes, not the name '{word}'",
+                       _tspan(word), f'write it as {keyword} "{word}"')
 
 
 def _unfinished_statement(prev: Token, expected: set[str]) -> RecipeError | None:
@@ -603,6 +661,21 @@ def _expected_phrase(expected: set[str], inside: str | None, block_kw: str | Non
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
 
 
+def _too_deep(tokens: list[Token]) -> RecipeError | None:
+    """Report brackets nested more than MAX_NESTING deep, at the first opener past the limit."""
+    depth = 0
+    for tok in tokens:
+        if tok.type in _OPENERS:
+            depth += 1
+            if depth > MAX_NESTING:
+                return RecipeError(f"brackets nested more than {MAX_NESTING} deep", _tspan(tok),
+                                   "a recipe value is a number, string, name, list or call; "
+                                   "flatten it")
+        elif tok.type in _OPENERS.values():
+            depth = max(depth - 1, 0)
+    return None
+
+
 def _split_unit_errors(tokens: list[Token]) -> list[RecipeError]:
     """Find ``12 MB``: a unit written apart from its number, which the lexer reads as a name."""
     errors: list[RecipeError] = []
@@ -636,10 +709,10 @@ def _eof_span(text: str) -> Span:
 def _encoding_error(data: bytes, exc: UnicodeDecodeError, file: str) -> RecipeErrors:
     """Locate the first byte that is not UTF-8 and report it as a recipe error."""
     start = exc.start
-    line = data.count(b"\n", 0, start) + 1
-    line_start = data.rfind(b"\n", 0, start) + 1
-    column = len(data[line_start:start].decode("utf-8")) + 1
-    source = data.decode("utf-8", errors="replace")
+    before = _LONE_CR.sub("\n", data[:start].decode("utf-8"))
+    line = before.count("\n") + 1
+    column = len(before) - (before.rfind("\n") + 1) + 1
+    source = _LONE_CR.sub("\n", data.decode("utf-8", errors="replace"))
     error = RecipeError(f"invalid UTF-8 byte 0x{data[start]:02x}",
                         Span(line, column, line, column + 1), "save the recipe as UTF-8")
     return RecipeErrors([error], source=source, file=file)

@@ -26,18 +26,31 @@ def auto_class(task: str) -> Any:
 def read_config(directory: Path) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SqueezeError(f"{path}: no config.json — not a transformers model directory") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SqueezeError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise SqueezeError(f"{path}: cannot read the config: {exc.strerror or exc}") from None
+    if not isinstance(config, dict):
+        raise SqueezeError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    return config
 
 
 def load_pretrained(directory: Path, task: str) -> Any:
-    """Load weights from a local directory (never the hub, never remote code), in eval mode."""
+    """Load weights from a local directory (never the hub, never remote code), in eval mode.
+
+    Only safetensors weights are read (never a pickle such as ``pytorch_model.bin``); they are checked
+    first (``load.check_weight_files``), so a corrupt file or a NaN weight is named before loading.
+    """
+    from squeezelang.models.load import check_weight_files
+
     cls = auto_class(task)
+    check_weight_files(Path(directory))
     try:
-        model = cls.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+        model = cls.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False,
+                                    use_safetensors=True)
     except SqueezeError:
         raise
     except Exception as exc:

@@ -91,6 +91,10 @@ def load_model(directory: Path, registries: Registries | None = None,
         model = _technique(registries, record, directory).rebuild_(model, record)
     stored = read_weights(directory)
     state = decode_state(model, stored, codecs, directory)
+    for name, tensor in state.items():
+        problem = nonfinite(tensor)
+        if problem:
+            raise SqueezeError(f"{directory / 'model.safetensors'}: tensor '{name}' holds {problem}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -144,6 +148,41 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
             raise SqueezeError(f"{path}: cannot read the weights: {type(exc).__name__}: {exc}") from None
         out.update(tensors)
     return out
+
+
+def nonfinite(tensor: torch.Tensor) -> str | None:
+    """What is wrong with a floating tensor holding NaN or Inf (``"2 NaN of 4,096 values"``), or None."""
+    import torch
+
+    if not tensor.is_floating_point() or tensor.device.type == "meta" or bool(torch.isfinite(tensor).all()):
+        return None
+    nan = int(torch.isnan(tensor).sum())
+    inf = int(torch.isinf(tensor).sum())
+    found = " and ".join(f"{n:,} {what}" for n, what in ((nan, "NaN"), (inf, "Inf")) if n)
+    return f"{found} of {tensor.numel():,} values"
+
+
+def check_weight_files(directory: Path) -> None:
+    """Refuse unreadable ``*.safetensors`` files and weights holding NaN or Inf, naming file and tensor.
+
+    Called before a model is built from the files, so that a truncated download or a diverged
+    checkpoint is reported as such before any work starts. Reads one tensor at a time.
+    """
+    from safetensors import safe_open
+
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    problem = nonfinite(f.get_tensor(name))
+                    if problem:
+                        raise SqueezeError(f"{path}: tensor '{name}' holds {problem}; the "
+                                           "checkpoint is corrupt (or its training diverged)")
+        except SqueezeError:
+            raise
+        except Exception as exc:  # safetensors' own errors: truncated file, bad header, bad dtype
+            raise SqueezeError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
+                               f"{type(exc).__name__}: {exc}") from None
 
 
 def decode_state(model: Any, stored: dict[str, torch.Tensor], codecs: dict[str, Any],

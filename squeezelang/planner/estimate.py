@@ -118,12 +118,12 @@ def predict(plan: Plan, registries: Registries, stages: list[StagePlan] | None =
         pred.stages.append(StagePrediction(stage.name, stage.technique, stage.method, dict(stage.params),
                                            after.params(), after.size_bytes()))
         pred.notes.extend(n for n in after.notes if n not in pred.notes)
-    pred.constraints = _size_verdicts(plan, pred.original_size, pred.original_params,
+    pred.constraints = size_verdicts(plan, pred.original_size, pred.original_params,
                                       pred.final_size, pred.final_params)
     if plan.has_auto and stages is None:
         extreme = [most_compressed(s, registries) for s in plan.stages]
         best = run_estimates(meta, tuple(extreme), registries, ctx)[-1][1]
-        for v in _size_verdicts(plan, pred.original_size, pred.original_params,
+        for v in size_verdicts(plan, pred.original_size, pred.original_params,
                                 best.size_bytes(), best.params()):
             if not v.met:
                 pred.notes.append(f"impossible: {v.constraint} cannot hold for any auto value; "
@@ -132,7 +132,7 @@ def predict(plan: Plan, registries: Registries, stages: list[StagePlan] | None =
     return pred
 
 
-def _size_verdicts(plan: Plan, size0: float, params0: float, size: float, params: float) -> list[Verdict]:
+def size_verdicts(plan: Plan, size0: float, params0: float, size: float, params: float) -> list[Verdict]:
     originals = {"size": size0, "params": params0}
     finals = {"size": size, "params": params}
     out = []

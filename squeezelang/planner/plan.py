@@ -69,11 +69,24 @@ class ConstraintPlan:
 
 
 @dataclass(frozen=True)
+class ComposePlan:
+    """``compose { … }``: the planner builds the stages from ``allow``ed techniques' candidates."""
+
+    allow: tuple[str, ...]
+    data: str | None = None
+    stages: int = 3
+
+
+@dataclass(frozen=True)
 class SearchPlan:
     strategy: str = "bisect"
     trials: int = 12
     timeout: float = 1800.0
     seed: int = 0
+    #: trials run at once, by ``backend`` ("serial", "process" or "ray" at ``address``)
+    workers: int = 1
+    backend: str = "serial"
+    address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,10 +103,17 @@ class Plan:
     output_dir: str
     output_format: str
     uses: tuple[str, ...] = ()
+    #: Set when the recipe gives ``compose { … }`` instead of stages (``stages`` is then empty).
+    compose: ComposePlan | None = None
 
     @property
     def has_auto(self) -> bool:
         return any(s.autos for s in self.stages)
+
+    @property
+    def needs_search(self) -> bool:
+        """Whether running takes a search: auto knobs to solve or a pipeline to compose."""
+        return self.has_auto or self.compose is not None
 
     def metric(self, name: str) -> MetricPlan | None:
         return next((m for m in self.metrics if m.name == name), None)

@@ -14,12 +14,13 @@ from squeezelang.hooks.registry import Registries
 from squeezelang.lang import ast
 from squeezelang.lang.diagnostics import did_you_mean
 from squeezelang.lang.units import dimension_of
-from squeezelang.planner.plan import (ConstraintPlan, DataPlan, MetricPlan, ModelPlan, Plan,
-                                      SearchPlan, StagePlan)
+from squeezelang.planner.plan import (ComposePlan, ConstraintPlan, DataPlan, MetricPlan, ModelPlan,
+                                      Plan, SearchPlan, StagePlan)
 from squeezelang.planner.validate import missing_columns, schema_errors
 from squeezelang.planner.values import number, to_python
 
 STRATEGIES = ("bisect", "grid", "random")
+BACKENDS = ("serial", "process", "ray")
 SEARCH_SCHEMA: dict[str, Any] = {
     "type": "object", "additionalProperties": False,
     "properties": {
@@ -29,6 +30,25 @@ SEARCH_SCHEMA: dict[str, Any] = {
         "timeout": {"type": "number", "exclusiveMinimum": 0, "default": 1800.0,
                     "description": "a duration, e.g. 30min"},
         "seed": {"type": "integer", "minimum": 0, "default": 0},
+        "workers": {"type": "integer", "minimum": 1, "maximum": 1024, "default": 1,
+                    "description": "trials run at once"},
+        "backend": {"enum": list(BACKENDS), "default": "serial",
+                    "description": "where trials run: serial (this process), process (worker "
+                                   "processes on this machine) or ray (a Ray cluster)"},
+        "address": {"type": "string", "description": "ray only: the cluster address "
+                                                     "(default: start a local Ray instance)"},
+    },
+}
+COMPOSE_SCHEMA: dict[str, Any] = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "allow": {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                  "description": "techniques the planner may use (default: every installed "
+                                 "technique that says how it composes)"},
+        "data": {"type": "string", "description": "the data set calibrated and distilling "
+                                                  "stages read"},
+        "stages": {"type": "integer", "minimum": 1, "maximum": 6, "default": 3,
+                   "description": "the most stages a composed pipeline may have"},
     },
 }
 OPS = ("<=", "<", ">=", ">", "==")
@@ -48,6 +68,34 @@ def _span_of(value: ast.Value) -> ast.Span:
     return getattr(value, "span", ast.NOWHERE)
 
 
+_BASE_UNITS = {"bytes": " bytes", "count": "", "time": " s"}
+
+
+def _note_units(errors: list[RecipeError], params: tuple[ast.Param, ...]) -> None:
+    """Say how a rejected number with a unit was read, so that ``ratio = 5MB`` explains itself."""
+    for err in errors:
+        for p in params:
+            value = p.value
+            if not isinstance(value, ast.Num) or value.span != err.span:
+                continue
+            dimension = dimension_of(value.unit) or ""
+            if dimension in _BASE_UNITS:
+                base = number(value)
+                shown = f"{base:,}" if isinstance(base, int) else f"{base:g}"
+                note = f"{value.text}{value.unit} is read as {shown}{_BASE_UNITS[dimension]}"
+                err.hint = f"{err.hint}; {note}" if err.hint else note
+
+
+def _cycle(ident: ast.Ident, kind: str, name: str) -> RecipeError:
+    """The error for a reference from declaration ``name`` to itself or to a later one."""
+    what = "data set" if kind == "data" else kind
+    hint = f"a {what} can only refer to one declared before it"
+    if ident.name == name:
+        return RecipeError(f"{what} '{name}' refers to itself", ident.span, hint=hint)
+    return RecipeError(f"{what} '{name}' refers to {what} '{ident.name}', which comes after it",
+                       ident.span, hint=hint)
+
+
 class _Resolver:
     def __init__(self, recipe: ast.Recipe, regs: Registries) -> None:
         self.recipe = recipe
@@ -55,6 +103,12 @@ class _Resolver:
         self.errors: list[RecipeError] = []
         self.base_dir = Path(recipe.file).resolve().parent if recipe.file else Path.cwd()
         self.data_columns: dict[str, list[str] | None] = {}
+        self.data_files: dict[str, str] = {}  # data set -> the file(s) it is read from
+        self.task = "embedding"
+        # While a data set or stage is resolved: its kind and name, and the names of that kind it
+        # cannot refer to (itself and those declared after it, which would make a cycle).
+        self.declaring: tuple[str, str] | None = None
+        self.not_yet: set[str] = set()
 
     def error(self, message: str, span: ast.Span | None, hint: str | None = None) -> None:
         self.errors.append(RecipeError(message, span, hint=hint))
@@ -68,14 +122,30 @@ class _Resolver:
         def resolve(ident: ast.Ident) -> str:
             for kind in allowed:
                 if ident.name in names[kind]:
+                    if self.declaring is not None and self.declaring[0] == kind \
+                            and ident.name in self.not_yet:
+                        raise _cycle(ident, *self.declaring)
                     return ident.name
             pool = [n for k in allowed for n in names[k]]
-            kinds = " or ".join(allowed)
-            raise RecipeError(f"undefined name '{ident.name}'", ident.span,
-                              hint=(did_you_mean(ident.name, pool).strip(" —")
-                                    or f"declare it first, e.g. `data {ident.name} = text(\"…\")`"
-                                    if "data" in allowed else None) or f"no {kinds} of that name")
+            hint = did_you_mean(ident.name, pool).strip(" —")
+            if not hint and allowed == ("data",):
+                hint = f"declare it first, e.g. `data {ident.name} = text(\"…\")`"
+            elif not hint:
+                kinds = [{"data": "a data set"}.get(k, f"a {k}") for k in allowed]
+                kinds_text = ", ".join(kinds[:-1]) + " or " + kinds[-1] if len(kinds) > 1 else kinds[0]
+                hint = (f"a string is written in double quotes (\"{ident.name}\"); a name must be "
+                        f"declared first as {kinds_text}")
+            raise RecipeError(f"undefined name '{ident.name}'", ident.span, hint=hint)
         return resolve
+
+    def declare(self, kind: str, decls: tuple[Any, ...], decl: Any | None) -> None:
+        """Start resolving ``decl`` of ``decls`` (None: done with them); see ``declaring``."""
+        if decl is None:
+            self.declaring, self.not_yet = None, set()
+            return
+        index = next(i for i, d in enumerate(decls) if d is decl)
+        self.declaring = (kind, decl.name)
+        self.not_yet = {d.name for d in decls[index:]}
 
     def convert(self, value: ast.Value, path: bool = False, allowed=("data", "metric", "stage")) -> Any:
         try:
@@ -123,6 +193,10 @@ class _Resolver:
         out = []
         for use in self.recipe.uses:
             dist = use.distribution.value
+            if not dist.strip():
+                self.error("'use' needs the name of a plugin distribution", use.distribution.span,
+                           hint='e.g. use "squeezelang-extra"')
+                continue
             try:
                 importlib.metadata.distribution(dist)
             except importlib.metadata.PackageNotFoundError:
@@ -141,7 +215,8 @@ class _Resolver:
         source = self.regs.model_sources.get(call.name)
         if source is None:
             self.error(f"unknown model source '{call.name}'", call.name_span,
-                       hint=did_you_mean(call.name, self.regs.model_sources.names()).strip(" —") or None)
+                       hint=did_you_mean(call.name, self.regs.model_sources.names()).strip(" —")
+                       or "model sources: " + ", ".join(self.regs.model_sources.names()))
             return None
         args, ok = self.call_args(call, source, f"model source '{call.name}'")
         if ok:
@@ -153,8 +228,8 @@ class _Resolver:
         package = None
         first = call.args[0].value if call.args and call.args[0].name is None else None
         if isinstance(first, ast.Call) and first.name == "package":
-            package = tuple(v.value for v in first.positional if isinstance(v, ast.Str)) + ("",)
-            package = (package[0], package[1])
+            names = [v.value for v in first.positional if isinstance(v, ast.Str)] + ["", ""]
+            package = (names[0], names[1])
         return ModelPlan(call.name, args, str(args.get("task", "embedding")), package)
 
     def unique(self, decls: Any, what: str, span_of: Any, hint: str = "") -> list[Any]:
@@ -172,11 +247,13 @@ class _Resolver:
     def data(self) -> tuple[DataPlan, ...]:
         out = []
         for decl in self.unique(self.recipe.data, "data set", lambda d: d.name_span):
+            self.declare("data", self.recipe.data, decl)
             call = decl.source
             source = self.regs.data_sources.get(call.name)
             if source is None:
                 self.error(f"unknown data source '{call.name}'", call.name_span,
-                           hint=did_you_mean(call.name, self.regs.data_sources.names()).strip(" —") or None)
+                           hint=did_you_mean(call.name, self.regs.data_sources.names()).strip(" —")
+                           or "data sources: " + ", ".join(self.regs.data_sources.names()))
                 self.data_columns[decl.name] = None
                 continue
             args, ok = self.call_args(call, source, f"data source '{call.name}'")
@@ -188,7 +265,10 @@ class _Resolver:
                     first = call.args[0].value if call.args else call
                     self.error(str(exc), _span_of(first))
             self.data_columns[decl.name] = columns
+            self.data_files[decl.name] = ", ".join(
+                str(args[k]) for k in getattr(source, "path_params", ()) if args.get(k))
             out.append(DataPlan(decl.name, call.name, args))
+        self.declare("data", self.recipe.data, None)
         return tuple(out)
 
     def check_columns(self, data_name: str, spec: str, renames: dict[str, str], span: ast.Span,
@@ -199,9 +279,10 @@ class _Resolver:
         missing = missing_columns(spec, renames, available)
         if missing:
             cols = ", ".join(f"'{c}'" for c in missing)
+            where = f" (read from {self.data_files[data_name]})" if self.data_files.get(data_name) else ""
             self.error(f"{who} needs column {cols}, which data set '{data_name}' does not have",
-                       span, hint=f"'{data_name}' has columns {', '.join(available) or '(none)'}; "
-                                  "rename with e.g. a = \"s1\" or declare the columns")
+                       span, hint=f"'{data_name}' has columns {', '.join(available) or '(none)'}"
+                                  f"{where}; rename with e.g. a = \"s1\" or declare the columns")
 
     def metrics(self) -> tuple[MetricPlan, ...]:
         out: list[MetricPlan] = []
@@ -251,6 +332,7 @@ class _Resolver:
         states: dict[str, str] = {}  # state -> stage that produced it
         for decl in self.unique(self.recipe.stages, "stage", lambda d: d.span,
                                 "; name stages: stage NAME: TECHNIQUE {…}"):
+            self.declare("stage", self.recipe.stages, decl)
             tech = self.regs.techniques.get(decl.technique)
             if tech is None:
                 self.error(f"unknown technique '{decl.technique}'", decl.technique_span,
@@ -267,6 +349,7 @@ class _Resolver:
             for state in tech.produces_for(dict(stage.params)):
                 states.setdefault(state, decl.name)
             out.append(stage)
+        self.declare("stage", self.recipe.stages, None)
         return tuple(out)
 
     def stage(self, decl: ast.StageDecl, tech: Any) -> StagePlan | None:
@@ -288,9 +371,15 @@ class _Resolver:
                     rlo, rhi = (self.convert(p.value.range.lo), self.convert(p.value.range.hi))
                     if not all(isinstance(v, (int, float)) for v in (rlo, rhi)):
                         continue
-                    if not (knob.lo <= rlo < rhi <= knob.hi):
+                    if not rlo < rhi:
+                        self.error(f"auto range {rlo:g} .. {rhi:g} of '{p.key}' is empty: its low end "
+                                   "must be below its high end", p.value.span,
+                                   hint=f"write auto({rhi:g} .. {rlo:g})" if rhi < rlo
+                                   else f"for a fixed value write {p.key} = {rlo:g}")
+                        continue
+                    if not knob.lo <= rlo < rhi <= knob.hi:
                         self.error(f"auto range {rlo:g} .. {rhi:g} of '{p.key}' must lie within "
-                                   f"{knob.lo:g} .. {knob.hi:g} with low < high", p.value.span)
+                                   f"{knob.lo:g} .. {knob.hi:g}", p.value.span)
                         continue
                     lo, hi = rlo, rhi
                 autos[p.key] = (lo, hi)
@@ -310,6 +399,7 @@ class _Resolver:
             return None
         errs = schema_errors(tech.schema, values, owner, spans, decl.span)
         if errs:
+            _note_units(errs, decl.params)
             self.errors.extend(errs)
             return None
         params = {**tech.defaults_for(values), **values}
@@ -356,12 +446,82 @@ class _Resolver:
         block = self.recipe.search
         if block is None:
             return SearchPlan()
+        n_errors = len(self.errors)
         values = {p.key: self.convert(p.value) for p in block.params}
+        if len(self.errors) > n_errors:  # schema errors would only echo a failed conversion
+            return SearchPlan()
+        timeout = block.param("timeout")
+        if timeout is not None and isinstance(timeout.value, ast.Num) and timeout.value.unit \
+                and dimension_of(timeout.value.unit) != "time":
+            self.error(f"'timeout' is a duration, not {timeout.value.unit}", timeout.value.span,
+                       hint="use ms, s, min or h, e.g. timeout = 30min")
+            return SearchPlan()
         errs = schema_errors(SEARCH_SCHEMA, values, "the search block", _spans(block.params), block.span)
         self.errors.extend(errs)
         if errs:
             return SearchPlan()
+        spans = _spans(block.params)
+        workers = values.get("workers", 1)
+        values.setdefault("backend", "process" if workers > 1 else "serial")
+        if values["backend"] == "serial" and workers > 1:
+            self.error("backend \"serial\" runs one trial at a time", spans["backend"][1],
+                       hint='use backend = "process" (this machine) or "ray" for workers > 1')
+        if "address" in values and values["backend"] != "ray":
+            self.error("'address' applies to backend \"ray\" only", spans["address"][0])
         return SearchPlan(**{k: (float(v) if k == "timeout" else v) for k, v in values.items()})
+
+    def compose(self, constraints: tuple[ConstraintPlan, ...]) -> ComposePlan | None:
+        block = self.recipe.compose
+        if block is None:
+            return None
+        n_errors = len(self.errors)
+        if self.recipe.stages:
+            self.error("a recipe gives either stages or compose { … }, not both", block.span,
+                       hint="drop the stages to let the planner choose them, or drop compose")
+        if not self.recipe.constraints:
+            self.error("compose needs constraints to aim at", block.span,
+                       hint="add e.g. constraints { size <= 25%, drop(quality) <= 0.5 }")
+        values: dict[str, Any] = {}
+        for p in block.params:
+            if p.key == "data":
+                if not isinstance(p.value, ast.Ident):
+                    self.error("'data' must name a declared data set", _span_of(p.value))
+                    continue
+                name = self.convert(p.value, allowed=("data",))
+                if name is not None:
+                    values["data"] = name
+                    self.check_columns(name, "text|a,b", {}, _span_of(p.value), "compose")
+            else:
+                values[p.key] = self.convert(p.value)
+        self.errors.extend(schema_errors(COMPOSE_SCHEMA, values, "the compose block",
+                                         _spans(block.params), block.span))
+        if len(self.errors) > n_errors:
+            return None
+        allow_param = block.param("allow")
+        composable = [t.name for t in self.regs.techniques if t.candidates(self.task)]
+        if allow_param is None:
+            allow = composable
+        else:
+            allow = []
+            for item in allow_param.value.items:
+                name = item.value
+                tech = self.regs.techniques.get(name)
+                if tech is None:
+                    self.error(f"unknown technique '{name}'", item.span,
+                               hint=did_you_mean(name, self.regs.techniques.names()).strip(" —")
+                               or "squeeze plugins lists the installed techniques")
+                elif name not in composable:
+                    self.error(f"technique '{name}' cannot be composed: its plugin offers no "
+                               "candidate settings", item.span,
+                               hint="write it as an explicit stage instead; composable: "
+                                    + ", ".join(composable))
+                elif name in allow:
+                    self.error(f"technique '{name}' is allowed twice", item.span)
+                else:
+                    allow.append(name)
+        if len(self.errors) > n_errors:
+            return None
+        return ComposePlan(tuple(allow), values.get("data"), int(values.get("stages", 3)))
 
     def output(self, name: str) -> tuple[str, str]:
         decl = self.recipe.output
@@ -374,8 +534,12 @@ class _Resolver:
                                hint=did_you_mean(p.key, ["format"]).strip(" —") or "output takes: format")
                     continue
                 value = self.convert(p.value)
-                if value not in self.regs.output_formats:
-                    self.error(f"unknown output format {value!r}", _span_of(p.value),
+                if value is None:  # reported by convert
+                    continue
+                if not isinstance(value, str) or value not in self.regs.output_formats:
+                    what = f"unknown output format {value!r}" if isinstance(value, str) else \
+                        "the output format must be a string"
+                    self.error(what, _span_of(p.value),
                                hint="formats: " + ", ".join(self.regs.output_formats.names()))
                     continue
                 fmt = value
@@ -390,12 +554,15 @@ class _Resolver:
         metrics = self.metrics()
         stages = self.stages()
         constraints = self.constraints(metrics)
+        self.task = model.task if model is not None else "embedding"
+        compose = self.compose(constraints)
         search = self.search()
         output_dir, output_format = self.output(name)
         if self.errors or model is None:
             return None
         return Plan(name, str(Path(recipe.file).resolve()) if recipe.file else None, str(self.base_dir),
-                    model, data, metrics, stages, constraints, search, output_dir, output_format, uses)
+                    model, data, metrics, stages, constraints, search, output_dir, output_format, uses,
+                    compose)
 
 
 def resolve(recipe: ast.Recipe, registries: Registries | None = None) -> Plan:

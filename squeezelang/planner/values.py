@@ -37,9 +37,14 @@ def package_dir(call: ast.Call) -> Path:
                           hint=f"install it, e.g. pip install {dist}")
     locations = list(spec.submodule_search_locations or [])
     base = Path(locations[0]) if locations else Path(spec.origin or ".").parent
-    path = base / pos[1].value if len(pos) == 2 else base  # type: ignore[union-attr]
-    if not path.is_dir():
-        raise RecipeError(f"package '{module}' has no directory '{path.relative_to(base)}'",
+    sub = pos[1].value if len(pos) == 2 else ""  # type: ignore[union-attr]
+    path = base / sub
+    try:
+        found = path.is_dir()
+    except OSError:  # a name too long for the file system, say
+        found = False
+    if not found:
+        raise RecipeError(f"package '{module}' has no directory '{sub}'",
                           (pos[1] if len(pos) == 2 else pos[0]).span)
     return path
 
