@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from squeezelang.errors import ExecutionError, SqueezeError
+from squeezelang.errors import ExecutionError, OutputError, SqueezeError
 from squeezelang.executor.artifacts import check_output_dir, discard_staging, publish, staging_dir
 from squeezelang.executor.checkpoint import WorkDir, fingerprint
 from squeezelang.executor.context import Context, DataStore
@@ -202,6 +202,8 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
         fmt = registries.output_formats.get(plan.output_format)
         try:
             files = fmt.save(current, staged)
+        except (ExecutionError, OutputError):
+            raise
         except Exception as exc:  # ours say what failed; anything else gets the format's name
             message = str(exc) if isinstance(exc, SqueezeError) else \
                 f"output format '{plan.output_format}' failed: {_describe(exc)}"
