@@ -340,8 +340,8 @@ class Quantize(Technique):
         """``scheme = "mixed"``: the width of every weight (by codec key), from ``models.allocate``.
 
         A weight's cost at a width is the predicted effect of its round-to-nearest codes on the
-        model's outputs (``models.sensitivity``, measured around every weight at the width nearest
-        ``avg_bits``, one width narrower); its size is its stored bytes. A weight read by several
+        model's outputs (``models.sensitivity``, each weight measured alone, relative to the width
+        nearest ``avg_bits``); its size is its stored bytes. A weight read by several
         modules (tied) is one choice.
         """
         from squeezelang.models.allocate import allocate, describe
@@ -352,7 +352,6 @@ class Quantize(Technique):
         widths = sorted(set(params["bits"]))
         avg = min(float(params["avg_bits"]), widths[-1])
         reference = min(range(len(widths)), key=lambda i: (abs(widths[i] - avg), widths[i]))
-        probe = reference - 1 if reference > 0 else min(reference + 1, len(widths) - 1)
         readers: dict[int, list[tuple[str, Any]]] = {}
         for name, module in targets:
             readers.setdefault(id(module.weight), []).append((name, module))
@@ -368,11 +367,13 @@ class Quantize(Technique):
                                         s["quant"]["group"]) for s in specs]
 
             keys.append(key)
-            items.append(Candidates(module.weight, users, make, reference, probe))
+            items.append(Candidates(module.weight, users, make, reference))
             sizes.append([stored_bytes(shape, "float32", spec) for spec in specs])
             budget += _budget_bytes(shape, "float32", specs[-1], avg)
-        choice = allocate(costs(handle, texts, items, ctx.progress), sizes, budget, keys,
-                          what='quantize scheme "mixed"')
+        # each weight measured alone (see models.sensitivity): measured on MiniLM, differences at
+        # the uniform width drown in the other layers' rounding noise and send tensors to 2 bits
+        choice = allocate(costs(handle, texts, items, ctx.progress, around="original"), sizes,
+                          budget, keys, what='quantize scheme "mixed"')
         chosen = {k: widths[i] for k, i in zip(keys, choice)}
         used = sum(s[i] for s, i in zip(sizes, choice))
         counts = ", ".join(f"{b} bits x{list(chosen.values()).count(b)}" for b in widths)

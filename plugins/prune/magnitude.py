@@ -29,9 +29,9 @@ if TYPE_CHECKING:
 
 #: The sparsities a layer may get with ``scope = "allocated"``: these within ``BAND`` of ``ratio``,
 #: and ``ratio`` itself. The costs are a first-order expansion around the uniform setting
-#: (``models.sensitivity``), so the layers stay near it; ``PROBE`` is the step that measures them.
+#: (``models.sensitivity``), so the layers stay near it.
 GRID = tuple(round(0.05 * i, 2) for i in range(20))
-BAND, PROBE = 0.2, 0.1
+BAND = 0.2
 #: Parameters only ``scope = "allocated"`` reads.
 ALLOCATED_ONLY = ("data", "samples")
 
@@ -156,8 +156,8 @@ def allocated_counts(handle: ModelHandle, targets: list[tuple[str, Any]], scores
 
     Every layer's candidates are the sparsities of ``GRID`` within ``BAND`` of ``ratio``, and
     ``ratio`` (the lowest scores go first); a candidate's cost is its predicted effect on the
-    model's outputs on the calibration texts (``models.sensitivity``, measured around ``ratio`` with
-    a step of ``PROBE``), its size the bytes of the values it keeps. ``models.allocate`` keeps
+    model's outputs on the calibration texts (``models.sensitivity``, measured around ``ratio``), its
+    size the bytes of the values it keeps. ``models.allocate`` keeps
     at most the values ``estimate`` counts (``round((1 - ratio) · n)`` of each layer, which
     ``"layer"`` would keep); what the grid's steps leave over goes back to the layers whose choice
     costs most, so the total is exact.
@@ -172,7 +172,6 @@ def allocated_counts(handle: ModelHandle, targets: list[tuple[str, Any]], scores
     texts = calibration_texts(ctx, params.get("data"), int(params["samples"]),
                               'prune magnitude (scope "allocated")')
     grid = sorted({s for s in GRID if abs(s - ratio) <= BAND + 1e-9} | {ratio})
-    probe = ratio + PROBE if ratio + PROBE <= grid[-1] + 1e-9 else ratio - PROBE
     options: list[list[int]] = []  # per layer: the kept counts it may get, most first
     items, sizes, elts, budget = [], [], [], 0
     for (name, module), score in zip(targets, scores):
@@ -190,8 +189,7 @@ def allocated_counts(handle: ModelHandle, targets: list[tuple[str, Any]], scores
                 out.append(pruned.reshape(weight.shape))
             return out
 
-        near = min(kept, key=lambda k: (abs(k - (1 - probe) * n), k))
-        items.append(Candidates(weight, [(name, module)], make, kept.index(uniform), kept.index(near)))
+        items.append(Candidates(weight, [(name, module)], make, kept.index(uniform)))
         options.append(kept)
         elts.append(elt)
         sizes.append([k * elt for k in kept])

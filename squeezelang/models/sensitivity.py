@@ -9,29 +9,37 @@ layer's outputs per token is then exact for any replacement, without running the
 An embedding is a linear layer on one-hot inputs, so its ``H`` is diagonal — the frequency of each
 row's id among the calibration tokens — and the same formula holds with ``H = diag(counts / tokens)``.
 
-**What makes the sum over layers meaningful: an end-to-end gain per weight, at the uniform
-setting.** Local errors are not comparable across layers (outputs of very different scale feed
-softmaxes, LayerNorms and residual sums), and local noise-to-signal ratios are not either: on MiniLM a
-sum of ratios prunes the MLP output projections to 95% — their output energy sits in a few outlier
-channels — and loses to the uniform setting. So each weight's local error is converted into its
-effect on the model's final outputs, measured:
+**What makes the sum over layers meaningful: each weight's effect on the final outputs, measured
+around the uniform setting.** Local errors are not comparable across layers (outputs of very
+different scale feed softmaxes, LayerNorms and residual sums), and local noise-to-signal ratios are
+not either: on MiniLM a sum of ratios prunes the MLP output projections to 95% — their output energy
+sits in a few outlier channels — and loses to the uniform setting. So ``costs`` measures:
 
 1. every weight is set to its ``reference`` candidate — the uniform setting, the point the allocation
-   moves away from — and the outputs' loss ``L`` is measured there;
-2. each weight in turn is moved to its ``probe`` candidate (a neighbour of the reference), ``L`` is
-   measured again, and ``gain = ΔL / Δerror`` (clamped at 0);
-3. a candidate costs ``gain · error(W, Ŵ)``.
+   moves away from — and the outputs' loss ``L`` is measured there (``around``, below);
+2. for each weight in turn, every candidate that is *riskier* than the reference (a larger local
+   error) is put in place and ``ΔL`` measured: that is its cost (at least 0). The loss grows faster
+   than linearly with larger errors (2-bit codes, heavy pruning), so these are never extrapolated —
+   measured on MiniLM, extrapolating from one step below int4 sends a third of the tensors to 2 bits
+   and loses 7 Spearman points;
+3. the *safer* candidates (smaller local error) can only help; they cost ``gain · (error - error_ref)``
+   (at most 0), with ``gain = ΔL / Δerror`` measured at the safest-but-one neighbour of the reference.
 
-That is the first-order expansion of ``L`` around the uniform setting, where the other layers are
-already compressed, so interactions between layers count; summed over layers it predicts how ``L``
-changes with any allocation near that point (callers keep their candidates near the reference:
-measured on MiniLM, a sensitivity taken on the uncompressed model mispredicts both interactions and
-large moves, and the allocation it picks at 50% sparsity loses to uniform). ``L`` is the mean squared
-change, against the original model on the calibration texts, of what the task uses: for an
-embedding model the pairwise cosine similarities of the texts' embeddings (invariant to rotations
-and shifts that no similarity search notices; cosine to the original embeddings did not track STS
-quality), otherwise the unit-length fidelity rows (``forward.outputs_for_fidelity``: logits). It costs
-one forward pass over the texts per weight, plus one.
+With ``around = "uniform"`` the costs are changes of ``L`` around the uniform setting, where the
+other layers are already compressed, so interactions between layers count to first order; their sum
+over layers predicts how ``L`` changes with an allocation near that point (callers keep their
+candidates near the reference). That suits pruning, whose layers interact strongly: measured alone,
+sensitivities pick an allocation that loses to uniform 50% sparsity on MiniLM. ``around =
+"original"`` measures each weight alone against the original model (the reference's own effect
+subtracted). That suits rounding noise: at the uniform width the other layers' noise swamps one
+layer's move, and differences measured there sent a third of MiniLM's tensors to 2 bits (7 Spearman
+points lost against int4); measured alone, ``mixed`` at 4 bits beats int4. ``L`` is the mean squared change, against the original model on
+the calibration texts, of what the task uses: for an embedding model the pairwise cosine
+similarities of the texts' embeddings (invariant to rotations and shifts no similarity search
+notices; cosine to the original embeddings did not track STS quality), otherwise the unit-length
+fidelity rows (``forward.outputs_for_fidelity``: logits). It costs one forward pass over the texts per
+riskier candidate and weight, one per weight for the safer side (and for the reference when measured
+alone), and one more.
 """
 from __future__ import annotations
 
@@ -76,47 +84,66 @@ class Candidates:
 
     ``weight`` is the parameter (once, even if several modules read it: ``readers``, ``[(name,
     module)]``); ``make()`` returns its candidate replacements, same shape; ``reference`` is the
-    index of the uniform setting's candidate and ``probe`` that of a neighbour (see the module
-    docstring).
+    index of the uniform setting's candidate (see the module docstring).
     """
 
     weight: Any
     readers: list[tuple[str, Any]]
     make: Callable[[], list[torch.Tensor]]
     reference: int
-    probe: int
 
 
 def costs(handle: ModelHandle, texts: Sequence[str], items: Sequence[Candidates],
-          progress: Callable[..., Any] | None = None) -> list[list[float]]:
-    """``cost[i][o]``: the predicted loss when weight ``i`` takes candidate ``o`` (``gain · error``, up
-    to a constant per weight; see the module docstring). The model is left as it was."""
+          progress: Callable[..., Any] | None = None, around: str = "uniform") -> list[list[float]]:
+    """``cost[i][o]``: the predicted change of the loss when weight ``i`` takes candidate ``o`` instead
+    of its reference (see the module docstring). The model is left as it was.
+
+    ``around = "uniform"`` measures each weight with every other weight at its reference;
+    ``"original"`` with the others unchanged (each weight alone).
+    """
     import torch
 
     stats = output_stats(handle, texts, [r for item in items for r in item.readers])
     target = signature(handle, texts)
     originals = [item.weight.detach().clone() for item in items]
-    local, refs, probes = [], [], []
-    for item, weight in zip(items, originals):
-        candidates = item.make()
-        local.append([sum(stats[name].error(weight - c) for name, _ in item.readers)
-                      for c in candidates])
-        refs.append(candidates[item.reference])
-        probes.append(candidates[item.probe])
+    refs = [item.make()[item.reference] for item in items]
     out = []
     try:
         with torch.no_grad():
-            for item, ref in zip(items, refs):
-                item.weight.copy_(ref)
-            loss = _loss(handle, texts, target)
+            if around == "uniform":
+                for item, ref in zip(items, refs):
+                    item.weight.copy_(ref)
+            base = _loss(handle, texts, target)
+
+            def loss_with(item: Candidates, candidate: torch.Tensor, rest: torch.Tensor) -> float:
+                item.weight.copy_(candidate)
+                try:
+                    return _loss(handle, texts, target)
+                finally:
+                    item.weight.copy_(rest)
+
             for i in (progress(range(len(items)), desc="sensitivity") if progress else range(len(items))):
-                item = items[i]
-                moved = local[i][item.probe] - local[i][item.reference]
-                item.weight.copy_(probes[i])
-                change = _loss(handle, texts, target) - loss
-                item.weight.copy_(refs[i])
-                gain = max(change / moved, 0.0) if moved else 0.0
-                out.append([gain * e for e in local[i]])
+                item, ref, weight = items[i], refs[i], originals[i]
+                rest = ref if around == "uniform" else weight
+                item.weight.copy_(weight)  # make() reads the weight in place: the original
+                candidates = item.make()
+                item.weight.copy_(rest)
+                local = [sum(stats[name].error(weight - c) for name, _ in item.readers)
+                         for c in candidates]
+                mid = local[item.reference]
+                at_ref = base if around == "uniform" else loss_with(item, ref, rest)
+                row = [0.0] * len(candidates)
+                for o, err in enumerate(local):
+                    if err > mid:
+                        row[o] = max(loss_with(item, candidates[o], rest) - at_ref, 0.0)
+                safer = [o for o, err in enumerate(local) if err < mid]
+                if safer:
+                    probe = max(safer, key=lambda o: local[o])
+                    change = loss_with(item, candidates[probe], rest) - at_ref
+                    gain = max(change / (local[probe] - mid), 0.0)
+                    for o in safer:
+                        row[o] = gain * (local[o] - mid)
+                out.append(row)
     finally:
         with torch.no_grad():
             for item, weight in zip(items, originals):
