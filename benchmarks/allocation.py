@@ -12,13 +12,13 @@ calibration texts per layer). The original is measured once for all rows. Writes
 """
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
 from benchmarks.techniques import HEADER, RESULTS, SHARED
+from benchmarks.rows import save_and_print
 
 METRICS = 'data probe = csv("{shared}/stsb-en-dev.csv", columns = ["a", "b", "score"], limit = 500)\n' \
           'metric faithful = fidelity(probe)\n'
@@ -110,14 +110,5 @@ def main(only: list[str] | None = None) -> int:
             rows.append({"name": name, "error": f"{type(exc).__name__}: {exc}"})
         ok = [r for r in rows if "error" not in r]
         print(table(ok[-1:]) if ok and ok[-1]["name"] == name else "", flush=True)
-    path = RESULTS / "allocation.json"
-    if only and path.is_file():  # a partial re-run updates its rows and keeps the others
-        fresh = {r["name"]: r for r in rows}
-        previous = json.loads(path.read_text())
-        rows = [fresh.pop(r["name"], r) for r in previous] + list(fresh.values())
-    path.write_text(json.dumps(rows, indent=2))
-    print("\n" + table([r for r in rows if "error" not in r]))
-    for r in rows:
-        if "error" in r:
-            print(f"{r['name']}: {r['error']}")
+    save_and_print(RESULTS / "allocation.json", rows, only, table)
     return 0

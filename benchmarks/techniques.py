@@ -7,11 +7,12 @@ in the same run. Writes ``benchmarks/results/techniques.json`` and prints a tabl
 """
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.rows import save_and_print
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -104,14 +105,5 @@ def main(only: list[str] | None = None) -> int:
             rows.append({"name": name, "error": f"{type(exc).__name__}: {exc}"})
         ok = [r for r in rows if "error" not in r]
         print(table(ok[-1:]) if ok and ok[-1]["name"] == name else "", flush=True)
-    path = RESULTS / "techniques.json"
-    if only and path.is_file():  # a partial re-run updates its rows and keeps the others
-        fresh = {r["name"]: r for r in rows}
-        previous = json.loads(path.read_text())
-        rows = [fresh.pop(r["name"], r) for r in previous] + list(fresh.values())
-    path.write_text(json.dumps(rows, indent=2))
-    print("\n" + table([r for r in rows if "error" not in r]))
-    for r in rows:
-        if "error" in r:
-            print(f"{r['name']}: {r['error']}")
+    save_and_print(RESULTS / "techniques.json", rows, only, table)
     return 0

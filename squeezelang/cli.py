@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from squeezelang.errors import (ExecutionError, Infeasible, OutputError, PlanError, PluginError, RecipeError,
+from squeezelang.errors import (Infeasible, OutputError, PlanError, PluginError, RecipeError,
                                 RecipeErrors, SqueezeError)
 
 EXIT_OK, EXIT_NOT_MET, EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -308,10 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OutputError, PluginError, PlanError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except ExecutionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    except SqueezeError as exc:
+    except SqueezeError as exc:  # ExecutionError included: it names the stage and plugin
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as exc:  # a full disk, an unwritable or vanished file: the path and the reason

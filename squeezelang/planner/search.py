@@ -60,11 +60,6 @@ def at_levels(plan: Plan, registries: Registries, levels: Levels | float) -> Pla
     return replace(plan, stages=tuple(stages))
 
 
-# Kept for callers that think in one common level.
-def at_level(plan: Plan, registries: Registries, t: float) -> Plan:
-    return at_levels(plan, registries, float(t))
-
-
 def _solved(plan: Plan, fixed: Plan) -> Plan:
     """``fixed``'s values, with ``plan``'s autos kept so the report shows what was solved."""
     return replace(fixed, stages=tuple(replace(f, autos=s.autos) for s, f in zip(plan.stages, fixed.stages)))
@@ -144,9 +139,11 @@ class _Trials:
     """Runs and logs the trials of one plan (one pipeline) within the shared budget."""
 
     def __init__(self, plan: Plan, registries: Registries, scratch: Path, handle: ModelHandle | None,
-                 quiet: bool, ctx: Context, budget: _Budget, pipeline: str | None = None) -> None:
+                 quiet: bool, ctx: Context, budget: _Budget, backend: Any,
+                 pipeline: str | None = None) -> None:
         self.plan, self.registries, self.scratch, self.ctx = plan, registries, scratch, ctx
         self.handle, self.quiet, self.budget, self.pipeline = handle, quiet, budget, pipeline
+        self.backend = backend
         self.workers = max(1, plan.search.workers)
 
     @property
@@ -177,7 +174,7 @@ class _Trials:
             index = len(self.log) + len(jobs) + 1
             jobs.append(TrialJob(index, fixed, str(self.scratch / f"trial-{index:02d}"),
                                  self.budget.original, measure_stages=self.pipeline is not None))
-        outcomes = self.backend().run(jobs)
+        outcomes = self.backend.run(jobs)
         results = []
         for levels, fixed, pred, outcome in zip(batch, fixed_plans, predicted, outcomes):
             if self.budget.original is None and outcome.original:
@@ -206,9 +203,6 @@ class _Trials:
                     "feasible" if outcome.ok else "infeasible"
                 print(f"trial {len(self.log)}: {what}{entry['values'] or ''} -> {verdict}", flush=True)
         return results
-
-    def backend(self) -> Any:
-        return self.ctx.cache["trial_backend"]
 
     def mine(self) -> list[dict[str, Any]]:
         return [t for t in self.log if t.get("pipeline") == self.pipeline]
@@ -343,7 +337,6 @@ def solve(plan: Plan, registries: Registries, output: str | Path | None = None, 
     backend = open_backend(plan.search.backend, plan.search.workers, registries, handle,
                            plan.search.address)
     chosen_label: str | None = None
-    ctx.cache["trial_backend"] = backend
     ruled_out: list[tuple[str, ...]] = []
     skipped: list[str] = []
     try:
@@ -356,7 +349,7 @@ def solve(plan: Plan, registries: Registries, output: str | Path | None = None, 
                 skipped.append(f"{label}: skipped without a trial, its first stages "
                                f"({' + '.join(known)}) already broke a quality constraint")
                 continue
-            trials = _Trials(candidate, registries, scratch, handle, quiet, ctx, budget, label)
+            trials = _Trials(candidate, registries, scratch, handle, quiet, ctx, budget, backend, label)
             if candidate.has_auto:
                 floor, _ = size_floor(candidate, registries, ctx)
                 STRATEGY_FUNCTIONS[plan.search.strategy](trials, floor)

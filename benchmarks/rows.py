@@ -1,0 +1,21 @@
+"""What every benchmark suite does with its rows: keep a partial re-run's rows, write JSON, print."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+
+def save_and_print(path: Path, rows: list[dict[str, Any]], only: list[str] | None,
+                   table: Callable[[list[dict[str, Any]]], str]) -> None:
+    """Write ``rows`` to ``path`` (a partial re-run with ``only`` updates its rows and keeps the
+    others), then print the table of the rows that ran and the error of each that failed."""
+    if only and path.is_file():
+        fresh = {r["name"]: r for r in rows}
+        previous = json.loads(path.read_text())
+        rows = [fresh.pop(r["name"], r) for r in previous] + list(fresh.values())
+    path.write_text(json.dumps(rows, indent=2))
+    print("\n" + table([r for r in rows if "error" not in r]))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['name']}: {r['error']}")
