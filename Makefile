@@ -24,6 +24,8 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup
+	# the library peers (Torch-Pruning, ONNX Runtime) are only needed here
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
 	$(BIN)/python -m benchmarks
 
 clean:

@@ -1,12 +1,18 @@
-"""Run benchmarks by name (default: all): ``python -m benchmarks techniques``, ``… allocation``."""
+"""Run benchmarks by name (default: all): ``python -m benchmarks [techniques] [causal_lm]
+[overhead] [allocation] [--only ROW…]``. Each suite prints a table and its targets (met / not met)
+and writes ``benchmarks/results/<suite>.json`` (and a PNG where it plots)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from benchmarks import allocation, techniques
+# First: encoder_eval sets OMP_WAIT_POLICY before anything imports torch (see its docstring).
+importlib.import_module("benchmarks.encoder_eval")
+from benchmarks import allocation, causal_lm, overhead, techniques  # noqa: E402
 
-SUITES = {"techniques": techniques.main, "allocation": allocation.main}
+SUITES = {"techniques": techniques.main, "causal_lm": causal_lm.main, "overhead": overhead.main,
+          "allocation": allocation.main}
 
 
 def main(argv: list[str] | None = None) -> int:

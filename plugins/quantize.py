@@ -3,8 +3,9 @@
 ``scheme = "int8"`` rounds the weights of linear layers and embeddings to symmetric int8 (per
 output channel or per tensor) and keeps the dequantized values in the model; the file stores int8
 codes plus float32 scales (about a quarter of float32). ``scheme = "int8-dynamic"`` does the same
-to the linear layers and also swaps them for torch's dynamic int8 kernel (activations quantized per
-call), which is faster on CPU; loading re-applies the swap after the weights are read.
+and also swaps the linear layers for torch's dynamic int8 kernel (activations quantized per call),
+which is faster on CPU; loading re-applies the swap after the weights are read. Its embeddings
+(no int8 kernel) and a linear layer tied to one run in float from their int8 codes.
 ``scheme = "int4"`` is weight-only with one scale per output channel and run of ``group_size``
 inputs, two codes per byte (about 1/7 of float32 at group 128); ``method = "gptq"`` rounds the
 linear layers with GPTQ on calibration ``data`` (error compensation through ``XᵀX``) instead of to
@@ -55,7 +56,9 @@ def _applies(scheme: str, method: str) -> set[str]:
 
 
 def _kinds(scheme: str) -> tuple[str, ...]:
-    return LINEAR_KINDS if scheme == "int8-dynamic" else LINEAR_KINDS + EMBEDDING_KINDS
+    """Every scheme stores linear layers and embeddings (int8-dynamic's embeddings, which have no
+    int8 kernel, are stored as int8 codes like ``int8``'s and run in float)."""
+    return LINEAR_KINDS + EMBEDDING_KINDS
 
 
 def _axis(kind: str, granularity: str) -> int | None:
@@ -98,17 +101,28 @@ def _shared_weights(model: Any) -> set[int]:
     return {k for k, n in count.items() if n > 1}
 
 
+def _fresh(name: str, codec: dict[str, Any] | None) -> None:
+    """Refuse a weight that an earlier stage already quantized or clustered."""
+    if "cluster" in (codec or {}):
+        raise SqueezeError(f"quantize: '{name}' is clustered (share method \"cluster\"); it cannot "
+                           "also be quantized")
+    if "quant" in (codec or {}):
+        raise SqueezeError(f"quantize: '{name}' is already quantized by an earlier stage; a second "
+                           "quantize stage must select other layers (include / exclude)")
+
+
 class Quantize(Technique):
     name = "quantize"
     description = (
         "Store weights as 8-bit integers with float32 scales (symmetric; per output channel by "
         "default). scheme \"int8\": weight-only, on linear layers and embeddings; the model keeps "
-        "running in float with the rounded weights. scheme \"int8-dynamic\": linear layers only, "
-        "and they run torch's int8 kernels on CPU (faster). Either way the saved weights are about "
-        "a quarter of float32. scheme \"int4\": 4-bit codes with group-wise scales; scheme "
+        "running in float with the rounded weights. scheme \"int8-dynamic\": the same, and linear "
+        "layers run torch's int8 kernels on CPU (faster; embeddings, which have none, run in "
+        "float). Either way the saved weights are about a quarter of float32. scheme \"int4\": "
+        "4-bit codes with group-wise scales; scheme "
         "\"mixed\": a width per tensor among `bits`, chosen from each layer's measured "
-        "sensitivity on calibration `data` to fit the bytes of `avg_bits` per weight. A model "
-        "cannot be quantized twice.")
+        "sensitivity on calibration `data` to fit the bytes of `avg_bits` per weight. A later "
+        "quantize stage may quantize other layers (include / exclude), not the same ones twice.")
     schema = {
         "type": "object",
         "additionalProperties": False,
@@ -141,7 +155,7 @@ class Quantize(Technique):
                                            "one per tensor."},
             "include": {"type": "array", "items": {"type": "string"}, "default": ["*"],
                         "description": "Globs of module names to quantize (default: every linear "
-                                       "layer, and every embedding for \"int8\")."},
+                                       "layer and embedding)."},
             "exclude": {"type": "array", "items": {"type": "string"}, "default": [],
                         "description": "Globs of module names to keep in float."},
         },
@@ -150,7 +164,9 @@ class Quantize(Technique):
     knobs = (Knob("avg_bits", 2, 8, compresses="down",
                   description="mixed: average code bits per weight (the size budget)"),)
     produces = frozenset({"quantized"})
-    refuses = frozenset({"quantized"})
+    #: A second quantize stage may follow a first one on other layers (say int4 embeddings, then
+    #: int8 kernels for the linear layers); a layer quantized twice is refused by ``_fresh``.
+    refuses: frozenset[str] = frozenset()
     data_params = {"data": "text|a,b"}
     example = 'stage int8: quantize { scheme = "int8", granularity = "channel" }'
 
@@ -224,14 +240,18 @@ class Quantize(Technique):
             t = out.tensors[name]
             if scheme in GROUPED and len(t.shape) != 2:
                 continue
+            _fresh(name, t.codec)
             t.codec = merge(t.codec, {"quant": _spec(mod.kind, params, widest)})
             if scheme == "mixed":
                 avg = min(float(params["avg_bits"]), widest)
                 out.overhead_bytes += (_budget_bytes(t.shape, t.dtype, t.codec, avg)
                                        - stored_bytes(t.shape, t.dtype, t.codec))
             modules.append(mod.name)
-        if scheme == "int8-dynamic" and modules:
-            out.overhead_bytes += edit_bytes(self._record(modules, params["granularity"]))
+        linears = [m.name for m in out.select(LINEAR_KINDS, params.get("include"),
+                                               params.get("exclude", ()))
+                   if m.name in modules]
+        if scheme == "int8-dynamic" and linears:
+            out.overhead_bytes += edit_bytes(self._record(linears, params["granularity"]))
         out.states.add("quantized")
         return out
 
@@ -254,9 +274,7 @@ class Quantize(Technique):
         if not targets:
             raise SqueezeError("quantize: include/exclude select no linear layer or embedding")
         for name, _ in targets:
-            if "cluster" in (handle.codecs.get(f"{name}.weight") or {}):
-                raise SqueezeError(f"quantize: '{name}.weight' is clustered (share method "
-                                   "\"cluster\"); it cannot also be quantized")
+            _fresh(f"{name}.weight", handle.codecs.get(f"{name}.weight"))
         if scheme in GROUPED:
             self._grouped_(handle, targets, params, ctx)
             return
@@ -270,11 +288,12 @@ class Quantize(Technique):
                     continue
                 seen.add(id(weight))
                 axis = _axis(kind_of(module), granularity)
-                if scheme == "int8-dynamic":
-                    if id(weight) in shared:
-                        ctx.log(f"quantize: '{name}' shares its weight with another module "
-                                "(tied embedding); left in float")
-                        continue
+                kernel = scheme == "int8-dynamic" and kind_of(module) in LINEAR_KINDS
+                if kernel and id(weight) in shared:
+                    kernel = False
+                    ctx.log(f"quantize: '{name}' shares its weight with another module (tied "
+                            "embedding): stored as int8 codes, run in float")
+                if kernel:
                     set_module(model, name, Int8DynamicLinear.from_linear(module, axis is None))
                     swapped.append(name)
                 else:

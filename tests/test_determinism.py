@@ -6,7 +6,7 @@ in a fresh process through the command line (so that nothing cached in a process
 RNG state or a loaded model, can make the runs agree). Every file of the artifact must be
 byte-identical (``model.safetensors``, ``squeeze.json``, ``config.json``, the tokenizer files and the
 lock file); ``report.json`` must be identical once ``normalise`` has removed what is measured by the
-clock (timings, seconds, latency) and the output path.
+clock (timings, seconds, latency, the resources used) and the output path.
 """
 from __future__ import annotations
 
@@ -52,8 +52,9 @@ constraints {{
 search {{ seed = 3 }}
 '''
 
-#: Report keys whose values are durations measured by the clock.
-CLOCK_KEYS = {"timings", "seconds", "measure_seconds", "search_seconds", "elapsed"}
+#: Report keys whose values are durations measured by the clock (and ``resources``: the peak
+#: memory and CPU time that the operating system counts, which vary from run to run like timings).
+CLOCK_KEYS = {"timings", "resources", "seconds", "measure_seconds", "search_seconds", "elapsed"}
 
 
 def normalise(report: dict[str, Any], output_dir: Path) -> dict[str, Any]:
@@ -83,6 +84,7 @@ def test_normalise_keeps_what_is_deterministic(tmp_path: Path):
               "stages": [{"seconds": 1.0, "metrics": {"size": 9, "latency": 0.2}}],
               "constraints": [{"metric": "latency", "value": 0.1}, {"metric": "size", "value": 10}],
               "timings": {"total": 3.0},
+              "resources": {"max_rss_bytes": 123456789, "wall_seconds": 3.0},
               "output": {"dir": str(tmp_path / "a")}}
     assert normalise(report, tmp_path / "a") == {
         "metrics": {"size": {"dimension": "bytes", "final": 10}},

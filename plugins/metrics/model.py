@@ -125,12 +125,16 @@ class Memory(Metric):
 class Latency(Metric):
     name = "latency"
     description = ("median wall time, in seconds, of one forward pass on a [batch, seq] batch of "
-                   "random token ids, on 'threads' CPU threads")
+                   "random token ids, on 'threads' CPU threads (after a warm-up of 'warmup' passes "
+                   "or more, up to 0.2 s; 'repeats' timed passes or more, up to 0.5 s)")
     dimension = "time"
     higher_is_better = False
     implicit = True
     #: Used when ``seq`` is not given (and lowered to the model's maximum if that is shorter).
     default_seq = 128
+    #: Least time spent warming up, and least total time of the timed passes (see ``measure``).
+    warmup_seconds = 0.2
+    min_seconds = 0.5
     schema = {
         "type": "object",
         "properties": {
@@ -176,10 +180,20 @@ class Latency(Metric):
         torch.set_num_threads(threads)
         try:
             with torch.inference_mode():
-                for _ in range(int(args.get("warmup", 3))):
+                # Warm up for `warmup` passes and up to `warmup_seconds` more (first passes
+                # allocate and pick kernels); then time `repeats` passes and more, up to
+                # `min_seconds` in all, so that one burst of load on a shared machine cannot move
+                # the median. Fast (tiny) models stop at 4x / 5x the passes asked for.
+                started = time.perf_counter()
+                warmup, passes = int(args.get("warmup", 3)), 0
+                while passes < warmup or (time.perf_counter() - started < self.warmup_seconds
+                                          and passes < 4 * warmup):
                     model(**inputs)
-                times = []
-                for _ in range(int(args.get("repeats", 20))):
+                    passes += 1
+                times: list[float] = []
+                repeats = int(args.get("repeats", 20))
+                while len(times) < repeats or (
+                        sum(times) < self.min_seconds and len(times) < 5 * repeats):
                     start = time.perf_counter()
                     model(**inputs)
                     times.append(time.perf_counter() - start)

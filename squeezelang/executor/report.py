@@ -17,7 +17,8 @@ SEARCH_PNG = "search.png"
 def build_report(plan: Plan, registries: Registries, original: dict[str, float],
                  stages: list[dict[str, Any]], final: dict[str, float], verdicts: list[Verdict],
                  files: list[str], timings: dict[str, float], trials: list[dict[str, Any]],
-                 resumed_after: str | None, composition: dict[str, Any] | None = None) -> dict[str, Any]:
+                 resumed_after: str | None, composition: dict[str, Any] | None = None,
+                 resources: dict[str, Any] | None = None) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -52,6 +53,7 @@ def build_report(plan: Plan, registries: Registries, original: dict[str, float],
         "composition": composition,
         "resumed_after": resumed_after,
         "timings": timings,
+        "resources": resources or {},
         "environment": {"squeezelang": squeezelang.__version__, "torch": torch.__version__,
                         "transformers": transformers.__version__, "python": platform.python_version(),
                         "machine": platform.machine()},
@@ -172,8 +174,10 @@ def markdown(report: dict[str, Any], plot_note: str | None = None) -> str:
         if plot_note:
             lines += ["", plot_note]
     t = report["timings"]
+    peak = (report.get("resources") or {}).get("max_rss_bytes")
     lines += ["", f"Total {t.get('total', 0):.1f} s (load {t.get('load', 0):.1f} s, save "
-                  f"{t.get('save', 0):.1f} s)."]
+                  f"{t.get('save', 0):.1f} s)"
+              + (f"; peak memory {peak / 1e9:.2f} GB (max RSS)." if peak else ".")]
     return "\n".join(lines) + "\n"
 
 

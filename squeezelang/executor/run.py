@@ -1,6 +1,7 @@
 """Run a plan: load, measure the original, apply stages with checkpoints, save, verify, report."""
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -221,8 +222,9 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
         timings["total"] = time.perf_counter() - started
         if search_seconds is not None:
             timings["search"] = search_seconds
+        used = resources(timings["total"] + (search_seconds or 0.0))
         report = build_report(plan, registries, state.original_metrics, stage_records, final, verdicts,
-                              files, timings, trials or [], resumed_after, composition)
+                              files, timings, trials or [], resumed_after, composition, used)
         write_reports(staged, plan, report, registries, out)
         publish(staged, out)
     except BaseException:
@@ -231,6 +233,30 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
     work.remove()
     reloaded.source_dir = out
     return RunResult(plan, report, verdicts, reloaded, out, resumed_after, notes)
+
+
+def resources(wall_seconds: float) -> dict[str, Any]:
+    """What the run used: the peak resident memory (max RSS, bytes) of this process and of its
+    finished child processes (a search's worker processes), the CPU seconds of both, and
+    ``wall_seconds`` (the run's wall time, a search included).
+
+    The peaks and CPU times are the operating system's figures for the whole process so far: under
+    ``squeeze run`` that is the command; through the API, whatever the calling process did before
+    counts too. ``None`` where the platform has no ``resource`` module (Windows).
+    """
+    try:
+        import resource
+    except ImportError:
+        return {"max_rss_bytes": None, "self_max_rss_bytes": None, "children_max_rss_bytes": None,
+                "cpu_seconds": None, "wall_seconds": wall_seconds}
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB elsewhere
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"max_rss_bytes": max(me.ru_maxrss, children.ru_maxrss) * unit,
+            "self_max_rss_bytes": me.ru_maxrss * unit,
+            "children_max_rss_bytes": children.ru_maxrss * unit,
+            "cpu_seconds": me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime,
+            "wall_seconds": wall_seconds}
 
 
 def _resume(work: WorkDir, record: dict[str, Any], done: int, plan: Plan, registries: Registries,

@@ -40,6 +40,7 @@ lossy file.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import TYPE_CHECKING, Any, Iterable
@@ -218,6 +219,20 @@ def index_bytes(name: str, shape: Iterable[int], dtype: str, spec: dict[str, Any
     Offsets are counted at the digits of the tensor's own byte size (an under-estimate of a few
     bytes per tensor in large files — noise next to the data).
     """
+    shape = tuple(int(d) for d in shape)
+    try:  # planning asks again and again for the same tensors: remember the answers
+        key = json.dumps(spec, sort_keys=True, separators=(",", ":")) if spec else None
+    except (TypeError, ValueError):
+        return _index_bytes(name, shape, str(dtype), spec)
+    return _cached_index_bytes(name, shape, str(dtype), key)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _cached_index_bytes(name: str, shape: tuple[int, ...], dtype: str, spec_json: str | None) -> int:
+    return _index_bytes(name, shape, dtype, json.loads(spec_json) if spec_json else None)
+
+
+def _index_bytes(name: str, shape: tuple[int, ...], dtype: str, spec: dict[str, Any] | None) -> int:
     total = 0
     for stored, dtype_, s in layout(name, shape, dtype, spec):
         nbytes = _numel(s) * _elt(dtype_)

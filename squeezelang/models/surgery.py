@@ -23,6 +23,8 @@ the head dimension is ``hidden / heads`` and the attention inner size equals the
 from __future__ import annotations
 
 import copy
+import functools
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -101,11 +103,8 @@ def shrunk_config(config: dict[str, Any], layers: int | None = None, heads: int 
 def resized_meta(meta: ModelMeta, layers: int | None = None, heads: int | None = None,
                  hidden: int | None = None, inner: int | None = None) -> ModelMeta:
     """The meta-data of the model after surgery to the given sizes (built on the meta device)."""
-    from squeezelang.models import hf
-    from squeezelang.models.meta import meta_from_model
-
     config = shrunk_config(meta.config, layers, heads, hidden, inner)
-    out = meta_from_model(hf.from_config(config, meta.task, meta=True), meta.task)
+    out = config_meta(config, meta.task)
     for name, t in out.tensors.items():
         old = meta.tensors.get(name)
         if old is not None:
@@ -114,6 +113,34 @@ def resized_meta(meta: ModelMeta, layers: int | None = None, heads: int | None =
     out.overhead_bytes = meta.overhead_bytes
     out.notes = list(meta.notes)
     return out
+
+
+def config_meta(config: dict[str, Any], task: str) -> ModelMeta:
+    """The meta-data of a fresh model of ``config`` for ``task``, built on the meta device.
+
+    Planning asks for the same sizes again and again (a bisection over a knob lands on the same
+    whole number of layers or neurons many times), so the answers are remembered; each call gets
+    its own copy.
+    """
+    import torch
+
+    try:
+        key = json.dumps(config, sort_keys=True)
+    except (TypeError, ValueError):  # not JSON: build it every time
+        return _config_meta(config, task)
+    return _remembered_config_meta(key, task, str(torch.get_default_dtype())).copy()
+
+
+@functools.lru_cache(maxsize=64)
+def _remembered_config_meta(config_json: str, task: str, default_dtype: str) -> ModelMeta:
+    return _config_meta(json.loads(config_json), task)
+
+
+def _config_meta(config: dict[str, Any], task: str) -> ModelMeta:
+    from squeezelang.models import hf
+    from squeezelang.models.meta import meta_from_model
+
+    return meta_from_model(hf.from_config(config, task, meta=True), task)
 
 
 def heads_meta(meta: ModelMeta, heads: int, hidden: int | None = None) -> ModelMeta:

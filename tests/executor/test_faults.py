@@ -48,8 +48,9 @@ constraints {{
 }}
 '''
 STAGES = ("sparse", "heal", "lowrank", "int8")
-#: Report keys that differ between runs by nature: wall times, latency, and whether it resumed.
-VOLATILE = frozenset({"timings", "seconds", "measure_seconds", "resumed_after", "latency"})
+#: Report keys that differ between runs by nature: wall times, latency, the memory and CPU time
+#: used, and whether it resumed.
+VOLATILE = frozenset({"timings", "seconds", "measure_seconds", "resources", "resumed_after", "latency"})
 #: Files whose bytes must equal the uninterrupted run's (everything but the two reports).
 REPORTS = frozenset({"report.json", "report.md"})
 
