@@ -33,7 +33,8 @@ training early-stopped on). Size is the saved weights and config; latency is the
 in the same run, at 2 threads (the suites' convention) and at 1 thread (``lat1``: on a shared
 2-core machine a 2-thread pass waits for whichever thread is descheduled, and its median can
 swing by 50x). Calibration and distillation read ``train.jsonl`` (random windows of
-the training split only).
+the training split only). ``sec`` is the seconds of the row's engine run (the controls' training is
+cached with the model and not included).
 
 Targets: (a) half the parameters with validation loss within 3% of the original after
 distillation, judged on the best distilled row with at most 50.5% of the parameters, and also
@@ -271,7 +272,8 @@ def targets(rows: list[dict[str, Any]]) -> list[Any]:
 
 
 def plot(rows: list[dict[str, Any]], path: Path, training: dict[str, Any]) -> None:
-    """Parameters against validation loss for every row; and the original's training curve."""
+    """Parameters against validation loss for every row, the same zoomed on the rows near the
+    original, and the original's training curve."""
     try:
         import matplotlib
 
@@ -281,23 +283,28 @@ def plot(rows: list[dict[str, Any]], path: Path, training: dict[str, Any]) -> No
         print("no plot: matplotlib is not installed", file=sys.stderr)
         return
     ok = [r for r in rows if "val_loss" in r]
-    fig, (ax, curve) = plt.subplots(1, 2, figsize=(13, 5.5))
-    for r in ok:
-        kind = ("tab:gray" if r["name"] == "original" or r["name"] in CONTROLS else
-                "tab:blue" if r["name"].startswith("width") else "tab:red")
-        marker = "x" if r["name"].startswith(("width", "depth")) and "distill" not in r["name"] else "o"
-        ax.scatter(r["params"] / 1e3, r["val_loss"], color=kind, marker=marker, s=30)
-        ax.annotate(r["name"], (r["params"] / 1e3, r["val_loss"]), fontsize=7)
     by_name = {r["name"]: r for r in ok}
-    if "original" in by_name:
-        bound = by_name["original"]["val_loss"] * (1 + WITHIN)
-        ax.axhline(bound, color="gray", ls="--", lw=0.7, label=f"original + {WITHIN:.0%}")
-        ax.axvline(by_name["original"]["params"] * HALF / 1e3, color="gray", ls=":", lw=0.7,
-                   label=f"{HALF:.1%} of the parameters")
-    ax.set_xlabel("parameters (thousands)")
-    ax.set_ylabel("validation loss (nats per character, saved artifact)")
-    ax.legend(fontsize=7)
-    ax.set_title("x: pruned only, o: distilled; blue width, red depth")
+    fig, (full, zoom, curve) = plt.subplots(1, 3, figsize=(18, 5.5))
+    near = [r for r in ok if "distill" in r["name"] or not r["name"].startswith(("width", "depth"))]
+    for ax, shown in ((full, ok), (zoom, near)):
+        for i, r in enumerate(sorted(shown, key=lambda r: (r["params"], r["val_loss"]))):
+            color = ("tab:gray" if r["name"] == "original" or r["name"] in CONTROLS else
+                     "tab:blue" if r["name"].startswith("width") else "tab:red")
+            pruned_only = r["name"].startswith(("width", "depth")) and "distill" not in r["name"]
+            ax.scatter(r["params"] / 1e3, r["val_loss"], color=color, marker="x" if pruned_only
+                       else "o", s=30)
+            ax.annotate(r["name"], (r["params"] / 1e3, r["val_loss"]), fontsize=7,
+                        xytext=(5, 9 * (i % 3) - 9), textcoords="offset points")
+        if "original" in by_name:
+            ax.axhline(by_name["original"]["val_loss"] * (1 + WITHIN), color="gray", ls="--",
+                       lw=0.7, label=f"original + {WITHIN:.0%}")
+            ax.axvline(by_name["original"]["params"] * HALF / 1e3, color="gray", ls=":", lw=0.7,
+                       label=f"{HALF:.1%} of the parameters")
+        ax.set_xlabel("parameters (thousands)")
+        ax.set_ylabel("validation loss (nats per character, saved artifact)")
+        ax.legend(fontsize=7, loc="upper right")
+    full.set_title("every row (x: pruned only, o: distilled; blue width, red depth)")
+    zoom.set_title("the distilled rows, the original and the controls")
     points = training.get("curve", [])
     curve.plot([p["step"] for p in points], [p["val_loss"] for p in points], label="validation")
     curve.plot([p["step"] for p in points], [p["train_loss"] for p in points], label="train batch",

@@ -6,7 +6,8 @@ and early-stops on the last 10%, and writes into ``benchmarks/cache/charlm/<key>
 - ``model/``: the best checkpoint as a plain transformers directory (``config.json``,
   ``model.safetensors``) with a character tokenizer (a ``tokenizers`` WordLevel model over the
   characters, split one character a token, saved as ``PreTrainedTokenizerFast``) that
-  ``AutoTokenizer`` loads;
+  ``AutoTokenizer`` loads; the vocabulary is every character of the file, as nanoGPT's character
+  model has it;
 - ``val.jsonl``: the validation split cut into consecutive, non-overlapping windows of ``context``
   characters (the last one shorter), one JSON object ``{"text": …}`` a line — JSON because the
   windows hold newlines, which a ``text(...)`` data set would split on;
