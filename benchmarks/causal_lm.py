@@ -28,11 +28,13 @@ Validation loss is ``ln(perplexity)``: the engine's ``perplexity`` metric report
 the token-weighted mean next-character NLL over the validation windows (``val.jsonl``; every
 window is one text of at most ``context`` characters, scored alone), so the loss is derived from
 it — the same windows and the same tokens for every row, equal to ``charlm.mean_nll`` (the loss
-training early-stopped on). Size is the saved weights and config; latency is the engine's
-``latency`` metric (batch 1, seq = the context, median), original and compressed measured
-in the same run, at 2 threads (the suites' convention) and at 1 thread (``lat1``: on a shared
-2-core machine a 2-thread pass waits for whichever thread is descheduled, and its median can
-swing by 50x). Calibration and distillation read ``train.jsonl`` (random windows of
+training early-stopped on). Size is the saved weights and config. Latency is one forward
+pass at batch 1, seq = the context, median: every row's saved artifact is reloaded at the end of
+the suite and all of them are timed *interleaved* with the trained original
+(``encoder_eval.latency_ms``), so each ratio is taken side by side under the same load — at 2
+threads (the suites' convention) and at 1 thread (``lat1``). Timing each row's original and result
+inside its own run gave ratios that moved with the load between runs (×0.53–1.02 for the same
+architecture). Calibration and distillation read ``train.jsonl`` (random windows of
 the training split only). ``sec`` is the seconds of the row's engine run (the controls' training is
 cached with the model and not included).
 
@@ -76,8 +78,6 @@ model = hf("{model}", task = "causal-lm")
 data val = jsonl("{val}", fields = ["text"])
 data train = jsonl("{train}", fields = ["text"])
 metric ppl = perplexity(val, batch_size = 32)
-metric latency = latency(seq = {context}, threads = 2, warmup = 5, repeats = 30)
-metric latency1 = latency(seq = {context}, threads = 1, warmup = 10, repeats = 100)
 '''
 
 
@@ -161,20 +161,46 @@ def run_row(name: str, stages: str, model: Path, prepared: charlm.Prepared, work
         "name": name, "stages": stages, "model": str(model),
         "size_bytes": m["size"]["final"], "size_mb": m["size"]["final"] / 1e6,
         "params": int(m["params"]["final"]),
-        "latency_ms": m["latency"]["final"] * 1e3,
-        "latency_ratio": m["latency"]["final"] / m["latency"]["original"],
-        "latency1_ms": m["latency1"]["final"] * 1e3,
-        "latency1_ratio": m["latency1"]["final"] / m["latency1"]["original"],
         "perplexity": m["ppl"]["final"], "val_loss": math.log(m["ppl"]["final"]),
         "input": {"size_bytes": m["size"]["original"], "params": int(m["params"]["original"]),
-                  "latency_ms": m["latency"]["original"] * 1e3,
-                  "latency1_ms": m["latency1"]["original"] * 1e3, "perplexity": m["ppl"]["original"],
+                  "perplexity": m["ppl"]["original"],
                   "val_loss": math.log(m["ppl"]["original"])},
         "log": [line for s in result.report.get("stages", []) for line in s.get("log", [])],
-        "seconds": seconds,
+        "seconds": seconds, "path": str(out),
     }
-    shutil.rmtree(out, ignore_errors=True)
     return row
+
+
+class _Forward:
+    """One forward pass of a causal LM, in the shape ``encoder_eval.latency_ms`` times."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model.eval()
+
+    def forward_once(self, input_ids: Any, attention_mask: Any) -> Any:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def measure_latency(rows: list[dict[str, Any]], prepared: charlm.Prepared) -> None:
+    """Reload every row's saved artifact and time all of them interleaved with the trained
+    original (the reference of every ratio), at 2 threads and at 1; then delete the artifacts."""
+    import squeezelang
+    from benchmarks.encoder_eval import latency_ms
+
+    models = {"(reference)": _Forward(squeezelang.load(prepared.model, task="causal-lm"))}
+    for r in rows:
+        if "path" in r and "error" not in r:
+            models[r["name"]] = _Forward(squeezelang.load(r["path"], task="causal-lm"))
+    vocab = {name: prepared.vocab_size for name in models}
+    context = prepared.hyper.context
+    two = latency_ms(models, seq=context, threads=2, rounds=200, warmup=20, vocab=vocab)
+    one = latency_ms(models, seq=context, threads=1, rounds=200, warmup=20, vocab=vocab)
+    for r in rows:
+        if r["name"] in two:
+            r["latency_ms"], r["latency1_ms"] = two[r["name"]], one[r["name"]]
+            r["latency_ratio"] = two[r["name"]] / two["(reference)"]
+            r["latency1_ratio"] = one[r["name"]] / one["(reference)"]
+        shutil.rmtree(r.pop("path", ""), ignore_errors=True)
 
 
 CONTROLS = ("control", "control-final-lr")
@@ -356,6 +382,7 @@ def main(only: list[str] | None = None, threads: int = 2) -> int:
         except Exception as exc:  # one broken row must not hide the others
             print(f"{name}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             rows.append({"name": name, "error": f"{type(exc).__name__}: {exc}"})
+    measure_latency(rows, prepared)
     path = RESULTS / "causal_lm.json"
     merged = rows
     if only and path.is_file():  # a partial re-run: relate the fresh rows to the kept ones

@@ -255,7 +255,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if "latency_ms" not in r:
             continue
-        lines.append(f"{r['name']:40.40s} {r['kind']:14.14s} {r['size_bytes'] / 1e6:8.2f} "
+        lines.append(f"{r['name']:40.40s} {r.get('kind', '?'):14.14s} {r['size_bytes'] / 1e6:8.2f} "
                      f"{r['size_ratio'] * 100:6.1f}% {r['params'] / 1e6:9.2f} {r['latency_ms']:7.2f} "
                      f"{r['latency_ratio']:6.2f} {r['spearman']:8.2f} {r['spearman_drop']:6.2f} "
                      f"{r['seconds']:5.0f}")

@@ -61,17 +61,22 @@ class HfSource(ModelSource):
 
     def meta(self, args: dict[str, Any]) -> ModelMeta:
         from squeezelang.models.meta import measured_overhead, meta_from_model
+        from squeezelang.models.meta_cache import cached_meta
 
         directory = self.locate(args)
         task = args.get("task", "embedding")
-        try:
-            model = hf.from_config(hf.read_config(directory), task, meta=True)
-        except SqueezeError:
-            raise
-        except Exception as exc:  # an unknown model_type or a config transformers rejects
-            raise SqueezeError(f"{directory}: cannot build a '{task}' model from config.json: "
-                               f"{type(exc).__name__}: {exc}") from None
-        meta = meta_from_model(model, task)
+
+        def build() -> ModelMeta:
+            try:
+                model = hf.from_config(hf.read_config(directory), task, meta=True)
+            except SqueezeError:
+                raise
+            except Exception as exc:  # an unknown model_type or a config transformers rejects
+                raise SqueezeError(f"{directory}: cannot build a '{task}' model from config.json: "
+                                   f"{type(exc).__name__}: {exc}") from None
+            return meta_from_model(model, task)
+
+        meta = cached_meta((directory / "config.json").read_bytes(), task, build)
         meta.overhead_bytes = measured_overhead(meta, directory)
         return meta
 

@@ -304,15 +304,31 @@ class VocabTrim(Technique):
         key = ("vocab_trim", str(ctx.model_dir), params.get("data"),
                int(params.get("keep_frequent", 0)), tuple(params.get("keep", ())))
         if key not in ctx.cache:
+            ctx.cache[key] = self.kept_count(ctx.model_dir, ctx.data.texts(params["data"]),
+                                             int(params.get("keep_frequent", 0)),
+                                             [str(k) for k in params.get("keep", ())])
+        return self.resize(meta, ctx.cache[key])
+
+    def kept_count(self, model_dir: Path, texts: list[str], keep_frequent: int,
+                   keep: list[str]) -> int:
+        """How many tokens ``apply_`` keeps, kept in the planner's disk cache under the bytes of
+        the model's tokenizer and config files, the texts and the parameters (a later plan then
+        neither imports transformers nor tokenizes)."""
+        from squeezelang.models.meta_cache import cache_key, cached_json
+
+        def count() -> int:
             from squeezelang.models.hf import load_tokenizer, read_config
             from transformers import AutoConfig
 
-            tokenizer = load_tokenizer(ctx.model_dir)
-            config = AutoConfig.for_model(**read_config(ctx.model_dir))
-            ctx.cache[key] = len(kept_ids(tokenizer, ctx.data.texts(params["data"]),
-                                          params.get("keep_frequent", 0), params.get("keep", ()),
-                                          config))
-        return self.resize(meta, ctx.cache[key])
+            tokenizer = load_tokenizer(model_dir)
+            config = AutoConfig.for_model(**read_config(model_dir))
+            return len(kept_ids(tokenizer, texts, keep_frequent, keep, config))
+
+        files = [f"{p.name}\n".encode() + p.read_bytes() for p in sorted(model_dir.iterdir())
+                 if p.is_file() and (p.name.startswith(("tokenizer", "special_tokens", "vocab",
+                                                         "merges")) or p.name == "config.json")]
+        key = cache_key("vocab_trim", *files, "\0".join(texts), str(keep_frequent), "\0".join(keep))
+        return int(cached_json("vocab_trim", key, count))
 
     def resize(self, meta: ModelMeta, new_rows: int) -> ModelMeta:
         """``meta`` with every vocabulary-sized tensor cut to ``new_rows`` rows."""

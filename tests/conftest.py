@@ -122,6 +122,19 @@ def _threads():
     yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _meta_cache(tmp_path_factory):
+    """The planner's meta-data cache lives in the session's temporary directory, not the user's
+    ``~/.cache`` (subprocesses the tests start inherit it)."""
+    previous = os.environ.get("SQUEEZE_CACHE_DIR")
+    os.environ["SQUEEZE_CACHE_DIR"] = str(tmp_path_factory.mktemp("squeeze-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("SQUEEZE_CACHE_DIR", None)
+    else:
+        os.environ["SQUEEZE_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def registries():
     """Every installed plugin's registries, built through the entry points like a user's run."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -122,18 +123,22 @@ def config_meta(config: dict[str, Any], task: str) -> ModelMeta:
     whole number of layers or neurons many times), so the answers are remembered; each call gets
     its own copy.
     """
-    import torch
-
     try:
         key = json.dumps(config, sort_keys=True)
     except (TypeError, ValueError):  # not JSON: build it every time
         return _config_meta(config, task)
-    return _remembered_config_meta(key, task, str(torch.get_default_dtype())).copy()
+    torch = sys.modules.get("torch")  # not imported yet: the default dtype is torch's own
+    dtype = str(torch.get_default_dtype()) if torch is not None else "torch.float32"
+    return _remembered_config_meta(key, task, dtype).copy()
 
 
 @functools.lru_cache(maxsize=64)
 def _remembered_config_meta(config_json: str, task: str, default_dtype: str) -> ModelMeta:
-    return _config_meta(json.loads(config_json), task)
+    """Remembered in the process, and kept across processes by the planner's disk cache."""
+    from squeezelang.models.meta_cache import cached_meta
+
+    return cached_meta(f"{default_dtype}\n{config_json}", task,
+                       lambda: _config_meta(json.loads(config_json), task))
 
 
 def _config_meta(config: dict[str, Any], task: str) -> ModelMeta:
