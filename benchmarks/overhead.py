@@ -17,7 +17,9 @@ and building MiniLM there. ``load`` is the machine's 1-minute load average.
 
 The runs (``RUNS``, once each) write under ``benchmarks/results/overhead/``; their report gives
 the seconds inside the stages (the techniques' own work), the rest by phase, and the engine's own
-peak-memory figure, next to the operating system's count for the whole command (``wait4``).
+peak-memory figure, next to the operating system's count for the whole command (``wait4``; that
+count includes this benchmark process's own peak, which Linux carries across fork and exec, so it
+is an upper bound).
 Recipes that read ``../shared/data`` are skipped, with the reason, where that directory is absent.
 Writes ``benchmarks/results/overhead.json`` (rows, then the targets) and prints a table.
 """

@@ -5,7 +5,10 @@ trains on the texts of ``data`` with AdamW for ``steps`` batches (or until ``tim
 
 - ``embedding`` models (``loss = "auto"``): ``1 - cosine`` between the student's and the teacher's
   mean-pooled sentence embeddings, plus the MSE between the two after L2 normalisation, plus the same
-  two terms on every token's final state (more signal per text than the pooled vector alone).
+  two terms on every token's final state (more signal per text than the pooled vector alone). A
+  student with fewer hidden channels than the teacher (heads pruned with their channels) is
+  trained on the MSE between the two models' cosine-similarity matrices instead (sentences of a
+  batch, and tokens), since its vectors cannot be compared with the teacher's directly.
 - ``causal-lm``, ``masked-lm``, ``classification`` (``loss = "auto"``): KL divergence between the
   temperature-softened distributions (token by token for LMs), scaled by ``temperature²``.
 - ``hidden_weight > 0`` adds the MSE between student layer ``i`` and teacher layer
@@ -141,6 +144,16 @@ def _similarity_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) ->
     return loss
 
 
+def _relational_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """MSE between the rows' cosine-similarity matrices: for a student whose vectors have fewer
+    dimensions than the teacher's (hidden channels pruned), the similarities are what an embedding
+    is used for, and they compare across widths."""
+    import torch.nn.functional as F
+
+    s, t = F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)
+    return F.mse_loss(s @ s.T, t @ t.T) * student.shape[0]
+
+
 class Distill(Technique):
     name = "distill"
     description = (
@@ -237,8 +250,12 @@ class Distill(Technique):
             mask = batch["attention_mask"].bool()
             if handle.task == "embedding":
                 s_h, t_h = s_out[0], t_out[0]
-                loss = (_similarity_loss(_mean_pool(s_h, mask), _mean_pool(t_h, mask), kind)
-                        + _similarity_loss(s_h[mask], t_h[mask], kind))
+                if s_h.shape[-1] == t_h.shape[-1]:
+                    loss = (_similarity_loss(_mean_pool(s_h, mask), _mean_pool(t_h, mask), kind)
+                            + _similarity_loss(s_h[mask], t_h[mask], kind))
+                else:  # hidden channels were pruned: match what the vectors are used for
+                    loss = (_relational_loss(_mean_pool(s_h, mask), _mean_pool(t_h, mask))
+                            + _relational_loss(s_h[mask], t_h[mask]))
             else:
                 loss = self._logit_loss(handle.task, s_out.logits, t_out.logits, mask, id_map,
                                         kind, temperature)

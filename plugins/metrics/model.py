@@ -130,6 +130,7 @@ class Latency(Metric):
     dimension = "time"
     higher_is_better = False
     implicit = True
+    paired = True
     #: Used when ``seq`` is not given (and lowered to the model's maximum if that is shorter).
     default_seq = 128
     #: Least time spent warming up, and least total time of the timed passes (see ``measure``).

@@ -1,6 +1,8 @@
 """Measure every metric of a plan on a model."""
 from __future__ import annotations
 
+import statistics
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +39,34 @@ def measure_all(plan: Plan, registries: Registries, handle: ModelHandle, ctx: Co
     finally:
         ctx.artifact_dir, ctx.stage = previous_dir, previous_stage
     return results
+
+
+#: Calls per model in a paired measurement (their median is taken).
+PAIRED_ROUNDS = 3
+
+
+def measure_paired(plan: Plan, registries: Registries, original: ModelHandle, final: ModelHandle,
+                   ctx: Context, original_dir: Path | None, final_dir: Path | None
+                   ) -> dict[str, tuple[float, float]]:
+    """``(original, final)`` of every ``paired`` metric (latency), measured side by side: the two
+    models' calls alternate, ``PAIRED_ROUNDS`` each, in an order that swaps every round, and each
+    gets the median of its calls. A load that comes and goes during the minutes a run takes then
+    falls on both, and the ratio a constraint judges is taken under one load."""
+    paired = [m for m in plan.metrics if getattr(registries.metrics.get(m.kind), "paired", False)]
+    if not paired:
+        return {}
+    sides = {"original": (original, original_dir), "saved": (final, final_dir)}
+    values: dict[str, dict[str, list[float]]] = {m.name: {"original": [], "saved": []} for m in paired}
+    only = replace(plan, metrics=tuple(paired))
+    order = ["original", "saved"]
+    for _ in range(PAIRED_ROUNDS):
+        for label in order:
+            handle, directory = sides[label]
+            for name, value in measure_all(only, registries, handle, ctx, directory, label).items():
+                values[name][label].append(value)
+        order.reverse()
+    return {name: (statistics.median(v["original"]), statistics.median(v["saved"]))
+            for name, v in values.items()}
 
 
 def _origin(ctx: Context, data: str | None, message: str) -> str:

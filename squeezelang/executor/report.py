@@ -18,7 +18,8 @@ def build_report(plan: Plan, registries: Registries, original: dict[str, float],
                  stages: list[dict[str, Any]], final: dict[str, float], verdicts: list[Verdict],
                  files: list[str], timings: dict[str, float], trials: list[dict[str, Any]],
                  resumed_after: str | None, composition: dict[str, Any] | None = None,
-                 resources: dict[str, Any] | None = None) -> dict[str, Any]:
+                 resources: dict[str, Any] | None = None,
+                 paired: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -33,6 +34,8 @@ def build_report(plan: Plan, registries: Registries, original: dict[str, float],
             "ratio": (f / o) if o else None,
             "drop": (o - f) if m.higher_is_better else (f - o),
         }
+        if paired and m.name in paired:  # measured side by side: the figures alone, for reference
+            metrics[m.name]["paired"] = paired[m.name]
     return {
         "report_version": REPORT_VERSION,
         "recipe": {"name": plan.name, "file": plan.recipe_file},
@@ -135,6 +138,14 @@ def markdown(report: dict[str, Any], plot_note: str | None = None) -> str:
         drop = fmt_value(m["drop"], m["dimension"]) if m["dimension"] == "score" else "—"
         lines.append(f"| {name} | {fmt_value(m['original'], m['dimension'])} | "
                      f"{fmt_value(m['final'], m['dimension'])} | {ratio} | {drop} |")
+    for name, m in report["metrics"].items():
+        if "paired" in m:
+            pair = m["paired"]
+            lines.append(f"\n{name}: the original and the saved artifact measured side by side "
+                         f"({pair['rounds']} alternating calls each, medians); measured alone, the "
+                         f"original gave {fmt_value(pair['original_at_start'], m['dimension'])} at "
+                         f"the start of the run and the artifact "
+                         f"{fmt_value(pair['final_alone'], m['dimension'])}.")
     if report["stages"]:
         names = list(report["metrics"])
         lines += ["", "## After each stage", "",

@@ -13,7 +13,7 @@ from squeezelang.executor.checkpoint import WorkDir, fingerprint
 from squeezelang.executor.context import Context, DataStore
 from squeezelang.executor.guards import (check_artifact, check_finite, data_origin, input_paths,
                                          overlong_notes, read_inputs)
-from squeezelang.executor.measure import measure_all
+from squeezelang.executor.measure import PAIRED_ROUNDS, measure_all, measure_paired
 from squeezelang.hooks.registry import Registries
 from squeezelang.planner.constraints import Verdict, evaluate
 from squeezelang.planner.plan import Plan, StagePlan
@@ -217,14 +217,20 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
         timings["reload"] = time.perf_counter() - t
         t = time.perf_counter()
         final = measure_all(plan, registries, reloaded, ctx, staged, "saved")
+        originals, pairs = dict(state.original_metrics), {}
+        for name, (before, after) in measure_paired(plan, registries, original, reloaded, ctx,
+                                                    original.source_dir, staged).items():
+            pairs[name] = {"original_at_start": originals[name], "final_alone": final[name],
+                           "rounds": PAIRED_ROUNDS}
+            originals[name], final[name] = before, after
         timings["measure_final"] = time.perf_counter() - t
-        verdicts = verify(plan, state.original_metrics, final)
+        verdicts = verify(plan, originals, final)
         timings["total"] = time.perf_counter() - started
         if search_seconds is not None:
             timings["search"] = search_seconds
         used = resources(timings["total"] + (search_seconds or 0.0))
-        report = build_report(plan, registries, state.original_metrics, stage_records, final, verdicts,
-                              files, timings, trials or [], resumed_after, composition, used)
+        report = build_report(plan, registries, originals, stage_records, final, verdicts,
+                              files, timings, trials or [], resumed_after, composition, used, pairs)
         write_reports(staged, plan, report, registries, out)
         publish(staged, out)
     except BaseException:
@@ -243,6 +249,11 @@ def resources(wall_seconds: float) -> dict[str, Any]:
     The peaks and CPU times are the operating system's figures for the whole process so far: under
     ``squeeze run`` that is the command; through the API, whatever the calling process did before
     counts too. ``None`` where the platform has no ``resource`` module (Windows).
+
+    This process's own peak is the kernel's high-water mark of its address space (``VmHWM``) where
+    Linux gives it: ``ru_maxrss`` also keeps the peak of the process that started it, from before
+    it ran this program (Linux carries it across ``fork`` and ``exec``), so a ``squeeze run``
+    launched by a large process would report that process's memory as its own.
     """
     try:
         import resource
@@ -252,11 +263,25 @@ def resources(wall_seconds: float) -> dict[str, Any]:
     unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB elsewhere
     me = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"max_rss_bytes": max(me.ru_maxrss, children.ru_maxrss) * unit,
-            "self_max_rss_bytes": me.ru_maxrss * unit,
+    own = high_water_bytes()
+    own = own if own is not None else me.ru_maxrss * unit
+    return {"max_rss_bytes": max(own, children.ru_maxrss * unit),
+            "self_max_rss_bytes": own,
             "children_max_rss_bytes": children.ru_maxrss * unit,
             "cpu_seconds": me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime,
             "wall_seconds": wall_seconds}
+
+
+def high_water_bytes() -> int | None:
+    """This process's peak resident memory since it started this program (Linux ``VmHWM``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _resume(work: WorkDir, record: dict[str, Any], done: int, plan: Plan, registries: Registries,

@@ -43,6 +43,10 @@ class Metric:
     on_artifact: ClassVar[bool] = False
     #: Declared in every recipe without a ``metric`` statement.
     implicit: ClassVar[bool] = False
+    #: Load-sensitive (a time): the saved artifact's value is measured side by side with the
+    #: original's, alternating calls (``executor.measure.measure_paired``), and the constraint is
+    #: judged on that pair rather than on a figure of the original taken minutes earlier.
+    paired: ClassVar[bool] = False
     schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": {},
                                         "additionalProperties": False}
 

@@ -33,7 +33,10 @@ def _recipe(tmp_path: Path, model: Path, sentences: Path) -> Path:
 
 
 def _peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB
+    from squeezelang.executor.run import high_water_bytes
+
+    own = high_water_bytes()
+    return own if own is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB
 
 
 def test_report_records_the_peak_memory_of_the_run(tmp_path: Path, tiny_bert_dir: Path,
@@ -46,7 +49,8 @@ def test_report_records_the_peak_memory_of_the_run(tmp_path: Path, tiny_bert_dir
     used = result.report["resources"]
     # the process's peak so far, read during the run: between the peaks before and after it
     assert isinstance(used["self_max_rss_bytes"], int)
-    assert before <= used["self_max_rss_bytes"] <= after
+    # (the kernel updates the high-water mark lazily: a reading may lag the current use by a few pages)
+    assert before - 1e6 <= used["self_max_rss_bytes"] <= after + 1e6
     assert used["max_rss_bytes"] >= used["self_max_rss_bytes"] > 50e6  # torch alone takes more
     assert used["cpu_seconds"] > 0
     assert used["wall_seconds"] == pytest.approx(result.report["timings"]["total"])
@@ -58,20 +62,35 @@ def test_report_records_the_peak_memory_of_the_run(tmp_path: Path, tiny_bert_dir
         (tmp_path / "out" / "report.md").read_text()
 
 
+LAUNCHER = """
+import os, subprocess, sys
+ballast = bytearray(int(sys.argv[1]))  # the launcher's own memory, touched page by page
+for i in range(0, len(ballast), 4096):
+    ballast[i] = 1
+proc = subprocess.Popen(sys.argv[2:], stdout=subprocess.DEVNULL, stderr=open(os.environ["ERR"], "wb"))
+_, status, usage = os.wait4(proc.pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="Linux-only: VmHWM")
 def test_squeeze_run_reports_its_own_peak_memory(tmp_path: Path, tiny_bert_dir: Path,
                                                  sentences_file: Path):
-    """The figure in the report of a ``squeeze run`` is the command's: the operating system's
-    count for the finished process (``wait4``) is no smaller, and not much larger (the reports are
-    written after the figure is taken)."""
+    """The figure in the report of a ``squeeze run`` is the command's own peak, not that of the
+    process that launched it: ``ru_maxrss`` (what ``wait4`` returns) carries a launcher's peak
+    across fork and exec, so with a launcher holding 1.5 GB it says at least that, while the
+    report gives the run's real peak."""
     recipe = _recipe(tmp_path, tiny_bert_dir, sentences_file)
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    with (tmp_path / "stderr.txt").open("wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "squeezelang.cli", "run", str(recipe), "-q",
-                                 "-o", str(tmp_path / "out")], env=env,
-                                stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
-    reported = json.loads((tmp_path / "out" / "report.json").read_text())["resources"]["max_rss_bytes"]
-    measured = usage.ru_maxrss * KIB
-    assert 0.8 * measured <= reported <= measured
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", ERR=str(tmp_path / "stderr.txt"))
+    ballast = 1_500_000_000
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, str(ballast), sys.executable, "-m",
+                           "squeezelang.cli", "run", str(recipe), "-q", "-o", str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, check=True)
+    code, maxrss = (int(x) for x in done.stdout.split())
+    assert code == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    inherited = maxrss * KIB
+    reported = json.loads((tmp_path / "out" / "report.json").read_text())["resources"]
+    assert inherited >= ballast  # the launcher's peak, as the operating system counts it
+    assert 100e6 < reported["self_max_rss_bytes"] < ballast * 0.8
+    assert reported["max_rss_bytes"] == max(reported["self_max_rss_bytes"],
+                                            reported["children_max_rss_bytes"])

@@ -183,3 +183,25 @@ def test_distill_minilm_after_pruning(minilm_dir, registries):
     print(f"minilm prune 0.6 + distill: fidelity train {before[0]:.4f} -> {after[0]:.4f}, "
           f"held-out {before[1]:.4f} -> {after[1]:.4f}", file=sys.stderr)
     assert after[0] > before[0] + 0.1 and after[1] > before[1] + 0.05
+
+
+def _similarities(handle, texts=SENTENCES) -> torch.Tensor:
+    vectors = torch.nn.functional.normalize(encode(handle, texts), dim=-1)
+    return vectors @ vectors.T
+
+
+def test_distill_a_narrower_student(bert_dir, registries):
+    """Heads pruned with their hidden channels: the student's vectors are narrower than the
+    teacher's, so distillation matches the sentences' similarities instead of the vectors."""
+    original = load_model(bert_dir)
+    handle = load_model(bert_dir)
+    prune = registries.techniques.get("prune")
+    ctx = _ctx(original)
+    prune.apply_(handle, {**prune.defaults(), "method": "activation", "target": "heads",
+                          "ratio": 0.5, "data": "train"}, ctx)
+    assert encode(handle, SENTENCES).shape[-1] < encode(original, SENTENCES).shape[-1]
+    target = _similarities(original)
+    before = float(((_similarities(handle) - target) ** 2).mean())
+    _run(registries, handle, ctx, steps=60, lr=1e-3)
+    after = float(((_similarities(handle) - target) ** 2).mean())
+    assert after < 0.7 * before, (before, after)
