@@ -155,8 +155,13 @@ def run_row(name: str, stages: str, model: Path, prepared: charlm.Prepared, work
     out = workdir / "out" / recipe.stem
     started = time.perf_counter()
     result = squeezelang.run(recipe, output=out, force=True)
-    seconds = time.perf_counter() - started
-    m = result.report["metrics"]
+    return row_from_report(name, stages, model, result.report, out, time.perf_counter() - started)
+
+
+def row_from_report(name: str, stages: str, model: Path, report: dict[str, Any], out: Path,
+                    seconds: float) -> dict[str, Any]:
+    """A row's figures, all read from the engine's report of its run (``out`` is its artifact)."""
+    m = report["metrics"]
     row = {
         "name": name, "stages": stages, "model": str(model),
         "size_bytes": m["size"]["final"], "size_mb": m["size"]["final"] / 1e6,
@@ -165,7 +170,7 @@ def run_row(name: str, stages: str, model: Path, prepared: charlm.Prepared, work
         "input": {"size_bytes": m["size"]["original"], "params": int(m["params"]["original"]),
                   "perplexity": m["ppl"]["original"],
                   "val_loss": math.log(m["ppl"]["original"])},
-        "log": [line for s in result.report.get("stages", []) for line in s.get("log", [])],
+        "log": [line for s in report.get("stages", []) for line in s.get("log", [])],
         "seconds": seconds, "path": str(out),
     }
     return row
@@ -191,7 +196,7 @@ def measure_latency(rows: list[dict[str, Any]], prepared: charlm.Prepared) -> No
     for r in rows:
         if "path" in r and "error" not in r:
             models[r["name"]] = _Forward(squeezelang.load(r["path"], task="causal-lm"))
-    vocab = {name: prepared.vocab_size for name in models}
+    vocab = {name: int(prepared.info["vocab"]) for name in models}
     context = prepared.hyper.context
     two = latency_ms(models, seq=context, threads=2, rounds=200, warmup=20, vocab=vocab)
     one = latency_ms(models, seq=context, threads=1, rounds=200, warmup=20, vocab=vocab)
@@ -382,6 +387,15 @@ def main(only: list[str] | None = None, threads: int = 2) -> int:
         except Exception as exc:  # one broken row must not hide the others
             print(f"{name}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             rows.append({"name": name, "error": f"{type(exc).__name__}: {exc}"})
+    finish(rows, only, prepared, ratios, started)
+    return 0
+
+
+def finish(rows: list[dict[str, Any]], only: list[str] | None, prepared: charlm.Prepared,
+           ratios: dict[str, Any], started: float) -> None:
+    """Time the rows' artifacts side by side, relate the rows, write the JSON, the targets and
+    the plot, and print them."""
+    training = prepared.info
     measure_latency(rows, prepared)
     path = RESULTS / "causal_lm.json"
     merged = rows
@@ -400,4 +414,3 @@ def main(only: list[str] | None = None, threads: int = 2) -> int:
          "distill": DISTILL, "training": training, "cache": str(prepared.dir)}, indent=2))
     plot(rows, RESULTS / "causal_lm.png", prepared.info)
     print(f"\ncausal_lm: {time.perf_counter() - started:.0f} s", flush=True)
-    return 0
