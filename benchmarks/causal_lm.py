@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import charlm
-from benchmarks.rows import save_and_print
+from benchmarks.rows import pyplot, save_and_print
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -305,13 +305,8 @@ def targets(rows: list[dict[str, Any]]) -> list[Any]:
 def plot(rows: list[dict[str, Any]], path: Path, training: dict[str, Any]) -> None:
     """Parameters against validation loss for every row, the same zoomed on the rows near the
     original, and the original's training curve."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no plot: matplotlib is not installed", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     ok = [r for r in rows if "val_loss" in r]
     by_name = {r["name"]: r for r in ok}
@@ -360,7 +355,6 @@ def main(only: list[str] | None = None, threads: int = 2) -> int:
     torch.set_num_threads(threads)
     started = time.perf_counter()
     prepared = charlm.prepare(DATA, HYPER)
-    training = prepared.info
     print(f"original: {prepared.info['params']} parameters, best val loss "
           f"{prepared.info['best_val_loss']:.4f} at step {prepared.info['best_step']} of "
           f"{prepared.info['steps']} (stopped: {prepared.info['stopped']}; "

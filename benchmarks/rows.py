@@ -1,7 +1,9 @@
-"""What every benchmark suite does with its rows: keep a partial re-run's rows, write JSON, print."""
+"""What every benchmark suite does with its rows: keep a partial re-run's rows, write JSON, print,
+plot."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,3 +21,17 @@ def save_and_print(path: Path, rows: list[dict[str, Any]], only: list[str] | Non
     for r in rows:
         if "error" in r:
             print(f"{r['name']}: {r['error']}")
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend, or ``None`` (said on stderr) when
+    matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install '.[plot]')", file=sys.stderr)
+        return None
+    return plt

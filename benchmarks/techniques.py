@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.rows import save_and_print
+from benchmarks.rows import pyplot, save_and_print
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -263,13 +263,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Size against Spearman drop, and latency against drop, one point per row."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no plot: matplotlib is not installed (pip install '.[plot]')", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     ok = [r for r in rows if "latency_ms" in r]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
