@@ -15,13 +15,24 @@ SUITES = {"techniques": techniques.main, "causal_lm": causal_lm.main, "overhead"
           "allocation": allocation.main}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``suites`` is every suite when none is named."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("suites", nargs="*", choices=[*SUITES, []], default=list(SUITES))
+    # checked below, not with choices=: argparse checks a nargs="*" default against choices as one value
+    parser.add_argument("suites", nargs="*", metavar="SUITE", help=", ".join(SUITES) + " (default: all)")
     parser.add_argument("--only", nargs="*", help="rows to run (names as in the table)")
     args = parser.parse_args(argv)
+    for name in args.suites:
+        if name not in SUITES:
+            parser.error(f"invalid choice: {name!r} (choose from {', '.join(SUITES)})")
+    args.suites = args.suites or list(SUITES)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     status = 0
-    for name in args.suites or SUITES:
+    for name in args.suites:
         status |= SUITES[name](args.only)
     return status
 
