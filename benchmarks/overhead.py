@@ -11,9 +11,12 @@ As many instrumented runs split the wall time into interpreter start-up and exit
 A plan reads the model's meta-data from the engine's cache (``squeezelang.models.meta_cache``;
 here ``benchmarks/results/overhead/cache``, filled by the warm-up), as every plan after a model's
 first does; ``plan-cold`` rows time the first plan of a model, with the cache off
-(``SQUEEZE_CACHE_DIR=off``), and are judged on their own target. ``plan floor`` is the least such a
-first plan pays while it builds the model on torch's meta device: importing torch and transformers
-and building MiniLM there. ``load`` is the machine's 1-minute load average.
+(``SQUEEZE_CACHE_DIR=off``), and are judged on their own target. A first plan of a BERT or GPT-2 model
+computes its meta-data from ``config.json`` (``squeezelang.models.layout_meta``) and counts a
+``vocab_trim``'s tokens with the ``tokenizers`` library (``plugins/vocab_count.py``), so it imports
+neither torch nor transformers. ``plan floor`` is what a first plan of any other family pays while
+it builds the model on torch's meta device: importing torch and transformers and building MiniLM
+there. ``load`` is the machine's 1-minute load average.
 
 The runs (``RUNS``, once each) write under ``benchmarks/results/overhead/``; their report gives
 the seconds inside the stages (the techniques' own work), the rest by phase, and the engine's own

@@ -61,6 +61,7 @@ class HfSource(ModelSource):
 
     def meta(self, args: dict[str, Any]) -> ModelMeta:
         from squeezelang.models.meta import measured_overhead, meta_from_model
+        from squeezelang.models import layout_meta
         from squeezelang.models.meta_cache import cached_meta
 
         directory = self.locate(args)
@@ -68,7 +69,7 @@ class HfSource(ModelSource):
 
         def build() -> ModelMeta:
             try:
-                model = hf.from_config(hf.read_config(directory), task, meta=True)
+                model = hf.from_config(config, task, meta=True)
             except SqueezeError:
                 raise
             except Exception as exc:  # an unknown model_type or a config transformers rejects
@@ -76,7 +77,10 @@ class HfSource(ModelSource):
                                    f"{type(exc).__name__}: {exc}") from None
             return meta_from_model(model, task)
 
-        meta = cached_meta((directory / "config.json").read_bytes(), task, build)
+        config = hf.read_config(directory)
+        meta = layout_meta.meta_of(config, task)  # a known family: no torch needed
+        if meta is None:
+            meta = cached_meta((directory / "config.json").read_bytes(), task, build)
         meta.overhead_bytes = measured_overhead(meta, directory)
         return meta
 

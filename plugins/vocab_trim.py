@@ -79,6 +79,21 @@ def kept_ids(tokenizer: Any, texts: Iterable[str], keep_frequent: int = 0,
 
     with tempfile.TemporaryDirectory() as tmp:
         doc, _ = _tokenizer_json(tokenizer, Path(tmp))
+    config_ids = [getattr(config, key, None) if config is not None else None
+                  for key in CONFIG_TOKEN_IDS]
+
+    def encode(batch: list[str], special: bool) -> list[list[int]]:
+        return tokenizer(batch, add_special_tokens=special)["input_ids"]
+
+    return collect_ids(doc, getattr(tokenizer, "all_special_ids", []), config_ids, encode, texts,
+                       keep_frequent, keep)
+
+
+def collect_ids(doc: dict[str, Any], special_ids: Iterable[int | None],
+                config_ids: Iterable[Any], encode: Any, texts: Iterable[str], keep_frequent: int,
+                keep: Iterable[str]) -> list[int]:
+    """``kept_ids`` from its parts: the ``tokenizer.json`` document ``doc``, the tokenizer's special
+    ids, the config's token ids and ``encode(texts, add_special_tokens) -> ids per text``."""
     model = _check_model(doc)
     vocab: dict[str, int] = model["vocab"]
     ids: set[int] = {vocab[model["unk_token"]]}
@@ -86,14 +101,11 @@ def kept_ids(tokenizer: Any, texts: Iterable[str], keep_frequent: int = 0,
     if isinstance(doc.get("padding"), dict) and doc["padding"].get("pad_id") is not None:
         ids.add(int(doc["padding"]["pad_id"]))
     ids.update(_post_processor_ids(doc.get("post_processor")))
-    ids.update(int(i) for i in getattr(tokenizer, "all_special_ids", []) if i is not None)
-    for key in CONFIG_TOKEN_IDS:
-        value = getattr(config, key, None) if config is not None else None
-        if isinstance(value, int) and value >= 0:
-            ids.add(value)
+    ids.update(int(i) for i in special_ids if i is not None)
+    ids.update(value for value in config_ids if isinstance(value, int) and value >= 0)
     texts = [str(t) for t in texts]
     if texts:
-        for row in tokenizer(texts, add_special_tokens=True)["input_ids"]:
+        for row in encode(texts, True):
             ids.update(int(i) for i in row)
     if keep_frequent > 0:
         by_id = sorted((i, t) for t, i in vocab.items() if not _PLACEHOLDER.match(t))
@@ -102,7 +114,7 @@ def kept_ids(tokenizer: Any, texts: Iterable[str], keep_frequent: int = 0,
         if item in vocab:
             ids.add(vocab[item])
         else:
-            ids.update(int(i) for i in tokenizer(str(item), add_special_tokens=False)["input_ids"])
+            ids.update(int(i) for i in encode([str(item)], False)[0])
     return sorted(ids)
 
 
@@ -318,6 +330,11 @@ class VocabTrim(Technique):
 
         def count() -> int:
             from squeezelang.models.hf import load_tokenizer, read_config
+            from squeezelang_plugins.vocab_count import direct_kept_ids
+
+            direct = direct_kept_ids(model_dir, texts, keep_frequent, keep)
+            if direct is not None:  # the same ids, without importing transformers and torch
+                return len(direct)
             from transformers import AutoConfig
 
             tokenizer = load_tokenizer(model_dir)

@@ -42,17 +42,31 @@ def _plan_json(recipe: Path, cache: Path | str) -> tuple[dict, list[str]]:
     return json.loads(done.stdout), [m for m in heavy.removeprefix("HEAVY=").split(",") if m]
 
 
+@pytest.fixture(scope="module")
+def unlisted_dir(tiny_bert_dir, tmp_path_factory) -> Path:
+    """The tiny BERT with relative position embeddings: a layout ``layout_meta`` leaves to
+    transformers, so planning it builds the model on the meta device and uses the cache."""
+    import shutil
+
+    directory = tmp_path_factory.mktemp("relative") / "model"
+    shutil.copytree(tiny_bert_dir, directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["position_embedding_type"] = "relative_key"
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
 @pytest.fixture()
-def recipe(tmp_path, tiny_bert_dir) -> Path:
+def recipe(tmp_path, unlisted_dir) -> Path:
     path = tmp_path / "cached.squeeze"
-    path.write_text(RECIPE.format(model=tiny_bert_dir), encoding="utf-8")
+    path.write_text(RECIPE.format(model=unlisted_dir), encoding="utf-8")
     return path
 
 
 @pytest.fixture()
-def resizing(tmp_path, tiny_bert_dir, sentences_file) -> Path:
+def resizing(tmp_path, unlisted_dir, sentences_file) -> Path:
     path = tmp_path / "resizing.squeeze"
-    path.write_text(RESIZING.format(model=tiny_bert_dir, data=sentences_file), encoding="utf-8")
+    path.write_text(RESIZING.format(model=unlisted_dir, data=sentences_file), encoding="utf-8")
     return path
 
 
