@@ -51,7 +51,7 @@ constraints {{ size <= 90% }}
             break
     assert "slow stage started" in line, proc.stderr.read()
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
+    stdout, stderr = proc.communicate(timeout=180)  # generous: a loaded machine is slow to unwind
     assert proc.returncode == 130, stderr
     assert "run the same command again to resume" in stderr
     assert not out.exists()
