@@ -244,7 +244,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                 continue
             lines.append(f"{r['name']:34s} {r['wall_s']:7.3f} {r['wall_min_s']:5.2f}-{r['wall_max_s']:<5.2f} "
                          f"{r['cpu_s']:6.2f} {r['startup_exit_s']:10.3f} {r['import_cli_s']:10.3f} "
-                         f"{(r.get('peak_bytes') or float('nan')) / 1e6:7.0f} {r['load_avg']:5.1f}  "
+                         f"{r['command_s']:8.3f} {(r.get('peak_bytes') or float('nan')) / 1e6:7.0f} {r['load_avg']:5.1f}  "
                          f"{', '.join(r['heavy_imports']) or '-'}")
     runs = [r for r in rows if r.get("kind") == "run"]
     if runs:

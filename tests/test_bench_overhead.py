@@ -28,3 +28,13 @@ def test_a_run_over_the_bound_is_not_met():
 def test_a_run_without_its_own_figure_is_not_judged():
     target = _memory([_run("a", 0.5 * GB, None)])
     assert target.met is None and "a" in target.measured
+
+
+def test_the_table_shows_command_seconds_and_the_commands_own_peak():
+    from benchmarks.overhead import table
+
+    row = {"name": "check x", "kind": "check", "wall_s": 0.2, "wall_min_s": 0.15, "wall_max_s": 0.25,
+           "cpu_s": 0.19, "startup_exit_s": 0.035, "import_cli_s": 0.012, "command_s": 0.125,
+           "max_rss_bytes": 3.3 * GB, "peak_bytes": 34e6, "load_avg": 0.6, "heavy_imports": []}
+    line = table([row]).splitlines()[1]
+    assert line.split()[-4:] == ["0.125", "34", "0.6", "-"]
