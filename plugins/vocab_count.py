@@ -39,9 +39,8 @@ def _content(token: Any) -> str | None:
     return token if isinstance(token, str) else None
 
 
-def _special_tokens(directory: Path) -> list[str] | None:
+def _special_tokens(config: dict[str, Any]) -> list[str] | None:
     """The special tokens transformers would list in ``all_special_tokens``, or ``None``."""
-    config = {**_read(directory / "special_tokens_map.json"), **_read(directory / "tokenizer_config.json")}
     tokens: list[str] = []
     for key in SPECIAL_KEYS:
         if config.get(key) is None:
@@ -72,10 +71,11 @@ def direct_kept_ids(directory: Path, texts: Iterable[str], keep_frequent: int,
         config = _read(directory / "config.json")
         doc = _read(path)
         tokenizer_config = _read(directory / "tokenizer_config.json")
+        special_map = _read(directory / "special_tokens_map.json")
     except (OSError, ValueError):
         return None
     defaults = CONFIG_DEFAULTS.get(config.get("model_type")) if isinstance(config, dict) else None
-    if (defaults is None or not isinstance(doc, dict) or not isinstance(tokenizer_config, dict)
+    if (defaults is None or not all(isinstance(d, dict) for d in (doc, tokenizer_config, special_map))
             or (doc.get("model") or {}).get("type") not in SUPPORTED_MODELS):
         return None
     added = {t.get("content"): int(t["id"]) for t in doc.get("added_tokens", [])}
@@ -83,7 +83,7 @@ def direct_kept_ids(directory: Path, texts: Iterable[str], keep_frequent: int,
     if any(_content(token) not in added for token in declared.values()):
         return None  # transformers would add tokens that tokenizer.json does not hold
     vocab = doc["model"].get("vocab") or {}
-    specials = _special_tokens(directory)
+    specials = _special_tokens({**special_map, **tokenizer_config})
     if specials is None or any(t not in added and t not in vocab for t in specials):
         return None
     special_ids = [added.get(t, vocab.get(t)) for t in specials]

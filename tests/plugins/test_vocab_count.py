@@ -67,3 +67,11 @@ def _edited(source: Path, tmp_path: Path, name: str, edit) -> Path:
 def test_what_it_does_not_model_goes_through_transformers(name, edit, tiny_bert_dir, tmp_path):
     directory = _edited(tiny_bert_dir, tmp_path, name, edit)
     assert direct_kept_ids(directory, SENTENCES, 0, []) is None
+
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "special_tokens_map.json", "config.json"])
+def test_a_malformed_file_goes_through_transformers(name, tiny_bert_dir, tmp_path):
+    directory = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, directory)
+    (directory / name).write_text("{not json", encoding="utf-8")
+    assert direct_kept_ids(directory, SENTENCES, 0, []) is None
