@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from squeezelang import hookimpl
 from squeezelang.errors import SqueezeError
@@ -90,7 +90,8 @@ def kept_ids(tokenizer: Any, texts: Iterable[str], keep_frequent: int = 0,
 
 
 def collect_ids(doc: dict[str, Any], special_ids: Iterable[int | None],
-                config_ids: Iterable[Any], encode: Any, texts: Iterable[str], keep_frequent: int,
+                config_ids: Iterable[Any], encode: Callable[[list[str], bool], list[list[int]]],
+                texts: Iterable[str], keep_frequent: int,
                 keep: Iterable[str]) -> list[int]:
     """``kept_ids`` from its parts: the ``tokenizer.json`` document ``doc``, the tokenizer's special
     ids, the config's token ids and ``encode(texts, add_special_tokens) -> ids per text``."""
