@@ -13,6 +13,7 @@ caller builds the model on the meta device as before.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 from squeezelang.models.meta import ModelMeta, ModuleMeta, TensorMeta
@@ -138,6 +139,9 @@ def meta_of(config: dict[str, Any], task: str) -> ModelMeta | None:
         return None
     if str(config.get("dtype") or config.get("torch_dtype") or "float32") != "float32":
         return None  # built on the meta device, such a model may take the config's dtype
+    torch = sys.modules.get("torch")  # not imported: its default dtype is float32
+    if torch is not None and torch.get_default_dtype() != torch.float32:
+        return None  # a model built now would take that dtype
     resolved = {key: value for key, value in config.items() if key not in _DROPPED}
     for key, default in _DEFAULTS[family].items():
         resolved.setdefault(key, default)

@@ -123,18 +123,17 @@ def config_meta(config: dict[str, Any], task: str) -> ModelMeta:
     whole number of layers or neurons many times), so the answers are remembered; each call gets
     its own copy.
     """
+    from squeezelang.models import layout_meta
+
+    known = layout_meta.meta_of(config, task)  # a known family: computed, no torch needed
+    if known is not None:
+        return known
     try:
         key = json.dumps(config, sort_keys=True)
     except (TypeError, ValueError):  # not JSON: build it every time
         return _config_meta(config, task)
     torch = sys.modules.get("torch")  # not imported yet: the default dtype is torch's own
     dtype = str(torch.get_default_dtype()) if torch is not None else "torch.float32"
-    if dtype == "torch.float32":
-        from squeezelang.models import layout_meta
-
-        known = layout_meta.meta_of(config, task)  # a known family: no torch needed
-        if known is not None:
-            return known
     return _remembered_config_meta(key, task, dtype).copy()
 
 

@@ -120,3 +120,15 @@ def test_a_first_plan_of_a_known_family_imports_no_torch_and_predicts_the_same(
     built, heavy_built = _plan(recipe, computed=False)
     assert "torch" in heavy_built
     assert computed == built
+
+
+def test_another_default_dtype_is_left_to_transformers():
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert layout_meta.meta_of(BERT, "embedding") is None
+    finally:
+        torch.set_default_dtype(previous)
+    assert layout_meta.meta_of(BERT, "embedding") is not None
