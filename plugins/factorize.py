@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from squeezelang import hookimpl
 from squeezelang.errors import SqueezeError
 from squeezelang.hooks.technique import Candidate, Knob, Technique
-from squeezelang.models.codec import edit_bytes
 from squeezelang.models.meta import ModuleMeta, TensorMeta
 from squeezelang.models.select import BLOCKS, LINEAR_KINDS
 
@@ -149,7 +148,7 @@ class Factorize(Technique):
                 out.modules[second].tensors.append(f"{second}.bias")
             record["modules"][mod.name] = r
         if record["modules"]:
-            out.overhead_bytes += edit_bytes(record)
+            out.add_edit(record)
             out.states.add("factorized")
         if params.get("energy") is not None:
             out.notes.append(f"factorize: the rank for energy={params['energy']} depends on the "

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from squeezelang import hookimpl
 from squeezelang.errors import SqueezeError
 from squeezelang.hooks.technique import Candidate, Knob, Technique
-from squeezelang.models.codec import edit_bytes, merge, stored_bytes
+from squeezelang.models.codec import merge, stored_bytes
 from squeezelang.models.select import LINEAR_KINDS, output_axis
 
 if TYPE_CHECKING:
@@ -251,7 +251,7 @@ class Quantize(Technique):
                                                params.get("exclude", ()))
                    if m.name in modules]
         if scheme == "int8-dynamic" and linears:
-            out.overhead_bytes += edit_bytes(self._record(linears, params["granularity"]))
+            out.add_edit(self._record(linears, params["granularity"]))
         out.states.add("quantized")
         return out
 

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Iterable
 from squeezelang import hookimpl
 from squeezelang.errors import SqueezeError
 from squeezelang.hooks.technique import Knob, Technique
-from squeezelang.models.codec import edit_bytes
 from squeezelang.models.select import BLOCKS, LINEAR_KINDS
 
 if TYPE_CHECKING:
@@ -308,7 +307,7 @@ class Share(Technique):
                 if record["groups"]:
                     _drop_tensors(out, {f"{prefix}.{m}.{s}" for g in record["groups"]
                                         for m in g[1:] for s in layers[m]})
-                    out.overhead_bytes += edit_bytes(record)
+                    out.add_edit(record)
         out.states |= self.produces_for(params)
         return out
 

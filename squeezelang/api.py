@@ -92,8 +92,19 @@ def run(recipe: Recipe | str | Path, output: str | Path | None = None, *, force:
                                            quiet=quiet)
 
 
-def load(directory: str | Path, task: str | None = None) -> Any:
-    """Load a model saved by ``squeeze run`` (any technique) back as a torch module."""
+def load(directory: str | Path, task: str | None = None, *, sentence_transformer: bool = False) -> Any:
+    """Load a model saved by ``squeeze run`` (any technique) back as a torch module.
+
+    With ``sentence_transformer=True`` the result of a sentence-transformers input (its directory
+    has ``modules.json``) comes back as a ``SentenceTransformer``, pooling and normalisation
+    included, so ``.encode(texts)`` gives the embeddings the report measured.
+    """
     from squeezelang.models.load import load_model
 
-    return load_model(Path(directory), task=task).model
+    directory = Path(directory).expanduser()
+    model = load_model(directory, task=task).model
+    if not sentence_transformer:
+        return model
+    from squeezelang.models.sentence import sentence_transformer as build
+
+    return build(directory, model)

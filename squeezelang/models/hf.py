@@ -1,11 +1,13 @@
 """Hugging Face model directories: the class for each task, loading, and building from a config."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from squeezelang.errors import SqueezeError
+from squeezelang.models.packed import is_packed, unpack_config
 
 _AUTO_CLASS = {
     "embedding": "AutoModel",
@@ -24,6 +26,7 @@ def auto_class(task: str) -> Any:
 
 
 def read_config(directory: Path) -> dict[str, Any]:
+    """The ``config.json`` of ``directory`` as a dict; a packed one (``models.packed``) unpacked."""
     path = Path(directory) / "config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -35,7 +38,22 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise SqueezeError(f"{path}: cannot read the config: {exc.strerror or exc}") from None
     if not isinstance(config, dict):
         raise SqueezeError(f"{path}: expected a JSON object, found {type(config).__name__}")
-    return config
+    return unpack_config(config)
+
+
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """Turn transformers' "Loading weights" / "Writing model shards" bars off for a block: a
+    search loads and saves a model per trial, and the bars would repeat for every one."""
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()
 
 
 def load_pretrained(directory: Path, task: str) -> Any:
@@ -49,8 +67,9 @@ def load_pretrained(directory: Path, task: str) -> Any:
     cls = auto_class(task)
     check_weight_files(Path(directory))
     try:
-        model = cls.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False,
-                                    use_safetensors=True)
+        with no_progress_bars():
+            model = cls.from_pretrained(str(directory), local_files_only=True,
+                                        trust_remote_code=False, use_safetensors=True)
     except SqueezeError:
         raise
     except Exception as exc:
@@ -64,7 +83,7 @@ def from_config(config: Any, task: str, meta: bool = False) -> Any:
     import transformers
 
     if isinstance(config, dict):
-        config = transformers.AutoConfig.for_model(**config)
+        config = config_from_dict(config)
     cls = auto_class(task)
     if meta:
         with torch.device("meta"):
@@ -72,11 +91,30 @@ def from_config(config: Any, task: str, meta: bool = False) -> Any:
     return cls.from_config(config, trust_remote_code=False).eval()
 
 
+def config_from_dict(config: dict[str, Any]) -> Any:
+    """The transformers config object of a ``config.json`` dict (as ``from_pretrained`` reads it)."""
+    import transformers
+
+    model_type = config.get("model_type")
+    if model_type not in transformers.CONFIG_MAPPING:
+        raise ValueError(f"model type {model_type!r} is not one this transformers version knows")
+    return transformers.CONFIG_MAPPING[model_type].from_dict(dict(config))
+
+
 def load_tokenizer(directory: Path) -> Any:
+    """The directory's tokenizer; a packed directory's tokenizer gets the real config, which
+    ``AutoTokenizer`` would otherwise read (and refuse) to find the tokenizer class."""
     from transformers import AutoTokenizer
 
+    extra: dict[str, Any] = {}
+    try:
+        raw = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+        if isinstance(raw, dict) and is_packed(raw):
+            extra["config"] = config_from_dict(unpack_config(raw))
+    except (OSError, ValueError):
+        pass  # no or unreadable config: AutoTokenizer says what it needs
     try:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
-                                             trust_remote_code=False)
+                                             trust_remote_code=False, **extra)
     except Exception as exc:
         raise SqueezeError(f"{directory}: cannot load the tokenizer: {type(exc).__name__}: {exc}") from None

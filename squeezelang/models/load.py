@@ -107,11 +107,11 @@ def load_model(directory: Path, registries: Registries | None = None,
 
 
 def _build(directory: Path, task: str) -> Any:
-    from transformers import AutoConfig
-
+    """A fresh model of the directory's (unpacked) config, to load the decoded weights into."""
     try:
-        config = AutoConfig.from_pretrained(str(directory), local_files_only=True,
-                                            trust_remote_code=False)
+        config = hf.config_from_dict(hf.read_config(directory))
+    except SqueezeError:
+        raise
     except Exception as exc:
         raise SqueezeError(f"{directory / 'config.json'}: cannot read the config: "
                            f"{type(exc).__name__}: {exc}") from None

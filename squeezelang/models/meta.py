@@ -43,6 +43,8 @@ class ModelMeta:
     states: set[str] = field(default_factory=set)
     #: Bytes of files saved next to the weights that count towards ``size`` (config, codec index).
     overhead_bytes: int = 0
+    #: Edit records the saved ``squeeze.json`` will hold (``add_edit``): an edited model is packed.
+    edits: int = 0
     #: Caveats of an estimate (assumptions a technique had to make without weights).
     notes: list[str] = field(default_factory=list)
 
@@ -61,10 +63,24 @@ class ModelMeta:
             tensors={name: (TensorMeta(copy.copy(t.shape), t.dtype, copy.deepcopy(t.codec))
                             if type(t) is TensorMeta else copy.deepcopy(t))
                      for name, t in self.tensors.items()},
-            states=set(self.states), overhead_bytes=self.overhead_bytes, notes=list(self.notes))
+            states=set(self.states), overhead_bytes=self.overhead_bytes, edits=self.edits,
+            notes=list(self.notes))
 
     def params(self) -> int:
         return sum(t.numel for t in self.tensors.values())
+
+    def add_edit(self, record: dict[str, Any]) -> None:
+        """Count an edit record that the stage will write into ``squeeze.json`` (its bytes, and
+        that the saved directory is packed)."""
+        from squeezelang.models.codec import edit_bytes
+
+        self.overhead_bytes += edit_bytes(record)
+        self.edits += 1
+
+    @property
+    def packed(self) -> bool:
+        """Whether the saved directory is packed (``models.packed``): encoded tensors or edits."""
+        return bool(self.edits) or any(t.codec for t in self.tensors.values())
 
     def size_bytes(self) -> int:
         """Predicted ``artifact_bytes`` of the saved model: ``overhead_bytes`` + ``modeled_bytes()``."""
@@ -77,11 +93,14 @@ class ModelMeta:
         ``measured_overhead`` fits it to a saved directory.
         """
         from squeezelang.models.codec import index_bytes, squeeze_json_base_bytes, stored_bytes
+        from squeezelang.models.packed import packed_config_extra_bytes
 
         total = sum(stored_bytes(t.shape, t.dtype, t.codec) + index_bytes(n, t.shape, t.dtype, t.codec)
                     for n, t in self.tensors.items())
         if self.states or any(t.codec for t in self.tensors.values()):
             total += squeeze_json_base_bytes(self.task, self.states)
+        if self.packed:
+            total += packed_config_extra_bytes(self.config)
         return total
 
     def select(self, kinds: Iterable[str] = ("Linear",), include: Iterable[str] | None = None,

@@ -1,8 +1,10 @@
 """Save a ``ModelHandle`` as a model directory: ``config.json``, ``model.safetensors``, ``squeeze.json``.
 
 Without codecs and edits the directory is a plain transformers checkpoint (``save_pretrained``).
-Otherwise the weights are written through their codecs (``models.codec``) and ``squeeze.json``
-records what ``load_model`` needs to rebuild the model: codecs, edits, states. Tensors shared under
+Otherwise the weights are written through their codecs (``models.codec``), ``squeeze.json``
+records what ``load_model`` needs to rebuild the model: codecs, edits, states, and the
+``config.json`` is marked as packed (``models.packed``) so that plain transformers and
+sentence-transformers refuse the directory instead of loading random weights. Tensors shared under
 several names (GPT-2's ``lm_head.weight`` tied to ``transformer.wte.weight``) are stored once, under
 the first name in state-dict order, as transformers does; loading fills the others from the model's
 own tying. The other files of the source directory (tokenizer, ``modules.json``, ``1_Pooling/…``,
@@ -66,8 +68,11 @@ def save_model(handle: ModelHandle, directory: Path) -> list[str]:
 
 # ---------------------------------------------------------------------------- weights
 def _save_plain(handle: ModelHandle, directory: Path) -> None:
+    from squeezelang.models.hf import no_progress_bars
+
     try:
-        handle.model.save_pretrained(str(directory), safe_serialization=True)
+        with no_progress_bars():
+            handle.model.save_pretrained(str(directory), safe_serialization=True)
     except Exception as exc:
         raise SqueezeError(f"{directory}: cannot save the model: {type(exc).__name__}: {exc}") from None
 
@@ -129,6 +134,8 @@ def _save_encoded(handle: ModelHandle, directory: Path) -> None:
             gen.save_pretrained(str(directory))
     except Exception as exc:
         raise SqueezeError(f"{directory}: cannot write the config: {type(exc).__name__}: {exc}") from None
+    if handle.edits or any(handle.codecs.values()):
+        _pack_config(directory / "config.json")
     target = directory / WEIGHTS_FILE
     tmp = directory / (WEIGHTS_FILE + ".tmp")
     _refuse_link(target)
@@ -138,6 +145,15 @@ def _save_encoded(handle: ModelHandle, directory: Path) -> None:
     except Exception as exc:
         tmp.unlink(missing_ok=True)
         raise SqueezeError(f"{target}: cannot write the weights: {type(exc).__name__}: {exc}") from None
+
+
+def _pack_config(path: Path) -> None:
+    """Mark the ``config.json`` of a packed directory so that plain loaders refuse it
+    (``models.packed``)."""
+    from squeezelang.models.packed import config_text, pack_config
+
+    config = json.loads(path.read_text(encoding="utf-8"))
+    _atomic_write_text(path, config_text(pack_config(config)))
 
 
 # ---------------------------------------------------------------------------- other files
