@@ -11,6 +11,8 @@ import argparse
 import errno
 import gc
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -137,10 +139,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from squeezelang.executor.run import execute
     from squeezelang.planner.resolve import resolve
-    from squeezelang.executor.report import markdown
+    from squeezelang.executor.report import fmt_verdict, markdown
 
     regs = _registries(args)
     plan = resolve(_load(args.recipe), regs)
+    args.output_dir = Path(args.output or plan.output_dir).resolve()  # for the interrupt message
     if plan.needs_search:
         from squeezelang.planner.search import solve
         result = solve(plan, regs, output=args.output, force=args.force, quiet=args.quiet)
@@ -153,9 +156,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     print(f"artifacts written to {result.output_dir}")
     if not result.ok:
-        for v in result.failed:
-            print(f"constraint not met: {v.constraint} (measured {v.value:.6g}, bound {v.bound:.6g})",
-                  file=sys.stderr)
+        for c, v in zip(result.plan.constraints, result.verdicts):
+            if not v.met:
+                print(f"constraint not met: {v.constraint} "
+                      f"({fmt_verdict(v, c, result.report['metrics'][v.metric])})", file=sys.stderr)
         return EXIT_NOT_MET
     print("all constraints met")
     return EXIT_OK
@@ -244,21 +248,41 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_fmt(args: argparse.Namespace) -> int:
-    from squeezelang.lang.fmt import format_recipe
-
+    status = EXIT_OK
     for path in args.recipes:
-        text = format_recipe(_load(path))
+        try:
+            text = _formatted(path)
+        except RecipeErrors as exc:
+            _print_errors(exc)
+            status = EXIT_USAGE
+            continue
         if args.write:
             Path(path).write_text(text, encoding="utf-8")
         else:
             sys.stdout.write(text)
-    return EXIT_OK
+    return status
+
+
+def _formatted(path: str) -> str:
+    """Return the canonical text of a recipe file, having made sure it means the same recipe and
+    keeps every comment: ``fmt -w`` must never lose what a user wrote."""
+    from squeezelang.lang.fmt import format_recipe
+    from squeezelang.lang.parser import parse
+
+    recipe = _load(path)
+    text = format_recipe(recipe)
+    again = parse(text, file=path)
+    if again != recipe or sorted(c.text for c in again.comments) != sorted(c.text for c in recipe.comments):
+        raise SqueezeError(f"{path}: formatting would change the recipe or lose a comment, so it is "
+                           "left as it is (a bug in squeeze fmt: please report it)")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="squeeze", description="Compress language models from .squeeze recipes.",
                                      epilog="exit codes: 0 ok, 1 constraints not met, 2 bad recipe or usage, "
                                             "3 runtime failure, 130 interrupted (rerun to resume)")
+    parser.add_argument("--version", action="version", version=f"squeeze {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check", help="validate recipes without running anything")
     p.add_argument("recipes", nargs="+")
@@ -270,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("run", help="compress, measure, save and verify")
     p.add_argument("recipe")
-    p.add_argument("-o", "--output", help="output directory (default: the recipe's output)")
+    p.add_argument("-o", "--output", type=os.path.expanduser,
+                   help="output directory (default: the recipe's output)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_run)
@@ -290,6 +315,28 @@ def build_parser() -> argparse.ArgumentParser:
             help="also load this plugin module (repeatable); plugins otherwise come only from "
                  "installed entry points")
     return parser
+
+
+def version() -> str:
+    """The installed distribution's version (``squeezelang.__version__`` when not installed)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("squeezelang")
+    except importlib.metadata.PackageNotFoundError:
+        from squeezelang import __version__
+
+        return __version__
+
+
+def interrupted(args: argparse.Namespace, argv: Sequence[str]) -> str:
+    """What an interrupted command kept and the exact command that resumes it."""
+    from squeezelang.executor.checkpoint import saved_work
+
+    output_dir = getattr(args, "output_dir", None)
+    kept = saved_work(output_dir) if output_dir is not None else None
+    return (f"interrupted: {'kept ' + kept if kept else 'nothing was completed yet'}; "
+            f"run the same command again to resume:\n    {shlex.join(['squeeze', *argv])}")
 
 
 #: Commands that finish in a few seconds and hold little memory (see ``main``).
@@ -340,8 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "after them", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        print("\ninterrupted: completed stages are checkpointed; run the same command again to resume",
-              file=sys.stderr)
+        print("\n" + interrupted(args, sys.argv[1:] if argv is None else argv), file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         if own_process:

@@ -18,6 +18,14 @@ class Span:
 NOWHERE = Span(0, 0, 0, 0)
 
 
+@dataclass(frozen=True)
+class Comment:
+    """A ``# …`` comment as written (without its line break) and where it sits."""
+
+    text: str
+    span: Span = NOWHERE
+
+
 # ---------------------------------------------------------------- values
 @dataclass(frozen=True)
 class Str:
@@ -220,6 +228,8 @@ class Recipe:
     constraints_span: Span | None = field(default=None, compare=False)
     file: str | None = field(default=None, compare=False)
     source: str = field(default="", compare=False, repr=False)
+    #: The comments of the source text, in order; ``squeeze fmt`` keeps them with their statements.
+    comments: tuple[Comment, ...] = field(default=(), compare=False, repr=False)
 
     def data_named(self, name: str) -> DataDecl | None:
         return next((d for d in self.data if d.name == name), None)

@@ -154,6 +154,24 @@ class _Resolver:
             self.errors.append(exc)
             return None
 
+    def convert_all(self, values: dict[str, ast.Value],
+                    path_keys: Any = ()) -> tuple[dict[str, Any], set[str]]:
+        """Convert each value; return those converted and the keys of those that failed.
+
+        A failure is reported by ``convert``; the caller still checks the other keys against the
+        schema (passing the failed keys on), so one run reports a bad name and a bad range together.
+        """
+        converted: dict[str, Any] = {}
+        failed: set[str] = set()
+        for key, value in values.items():
+            before = len(self.errors)
+            result = self.convert(value, path=key in path_keys)
+            if len(self.errors) == before:
+                converted[key] = result
+            else:
+                failed.add(key)
+        return converted, failed
+
     def call_args(self, call: ast.Call, plugin: Any, owner: str) -> tuple[dict[str, Any], bool]:
         """Keyword dict of a source call (positionals mapped by the plugin); False if it failed."""
         ok = True
@@ -172,21 +190,13 @@ class _Resolver:
                     self.error(f"argument '{arg.name}' given twice", arg.name_span or arg.span)
                     ok = False
                 values[arg.name] = arg.value
-        converted = {}
-        n_errors = len(self.errors)
-        for key, value in values.items():
-            before = len(self.errors)
-            result = self.convert(value, path=key in getattr(plugin, "path_params", ()))
-            if len(self.errors) == before:  # a value that failed to convert is reported already
-                converted[key] = result
+        converted, failed = self.convert_all(values, getattr(plugin, "path_params", ()))
         spans = {a.name or n: (a.name_span or a.span, _span_of(a.value))
                  for a, n in zip(call.args, names + [None] * len(call.args))}
         spans.update(_spans(call.args))
-        if len(self.errors) > n_errors:  # schema errors would only echo a failed conversion
-            return converted, False
-        errs = schema_errors(plugin.schema, converted, owner, spans, call.span)
+        errs = schema_errors(plugin.schema, converted, owner, spans, call.span, failed)
         self.errors.extend(errs)
-        return converted, ok and not errs and len(self.errors) == n_errors
+        return converted, ok and not errs and not failed
 
     # ------------------------------------------------------------------ statements
     def uses(self) -> tuple[str, ...]:
@@ -312,9 +322,9 @@ class _Resolver:
             for extra in positional[(1 if metric.needs_data else 0):]:
                 self.error(f"metric '{call.name}' takes no other positional argument", extra.span,
                            hint="name it: key = value")
-            kwargs = {a.name: self.convert(a.value) for a in call.args if a.name is not None}
+            kwargs, failed = self.convert_all({a.name: a.value for a in call.args if a.name is not None})
             self.errors.extend(schema_errors(metric.schema, kwargs, f"metric '{call.name}'",
-                                             _spans(call.args), call.span))
+                                             _spans(call.args), call.span, failed))
             if data_name:
                 renames = {k: v for k, v in kwargs.items() if isinstance(v, str)}
                 self.check_columns(data_name, metric.columns, renames, _span_of(positional[0].value),
@@ -353,54 +363,15 @@ class _Resolver:
         return tuple(out)
 
     def stage(self, decl: ast.StageDecl, tech: Any) -> StagePlan | None:
+        """Resolve one stage's parameters against its technique: knobs, data, schema, checks."""
         owner = f"technique '{tech.name}'"
         spans = _spans(decl.params)
-        values: dict[str, Any] = {}
-        autos: dict[str, tuple[float, float]] = {}
         n_errors = len(self.errors)
-        for p in decl.params:
-            if isinstance(p.value, ast.Auto):
-                knob = tech.knob(p.key)
-                if knob is None:
-                    knobs = ", ".join(k.name for k in tech.knobs)
-                    self.error(f"'{p.key}' cannot be auto: it is not a knob of {owner}", p.value.span,
-                               hint=f"knobs of {tech.name}: {knobs}" if knobs else f"{tech.name} has no knobs")
-                    continue
-                lo, hi = knob.lo, knob.hi
-                if p.value.range is not None:
-                    rlo, rhi = (self.convert(p.value.range.lo), self.convert(p.value.range.hi))
-                    if not all(isinstance(v, (int, float)) for v in (rlo, rhi)):
-                        continue
-                    if not rlo < rhi:
-                        self.error(f"auto range {rlo:g} .. {rhi:g} of '{p.key}' is empty: its low end "
-                                   "must be below its high end", p.value.span,
-                                   hint=f"write auto({rhi:g} .. {rlo:g})" if rhi < rlo
-                                   else f"for a fixed value write {p.key} = {rlo:g}")
-                        continue
-                    if not knob.lo <= rlo < rhi <= knob.hi:
-                        self.error(f"auto range {rlo:g} .. {rhi:g} of '{p.key}' must lie within "
-                                   f"{knob.lo:g} .. {knob.hi:g}", p.value.span)
-                        continue
-                    lo, hi = rlo, rhi
-                autos[p.key] = (lo, hi)
-                values[p.key] = (lo + hi) / 2 if not knob.integer else int((lo + hi) // 2)
-            elif p.key in tech.data_params:
-                if not isinstance(p.value, ast.Ident):
-                    self.error(f"'{p.key}' must name a declared data set", _span_of(p.value))
-                    continue
-                name = self.convert(p.value, allowed=("data",))
-                if name is not None:
-                    values[p.key] = name
-                    self.check_columns(name, tech.data_params[p.key], {}, _span_of(p.value),
-                                       f"stage '{decl.name}'")
-            else:
-                values[p.key] = self.convert(p.value)
+        values, autos, failed = self.stage_values(decl, tech, owner)
+        errs = schema_errors(tech.schema, values, owner, spans, decl.span, failed)
+        _note_units(errs, decl.params)
+        self.errors.extend(errs)
         if len(self.errors) > n_errors:
-            return None
-        errs = schema_errors(tech.schema, values, owner, spans, decl.span)
-        if errs:
-            _note_units(errs, decl.params)
-            self.errors.extend(errs)
             return None
         params = {**tech.defaults_for(values), **values}
         for key, message in tech.check(params):
@@ -408,6 +379,64 @@ class _Resolver:
             self.error(message, span)
         return StagePlan(decl.name, tech.name, self.regs.techniques.owner(tech.name),
                          params.get("method"), params, autos, decl.span)
+
+    def stage_values(self, decl: ast.StageDecl, tech: Any, owner: str
+                     ) -> tuple[dict[str, Any], dict[str, tuple[float, float]], set[str]]:
+        """The stage's values (an auto knob at the middle of its range), its auto ranges, and the
+        keys whose values were rejected (already reported)."""
+        values: dict[str, Any] = {}
+        autos: dict[str, tuple[float, float]] = {}
+        failed: set[str] = set()
+        for p in decl.params:
+            before = len(self.errors)
+            if isinstance(p.value, ast.Auto):
+                bounds = self.auto_bounds(p, tech, owner)
+                if bounds is not None:
+                    autos[p.key] = lo, hi = bounds
+                    values[p.key] = (lo + hi) / 2 if not tech.knob(p.key).integer else int((lo + hi) // 2)
+            elif p.key in tech.data_params:
+                values[p.key] = self.data_param(p, tech.data_params[p.key], f"stage '{decl.name}'")
+            else:
+                values[p.key] = self.convert(p.value)
+            if len(self.errors) > before or p.key not in values:
+                failed.add(p.key)
+                values.pop(p.key, None)
+        return values, autos, failed
+
+    def data_param(self, p: ast.Param, columns: str, who: str) -> str | None:
+        """The data set that ``key = NAME`` names, checked for ``columns``; None when reported."""
+        if not isinstance(p.value, ast.Ident):
+            self.error(f"'{p.key}' must name a declared data set", _span_of(p.value))
+            return None
+        name = self.convert(p.value, allowed=("data",))
+        if name is not None:
+            self.check_columns(name, columns, {}, _span_of(p.value), who)
+        return name
+
+    def auto_bounds(self, p: ast.Param, tech: Any, owner: str) -> tuple[float, float] | None:
+        """The range ``p = auto`` or ``auto(lo .. hi)`` may take; None (reported) if it cannot."""
+        knob = tech.knob(p.key)
+        if knob is None:
+            knobs = ", ".join(k.name for k in tech.knobs)
+            self.error(f"'{p.key}' cannot be auto: it is not a knob of {owner}", p.value.span,
+                       hint=f"knobs of {tech.name}: {knobs}" if knobs else f"{tech.name} has no knobs")
+            return None
+        if p.value.range is None:
+            return knob.lo, knob.hi
+        rlo, rhi = (self.convert(p.value.range.lo), self.convert(p.value.range.hi))
+        if not all(isinstance(v, (int, float)) for v in (rlo, rhi)):
+            return None
+        if not rlo < rhi:
+            self.error(f"auto range {rlo:g} .. {rhi:g} of '{p.key}' is empty: its low end "
+                       "must be below its high end", p.value.span,
+                       hint=f"write auto({rhi:g} .. {rlo:g})" if rhi < rlo
+                       else f"for a fixed value write {p.key} = {rlo:g}")
+            return None
+        if not knob.lo <= rlo < rhi <= knob.hi:
+            self.error(f"auto range {rlo:g} .. {rhi:g} of '{p.key}' must lie within "
+                       f"{knob.lo:g} .. {knob.hi:g}", p.value.span)
+            return None
+        return rlo, rhi
 
     def constraints(self, metrics: tuple[MetricPlan, ...]) -> tuple[ConstraintPlan, ...]:
         out = []
@@ -446,21 +475,19 @@ class _Resolver:
         block = self.recipe.search
         if block is None:
             return SearchPlan()
-        n_errors = len(self.errors)
-        values = {p.key: self.convert(p.value) for p in block.params}
-        if len(self.errors) > n_errors:  # schema errors would only echo a failed conversion
-            return SearchPlan()
+        values, failed = self.convert_all({p.key: p.value for p in block.params})
         timeout = block.param("timeout")
         if timeout is not None and isinstance(timeout.value, ast.Num) and timeout.value.unit \
                 and dimension_of(timeout.value.unit) != "time":
             self.error(f"'timeout' is a duration, not {timeout.value.unit}", timeout.value.span,
                        hint="use ms, s, min or h, e.g. timeout = 30min")
-            return SearchPlan()
-        errs = schema_errors(SEARCH_SCHEMA, values, "the search block", _spans(block.params), block.span)
-        self.errors.extend(errs)
-        if errs:
-            return SearchPlan()
+            failed.add("timeout")
+            values.pop("timeout", None)
         spans = _spans(block.params)
+        errs = schema_errors(SEARCH_SCHEMA, values, "the search block", spans, block.span, failed)
+        self.errors.extend(errs)
+        if errs or failed:
+            return SearchPlan()
         workers = values.get("workers", 1)
         values.setdefault("backend", "process" if workers > 1 else "serial")
         if values["backend"] == "serial" and workers > 1:
@@ -482,50 +509,54 @@ class _Resolver:
             self.error("compose needs constraints to aim at", block.span,
                        hint="add e.g. constraints { size <= 25%, drop(quality) <= 0.5 }")
         values: dict[str, Any] = {}
+        failed: set[str] = set()
         for p in block.params:
+            before = len(self.errors)
             if p.key == "data":
-                if not isinstance(p.value, ast.Ident):
-                    self.error("'data' must name a declared data set", _span_of(p.value))
-                    continue
-                name = self.convert(p.value, allowed=("data",))
-                if name is not None:
-                    values["data"] = name
-                    self.check_columns(name, "text|a,b", {}, _span_of(p.value), "compose")
+                values[p.key] = self.data_param(p, "text|a,b", "compose")
             else:
                 values[p.key] = self.convert(p.value)
-        self.errors.extend(schema_errors(COMPOSE_SCHEMA, values, "the compose block",
-                                         _spans(block.params), block.span))
-        if len(self.errors) > n_errors:
-            return None
+            if len(self.errors) > before:
+                failed.add(p.key)
+                del values[p.key]
+        errs = schema_errors(COMPOSE_SCHEMA, values, "the compose block", _spans(block.params),
+                             block.span, failed)
+        self.errors.extend(errs)
         allow_param = block.param("allow")
         composable = [t.name for t in self.regs.techniques if t.candidates(self.task)]
-        if allow_param is None:
-            allow = composable
-        else:
-            allow = []
-            for item in allow_param.value.items:
-                name = item.value
-                tech = self.regs.techniques.get(name)
-                if tech is None:
-                    self.error(f"unknown technique '{name}'", item.span,
-                               hint=did_you_mean(name, self.regs.techniques.names()).strip(" —")
-                               or "squeeze plugins lists the installed techniques")
-                elif name not in composable:
-                    self.error(f"technique '{name}' cannot be composed: its plugin offers no "
-                               "candidate settings", item.span,
-                               hint="write it as an explicit stage instead; composable: "
-                                    + ", ".join(composable))
-                elif name in allow:
-                    self.error(f"technique '{name}' is allowed twice", item.span)
-                else:
-                    allow.append(name)
+        allow = composable
+        if allow_param is not None:  # its items are names only once the schema says it is a list
+            names = values.get("allow")
+            well_formed = isinstance(names, list) and all(isinstance(n, str) for n in names)
+            allow = self.allowed(allow_param, composable) if well_formed else []
         if len(self.errors) > n_errors:
             return None
         return ComposePlan(tuple(allow), values.get("data"), int(values.get("stages", 3)))
 
+    def allowed(self, allow_param: ast.Param, composable: list[str]) -> list[str]:
+        """The techniques of ``compose { allow = […] }``, each one checked."""
+        allow: list[str] = []
+        for item in allow_param.value.items:
+            name = item.value
+            tech = self.regs.techniques.get(name)
+            if tech is None:
+                self.error(f"unknown technique '{name}'", item.span,
+                           hint=did_you_mean(name, self.regs.techniques.names()).strip(" —")
+                           or "squeeze plugins lists the installed techniques")
+            elif name not in composable:
+                self.error(f"technique '{name}' cannot be composed: its plugin offers no "
+                           "candidate settings", item.span,
+                           hint="write it as an explicit stage instead; composable: "
+                                + ", ".join(composable))
+            elif name in allow:
+                self.error(f"technique '{name}' is allowed twice", item.span)
+            else:
+                allow.append(name)
+        return allow
+
     def output(self, name: str) -> tuple[str, str]:
         decl = self.recipe.output
-        path = self.base_dir / (decl.path.value if decl else f"out/{name}")
+        path = self.base_dir / Path(decl.path.value if decl else f"out/{name}").expanduser()
         fmt = "squeeze"
         if decl and decl.options:
             for p in decl.options.params:

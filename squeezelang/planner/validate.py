@@ -1,6 +1,7 @@
 """Check plugin parameters against their JSON Schemas, with errors placed on the offending key."""
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from squeezelang.errors import RecipeError
@@ -55,11 +56,14 @@ def _message(error: Any, key: str | None, owner: str) -> tuple[str, str | None]:
 
 
 def schema_errors(schema: dict[str, Any], values: dict[str, Any], owner: str,
-                  spans: dict[str, tuple[ast.Span, ast.Span]], fallback: ast.Span | None) -> list[RecipeError]:
+                  spans: dict[str, tuple[ast.Span, ast.Span]], fallback: ast.Span | None,
+                  failed: Collection[str] = ()) -> list[RecipeError]:
     """Validate ``values`` against ``schema``; each error sits on the key it concerns.
 
     ``spans`` maps a key to (key span, value span); unknown keys point at the key, bad values at the
-    value, and missing keys at ``fallback`` (the statement).
+    value, and missing keys at ``fallback`` (the statement). ``failed`` names keys the recipe gives
+    but whose values were rejected (and reported) before: they are left out of ``values``, and not
+    reported again as missing, so their errors and those of the other keys come out together.
     """
     import jsonschema
 
@@ -74,6 +78,8 @@ def schema_errors(schema: dict[str, Any], values: dict[str, Any], owner: str,
     known = {k: v for k, v in values.items() if k in props}
     validator = jsonschema.Draft202012Validator({**schema, "additionalProperties": True})
     for error in sorted(validator.iter_errors(known), key=lambda e: list(e.path)):
+        if error.validator == "required" and _missing(error) in failed:
+            continue
         key = str(error.path[0]) if error.path else None
         span = spans[key][1] if key in spans else fallback
         message, hint = _message(error, key, owner)
@@ -81,6 +87,13 @@ def schema_errors(schema: dict[str, Any], values: dict[str, Any], owner: str,
             hint = props[key]["description"]
         errors.append(RecipeError(message, span, hint=hint))
     return errors
+
+
+def _missing(error: Any) -> str | None:
+    """The property a ``required`` error says is missing."""
+    return next((k for k in error.validator_value
+                 if isinstance(error.instance, dict) and k not in error.instance
+                 and error.message.startswith(repr(k))), None)
 
 
 def parse_columns(spec: str) -> list[list[list[str]]]:

@@ -9,6 +9,7 @@ from squeezelang.lang.ast import (
     Param, Range, Recipe, StageDecl, Str,
 )
 from squeezelang.lang.fmt import format_recipe, format_value
+from squeezelang.errors import RecipeErrors
 from squeezelang.lang.parser import parse
 
 MESSY = '''\
@@ -49,7 +50,7 @@ stage p {
     a = 1
     b = ["x", "y"]
     c = f(1, k = 2)
-}
+}  # trailing
 
 constraints {
     size <= 1MB
@@ -125,3 +126,92 @@ def test_stage_named_differently_is_written_explicitly():
 def test_unwritable_values_raise_value_error(value):
     with pytest.raises(ValueError):
         format_value(value)
+
+
+# ---------------------------------------------------------------- comments
+# (recipe text with comments in one kind of position, its formatted text)
+COMMENTED = [
+    ("# header\n\nmodel = hf(\"m\")\n", "# header\n\nmodel = hf(\"m\")\n"),
+    ("# about the model\nmodel = hf(\"m\")\n", "# about the model\nmodel = hf(\"m\")\n"),
+    ('model = hf("m")   # why this model\n', 'model = hf("m")  # why this model\n'),
+    ('stage x: prune { ratio = 0.5 }  # why\n', "stage x: prune {\n    ratio = 0.5\n}  # why\n"),
+    ("stage p {  # the first try\n    a = 1\n}\n", "stage p {  # the first try\n    a = 1\n}\n"),
+    ("stage p {\n    # before a\n    a = 1  # after a\n    # end of p\n}\n",
+     "stage p {\n    # before a\n    a = 1  # after a\n    # end of p\n}\n"),
+    ("stage p { a = 1  # after a\n  b = 2 }\n", "stage p {\n    a = 1  # after a\n    b = 2\n}\n"),
+    ('data d = csv("x",  # the file\n    columns = ["a"])\n',
+     '# the file\ndata d = csv("x", columns = ["a"])\n'),
+    ("stage p {\n    include = [\n        \"a\",  # attention\n    ]\n}\n",
+     "stage p {\n    # attention\n    include = [\"a\"]\n}\n"),
+    ("constraints {\n    size <= 20%  # of the original\n    # quality last\n    q >= 1\n}\n",
+     "constraints {\n    size <= 20%  # of the original\n    # quality last\n    q >= 1\n}\n"),
+    ("constraints {\n    # none yet\n}\n", "constraints {\n    # none yet\n}\n"),
+    ("search {}  # defaults\n", "search {}  # defaults\n"),
+    ('output "o" {  # options\n}\n', 'output "o" {  # options\n}\n'),
+    ('model = hf("m")\n# the end\n', 'model = hf("m")\n\n# the end\n'),
+    ("# only a comment\n", "# only a comment\n"),
+    # canonical order: each comment moves with its statement
+    ('# the output\noutput "o"  # here\n# the name\nrecipe "r"  # short\n',
+     '# the name\nrecipe "r"  # short\n\n# the output\noutput "o"  # here\n'),
+    ('# top\n\n# stage b\nstage b {}\n# stage a\nstage a: prune {}\nmodel = hf("m")  # m\n',
+     '# top\n\nmodel = hf("m")  # m\n\n# stage b\nstage b {}\n\n# stage a\nstage a: prune {}\n'),
+    ('recipe "r"\r\n# crlf\r\nmodel = hf("m")  # crlf too\r\n',
+     'recipe "r"\n\n# crlf\nmodel = hf("m")  # crlf too\n'),
+]
+
+
+@pytest.mark.parametrize("text, expected", COMMENTED, ids=range(len(COMMENTED)))
+def test_comments_are_kept(text: str, expected: str):
+    recipe = parse(text)
+    formatted = format_recipe(recipe)
+    assert formatted == expected
+    assert parse(formatted) == recipe
+    assert format_recipe(parse(formatted)) == formatted
+
+
+def _corpus() -> list[str]:
+    """Every recipe text of the tests and specs that parses."""
+    from pathlib import Path
+
+    from test_mistakes import MISTAKES
+
+    root = Path(__file__).resolve().parents[2]
+    texts = [p.read_text(encoding="utf-8") for p in sorted(root.glob("specs/*.squeeze"))]
+    texts += RECIPES + [text for text, _ in COMMENTED]
+    texts += [c.values[0] for c in MISTAKES if isinstance(c.values[0], str)]
+    return [text for text in texts if _parses(text)]
+
+
+def _parses(text: str) -> bool:
+    try:
+        parse(text)
+    except RecipeErrors:
+        return False
+    return True
+
+
+def _sprinkled(text: str) -> str:
+    """The text with a comment at the end of every line and on a line of its own before each."""
+    lines = text.split("\n")
+    return "\n".join(f"# above {n}\n{line}  # after {n}" for n, line in enumerate(lines))
+
+
+CORPUS = _corpus()
+
+
+@pytest.mark.parametrize("text", CORPUS + [_sprinkled(t) for t in CORPUS], ids=range(2 * len(CORPUS)))
+def test_no_comment_is_lost(text: str):
+    recipe = parse(text)
+    formatted = format_recipe(recipe)
+    again = parse(formatted)
+    assert again == recipe
+    assert sorted(c.text for c in again.comments) == sorted(c.text.rstrip() for c in recipe.comments)
+    assert format_recipe(again) == formatted
+
+
+def test_comments_of_hand_built_nodes_go_to_the_end():
+    """A recipe whose nodes were not read from text still keeps comments (at the end)."""
+    from squeezelang.lang.ast import Comment, Span
+
+    recipe = Recipe(name="r", comments=(Comment("# kept", Span(3, 1, 3, 7)),))
+    assert format_recipe(recipe) == 'recipe "r"\n\n# kept\n'

@@ -393,6 +393,22 @@ def test_mistake(source: str | bytes, line: int, column: int, message: str, hint
     assert f"{path}:{line}:{column}: error: {first.message}" in format_errors(errs)
 
 
+# Cases with more than one mistake in them, and how many errors each gets.
+SEVERAL = {"source-windows-path": 2}  # two unknown escapes
+
+
+@pytest.mark.parametrize("source, line, column, message, hint", MISTAKES)
+def test_one_mistake_is_one_error(source: str | bytes, line: int, column: int, message: str,
+                                  hint: str | None, recipe_dir: Path, registries,
+                                  request: pytest.FixtureRequest) -> None:
+    """Recovering from a syntax error and checking every key add no error that follows from one."""
+    path = recipe_dir / "recipe.squeeze"
+    path.write_bytes(source if isinstance(source, bytes) else source.encode("utf-8"))
+    errs = check(path, registries)
+    case_id = request.node.callspec.id
+    assert len(errs.errors) == SEVERAL.get(case_id, 1), [e.message for e in errs.errors]
+
+
 def test_corpus_is_large_and_distinct() -> None:
     ids = [case.id for case in MISTAKES]
     assert len(ids) >= 60 and len(set(ids)) == len(ids)

@@ -120,3 +120,42 @@ def test_package_not_installed(tmp_path: Path):
         resolve(parse(path.read_text(), str(path)))
     err = info.value.errors[0]
     assert "not installed" in err.message and (err.span.line, err.span.column) == (1, 20)
+
+
+# A bad name (or another rejected value) and schema/range errors of other keys come out in one
+# run: (body after the 2-line header, [(line, column, message fragment), …]).
+SEVERAL = [
+    ('stage p: prune { data = calbi, ratio = 1.5 }',
+     [(3, 25, "undefined name 'calbi'"), (3, 40, "'ratio' must be between 0 and 1")]),
+    ('stage p: prune { ratio = auto(0.6 .. 0.1), method = "magnitud" }',
+     [(3, 26, "auto range 0.6 .. 0.1 of 'ratio' is empty"), (3, 53, "'method' must be one of")]),
+    ('stage q: quantize { scheme = auto, data = nothing }',
+     [(3, 30, "'scheme' cannot be auto"), (3, 43, "undefined name 'nothing'")]),
+    ('search { trials = nope, seed = -1, strategy = "bisekt" }',
+     [(3, 19, "undefined name 'nope'"), (3, 32, "'seed' must be at least 0"),
+      (3, 47, "'strategy' must be one of")]),
+    ('search { timeout = 5MB, trials = 0 }',
+     [(3, 20, "'timeout' is a duration, not MB"), (3, 34, "'trials' must be between 1 and 10000")]),
+    ('data d = text("calib.txt", limit = lots, x = 1)',
+     [(3, 36, "undefined name 'lots'"), (3, 42, "unknown parameter 'x' for data source 'text'")]),
+    ('metric f = fidelity(calib, batch_size = big, strid = 2)',
+     [(3, 41, "undefined name 'big'"), (3, 46, "unknown parameter 'strid' for metric 'fidelity'")]),
+    ('constraints { size <= 50% }\ncompose { data = nothere, stages = 9, allow = ["prnue"] }',
+     [(4, 18, "undefined name 'nothere'"), (4, 36, "'stages' must be between 1 and 6"),
+      (4, 48, "unknown technique 'prnue'")]),
+]
+
+
+@pytest.mark.parametrize("body, expected", SEVERAL, ids=[c[0][:40] for c in SEVERAL])
+def test_name_and_schema_errors_in_one_run(recipe_dir: Path, body: str, expected):
+    errs = errors(recipe_dir, body)
+    assert [(e.span.line, e.span.column) for e in errs] == [(line, col) for line, col, _ in expected], \
+        [e.message for e in errs]
+    for err, (_, _, fragment) in zip(errs, expected):
+        assert fragment in err.message, err.message
+
+
+def test_a_rejected_required_value_is_not_reported_missing_too(recipe_dir: Path):
+    """A required key whose value failed is reported once, for its value, never as missing."""
+    errs = errors(recipe_dir, 'data d = text(nowhere)')
+    assert [e.message for e in errs] == ["undefined name 'nowhere'"]
