@@ -297,8 +297,18 @@ class VocabTrim(Technique):
     data_params = {"data": "text|a,b"}
 
     def candidates(self, task: str) -> list[Candidate]:
-        """Lossless on texts like the calibration data: the cheapest size cut to try first."""
-        return [Candidate("vocab_trim", {}, risk=0.1, order=10, needs_data=True)]
+        """Keep the compose data's tokens and the 8,000 lowest ids.
+
+        Lossless only on texts made of kept tokens: quality is measured on other texts, whose
+        words outside the compose data become the unknown token (all-MiniLM-L6-v2, STS-B: the
+        tokens of 2,000 train rows alone turned 10.5% of the dev tokens into [UNK] and cost 6.7
+        points of Spearman). With the lowest 8,000 ids kept too (in BERT's WordPiece order: the
+        frequent words and the single-character pieces, so an unseen word splits into smaller
+        pieces instead) 0.01% of the dev tokens are [UNK] and the cost is 0.9 points, for 30% of
+        the vocabulary kept. Still lossy, so ranked after int8 quantization, before pruning.
+        """
+        return [Candidate("vocab_trim", {"keep_frequent": 8000}, risk=2.0, order=10,
+                          needs_data=True)]
     example = "stage trim: vocab_trim { data = calib, keep_frequent = 2000 }"
 
     def estimate(self, meta: ModelMeta, params: dict[str, Any]) -> ModelMeta:

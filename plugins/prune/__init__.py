@@ -48,13 +48,16 @@ class Prune(Technique):
     example = 'stage sparse: prune { method = "magnitude", ratio = 50%, scope = "layer" }'
 
     def candidates(self, task: str) -> list[Candidate]:
-        """Unstructured magnitude pruning (smaller files), or MLP neurons by activation (smaller
-        and faster); the ratio is left to the search."""
+        """Unstructured magnitude pruning (smaller files), MLP neurons by activation (smaller and
+        faster), or whole layers by block importance (depth: smaller and faster in proportion,
+        the riskiest, as a dropped layer takes all it computed); the ratio is left to the search."""
         return [
             Candidate("magnitude", {"method": "magnitude", "ratio": 0.5}, risk=3.0, order=40,
                       autos=("ratio",)),
             Candidate("activation-mlp", {"method": "activation", "target": "mlp", "ratio": 0.5},
                       risk=3.5, order=30, autos=("ratio",), needs_data=True, speeds_up=True),
+            Candidate("depth", {"method": "depth", "ratio": 0.5}, risk=4.5, order=20,
+                      autos=("ratio",), needs_data=True, speeds_up=True),
         ]
 
     def _method(self, params: dict[str, Any]) -> PruneMethod:

@@ -12,7 +12,8 @@ search. A pipeline is at most ``stages`` candidates, one per technique, in ``ord
 Every pipeline is estimated at its most compressed setting without loading weights: those that
 cannot meet the size-type constraints are ruled out there and then, and when none is left the plan
 is refused (``Infeasible``) with the smallest size any of them reaches. The others are ranked by
-summed risk, then fewer stages, then smaller predicted size; the search tries them in that order.
+summed risk, then fewer stages, then smaller predicted size; the search tries every one in that
+order within its budget and keeps the smallest feasible result (``search.solve``).
 """
 from __future__ import annotations
 

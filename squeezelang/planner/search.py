@@ -14,7 +14,14 @@ size-type constraints (``size_floor``); measured trials then search above it:
   estimates already rule out are skipped without a trial.
 
 Each trial runs the stages for real, saves and reloads the artifact and measures it, exactly like
-the final run. The feasible trial with the smallest predicted size wins (ties: the higher level).
+the final run (time metrics side by side with the original, ``executor.measure.measure_paired``).
+A trial that meets a time-type constraint (latency) by less than ``TIME_MARGIN`` of its bound is
+*marginal*: the final run's own paired measurement could overturn it, so it is measured once more
+alone and the worse of the two counts, and a strategy never stops on it. A trial whose latency was
+measured while other workers ran is re-measured alone before its verdict counts.
+
+The feasible trial that passes clearly with the smallest size wins (then a marginal one; ties: the
+higher level); with none feasible, the one with the least ``violation``.
 """
 from __future__ import annotations
 
@@ -23,18 +30,20 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from squeezelang.errors import Infeasible
 from squeezelang.hooks.registry import Registries
-from squeezelang.planner.plan import Plan
+from squeezelang.planner.plan import ConstraintPlan, Plan
 
 if TYPE_CHECKING:
     from squeezelang.executor.context import Context
     from squeezelang.executor.run import RunResult
     from squeezelang.models.handle import ModelHandle
+    from squeezelang.planner.constraints import Verdict
+    from squeezelang.planner.workers import TrialJob, TrialOutcome
 
 SIZE_KINDS = ("size", "params")
 Levels = dict[tuple[str, str], float]  # (stage, knob) -> level in [0, 1]
@@ -119,6 +128,96 @@ def solved_floor(plan: Plan, registries: Registries, ctx: Context) -> dict[tuple
     return {(s.name, k): f.params[k] for s, f in zip(plan.stages, fixed.stages) for k in s.autos}
 
 
+# ---------------------------------------------------------------------------- judging a trial
+#: A time-type constraint met by less than this fraction of its bound passes only *marginally*:
+#: latency ratios of one setting, each from a paired measurement (``PAIRED_ROUNDS`` alternating
+#: calls), were seen to differ by more than this from one run to the next on a loaded machine.
+TIME_MARGIN = 0.10
+
+#: What a trial says about its setting: every constraint met (time ones clearly); met, a time one
+#: marginally; only constraints that more compression helps missed (size, latency: compress more);
+#: only quality constraints missed, or the trial failed (compress less); both kinds missed.
+PASS, MARGINAL, UNDER, OVER, BOTH = "pass", "marginal", "under", "over", "both"
+
+
+def checks(plan: Plan, original: dict[str, float] | None,
+           measured: dict[str, float] | None) -> list[tuple[ConstraintPlan, Verdict]]:
+    """Each constraint of ``plan`` with its verdict on ``measured`` (those it has values for)."""
+    from squeezelang.planner.constraints import evaluate
+
+    original, measured = original or {}, measured or {}
+    return [(c, evaluate(c, plan.metric(c.metric), original[c.metric], measured[c.metric]))
+            for c in plan.constraints if c.metric in original and c.metric in measured]
+
+
+def violation(plan: Plan, original: dict[str, float] | None,
+              measured: dict[str, float] | None) -> float | None:
+    """How far a measured setting is from meeting every constraint: 0 when it meets them all.
+
+    Each unmet constraint adds how far its value lies beyond the bound, divided by the metric's
+    value *at* the bound, so that constraints in different units add up as fractions of their
+    targets: ``latency <= 50%`` measured at 63% adds 0.13 / 0.50 = 0.26, ``size <= 10 MB`` at
+    12 MB adds 0.2. For ``drop(m)`` the value at the bound is the original's minus the allowed
+    drop: a drop of 1.2 points where 0.5 is allowed, on an original of 82, adds 0.7 / 81.5 (the
+    tolerance itself, often 0, would not do as a scale). ``None`` when nothing was measured.
+    """
+    judged = checks(plan, original, measured)
+    if not judged:
+        return None
+    total = 0.0
+    for c, v in judged:
+        if v.met:
+            continue
+        at_bound = v.bound
+        if c.drop:
+            o = (original or {})[c.metric]
+            at_bound = o - v.bound if plan.metric(c.metric).higher_is_better else o + v.bound
+        total += abs(v.margin) / (abs(at_bound) or 1.0)
+    return total
+
+
+def _is_time(plan: Plan, c: ConstraintPlan) -> bool:
+    metric = plan.metric(c.metric)
+    return metric is not None and metric.dimension == "time"
+
+
+def _helped_by_compression(plan: Plan, c: ConstraintPlan) -> bool:
+    """Whether compressing more moves the constraint's metric toward its bound (size, latency…)."""
+    metric = plan.metric(c.metric)
+    return metric is not None and metric.dimension != "score" and not c.drop
+
+
+def marginal(plan: Plan, judged: list[tuple[ConstraintPlan, Verdict]]) -> list[str]:
+    """The time-type constraints met by less than ``TIME_MARGIN`` of their bound."""
+    return [v.constraint for c, v in judged
+            if v.met and _is_time(plan, c) and v.margin < TIME_MARGIN * abs(v.bound)]
+
+
+def status(plan: Plan, outcome: TrialOutcome) -> str:
+    """``PASS``, ``MARGINAL``, ``UNDER``, ``OVER`` or ``BOTH`` for one trial's outcome."""
+    judged = checks(plan, outcome.original, outcome.metrics)
+    if outcome.error or not judged:
+        return OVER  # a failed trial: treated as too compressed, so the search backs off
+    if outcome.ok:
+        return MARGINAL if marginal(plan, judged) else PASS
+    helped = [_helped_by_compression(plan, c) for c, v in judged if not v.met]
+    return UNDER if all(helped) else OVER if not any(helped) else BOTH
+
+
+def _time_margin(plan: Plan, outcome: TrialOutcome) -> float:
+    """The smallest margin of the outcome's time constraints, as a fraction of their bounds."""
+    return min((v.margin / (abs(v.bound) or 1.0) for c, v in checks(plan, outcome.original,
+                                                                     outcome.metrics)
+                if _is_time(plan, c)), default=float("inf"))
+
+
+def _hangs_on_time(plan: Plan, outcome: TrialOutcome) -> bool:
+    """Whether the outcome's feasibility is decided by its time constraints (the others met)."""
+    judged = checks(plan, outcome.original, outcome.metrics)
+    return not outcome.error and any(_is_time(plan, c) for c, _ in judged) and \
+        all(v.met for c, v in judged if not _is_time(plan, c))
+
+
 class _Budget:
     """The search's budget and log, shared by every pipeline tried (``trials`` and ``timeout``)."""
 
@@ -136,79 +235,156 @@ class _Budget:
 
 
 class _Trials:
-    """Runs and logs the trials of one plan (one pipeline) within the shared budget."""
+    """Runs and logs the trials of one plan (one pipeline) within the shared budget.
+
+    ``cap`` bounds the trials this pipeline may log (a composed search shares its budget out).
+    """
 
     def __init__(self, plan: Plan, registries: Registries, scratch: Path, handle: ModelHandle | None,
                  quiet: bool, ctx: Context, budget: _Budget, backend: Any,
-                 pipeline: str | None = None) -> None:
+                 pipeline: str | None = None, cap: int | None = None) -> None:
         self.plan, self.registries, self.scratch, self.ctx = plan, registries, scratch, ctx
         self.handle, self.quiet, self.budget, self.pipeline = handle, quiet, budget, pipeline
-        self.backend = backend
+        self.backend, self.cap = backend, cap
         self.workers = max(1, plan.search.workers)
 
     @property
     def log(self) -> list[dict[str, Any]]:
         return self.budget.log
 
+    def left(self) -> int:
+        """Trials this pipeline may still run."""
+        left = self.budget.left()
+        return left if self.cap is None else min(left, max(self.cap - len(self.mine()), 0))
+
     def budget_left(self) -> bool:
-        return self.budget.left() > 0
+        return self.left() > 0
 
-    def run(self, levels: Levels | float) -> bool:
-        return self.run_many([levels])[0]
+    def run(self, levels: Levels | float) -> str:
+        """Run one trial; its status (``OVER`` when the budget cut it)."""
+        return (self.run_many([levels]) or [OVER])[0]
 
-    def run_many(self, batch: list[Levels | float]) -> list[bool]:
-        """Run up to the budget's remaining trials of ``batch`` (in parallel where the search has
-        workers); return whether each was feasible (False for those the budget cut)."""
+    def run_many(self, batch: list[Levels | float]) -> list[str]:
+        """Run up to the remaining trials of ``batch`` (in parallel where the search has workers);
+        return each one's status (``PASS``, ``MARGINAL``, ``UNDER``, ``OVER`` or ``BOTH``)."""
         from squeezelang.planner.workers import TrialJob
 
-        batch = batch[:self.budget.left()]
+        batch = batch[:self.left()]
         if not batch:
             return []
         if self.budget.original is None and len(batch) > 1:  # measure the original once, alone
             return self.run_many(batch[:1]) + self.run_many(batch[1:])
-        jobs, fixed_plans, predicted = [], [], []
+        jobs, fixed_plans = [], []
         for levels in batch:
             fixed = at_levels(self.plan, self.registries, levels)
             fixed_plans.append(fixed)
-            predicted.append(predicted_ok(self.plan, self.registries, levels, self.ctx)[1])
             index = len(self.log) + len(jobs) + 1
             jobs.append(TrialJob(index, fixed, str(self.scratch / f"trial-{index:02d}"),
                                  self.budget.original, measure_stages=self.pipeline is not None))
-        outcomes = self.backend.run(jobs)
-        results = []
-        for levels, fixed, pred, outcome in zip(batch, fixed_plans, predicted, outcomes):
+        statuses = []
+        for levels, fixed, job, outcome in zip(batch, fixed_plans, jobs, self.backend.run(jobs)):
             if self.budget.original is None and outcome.original:
                 self.budget.original = dict(outcome.original)
-            entry = {
-                "levels": levels if isinstance(levels, float) else
-                {f"{s}.{k}": v for (s, k), v in levels.items()},
-                "values": {s.name: {k: f.params[k] for k in s.autos}
-                           for s, f in zip(self.plan.stages, fixed.stages) if s.autos},
-                "predicted_size": pred,
-                "metrics": outcome.metrics,
-                "verdicts": outcome.verdicts,
-                "feasible": outcome.ok, "seconds": round(outcome.seconds, 2)}
-            if self.pipeline is not None:
-                entry["pipeline"] = self.pipeline
-            if outcome.stages is not None:
-                entry["stages"] = outcome.stages
-                entry["original"] = outcome.original
-            if outcome.error:
-                entry["error"] = outcome.error
+            outcome, discarded = self._settle(job, outcome)
+            entry = self._entry(levels, fixed, outcome, discarded)
             self.log.append(entry)
-            results.append(outcome.ok)
+            statuses.append(entry["status"])
             if not self.quiet:
-                what = f"{self.pipeline} " if self.pipeline else ""
-                verdict = "failed: " + outcome.error if outcome.error else \
-                    "feasible" if outcome.ok else "infeasible"
-                print(f"trial {len(self.log)}: {what}{entry['values'] or ''} -> {verdict}", flush=True)
-        return results
+                print(progress_line(self.plan, entry, len(self.log), self.budget.trials), flush=True)
+        return statuses
+
+    def _entry(self, levels: Levels | float, fixed: Plan, outcome: TrialOutcome,
+               discarded: list[dict[str, Any]]) -> dict[str, Any]:
+        """The trial's log entry (``report.json``'s ``trials``)."""
+        judged = checks(self.plan, outcome.original, outcome.metrics)
+        entry = {
+            "levels": levels if isinstance(levels, float) else
+            {f"{s}.{k}": v for (s, k), v in levels.items()},
+            "values": {s.name: {k: f.params[k] for k in s.autos}
+                       for s, f in zip(self.plan.stages, fixed.stages) if s.autos},
+            "predicted_size": predicted_ok(self.plan, self.registries, levels, self.ctx)[1],
+            "size": _measured_size(self.plan, outcome.metrics),
+            "metrics": outcome.metrics,
+            "original": outcome.original,
+            "verdicts": outcome.verdicts,
+            "feasible": outcome.ok,
+            "status": status(self.plan, outcome),
+            "marginal": marginal(self.plan, judged),
+            "violation": violation(self.plan, outcome.original, outcome.metrics),
+            "seconds": round(outcome.seconds, 2)}
+        if self.pipeline is not None:
+            entry["pipeline"] = self.pipeline
+        if outcome.stages is not None:
+            entry["stages"] = outcome.stages
+        if discarded:
+            entry["remeasured"] = discarded
+        if outcome.error:
+            entry["error"] = outcome.error
+        return entry
+
+    def _settle(self, job: TrialJob, outcome: TrialOutcome) -> tuple[TrialOutcome, list[dict[str, Any]]]:
+        """The outcome to judge the trial by, and the time measurements set aside for it.
+
+        A latency measured while other workers ran is not trusted: when the verdict hangs on it,
+        the trial runs again alone in this process, side by side with the original as the final
+        run measures. A marginal pass is measured once more and the worse of the two counts.
+        """
+        discarded = []
+        if self.backend.workers > 1 and _hangs_on_time(self.plan, outcome):
+            alone = self._alone(job)
+            discarded.append(self._time_record(outcome, "measured while other trials ran"))
+            outcome = alone
+        if status(self.plan, outcome) == MARGINAL:
+            again = self._alone(job)
+            worse, better = sorted((outcome, again), key=lambda o: _time_margin(self.plan, o))
+            discarded.append(self._time_record(better, "the better of two measurements"))
+            outcome = worse
+        return outcome, discarded
+
+    def _alone(self, job: TrialJob) -> TrialOutcome:
+        """Run ``job`` in this process while nothing else of the search runs."""
+        from squeezelang.planner.workers import run_trial
+
+        return run_trial(job, self.registries, self.handle)
+
+    def _time_record(self, outcome: TrialOutcome, why: str) -> dict[str, Any]:
+        names = {c.metric for c in self.plan.constraints if _is_time(self.plan, c)}
+        return {"why": why, "metrics": {n: v for n, v in outcome.metrics.items() if n in names},
+                "original": {n: v for n, v in (outcome.original or {}).items() if n in names}}
 
     def mine(self) -> list[dict[str, Any]]:
         return [t for t in self.log if t.get("pipeline") == self.pipeline]
 
-    def feasible(self) -> list[dict[str, Any]]:
-        return [t for t in self.mine() if t["feasible"]]
+
+def progress_line(plan: Plan, entry: dict[str, Any], number: int, total: int) -> str:
+    """One trial for the terminal: ``trial 3 of 12: sparse.ratio=0.4 -> size 12.30 MB (13.4%),
+    quality 85.10 (drop 0.60), latency 4.81 ms (48.0%) — infeasible (latency <= 45%)``."""
+    from squeezelang.executor.report import fmt_value
+
+    knobs = ", ".join(f"{stage}.{k}={v:g}" for stage, vals in entry["values"].items()
+                      for k, v in vals.items())
+    what = ": ".join(x for x in (entry.get("pipeline"), knobs) if x) or "fixed stages"
+    original = entry.get("original") or {}
+    shown = []
+    for m in plan.metrics:
+        if m.name not in entry["metrics"]:
+            continue
+        value, before = entry["metrics"][m.name], original.get(m.name)
+        if before is None:
+            relative = ""
+        elif m.dimension == "score":
+            relative = f" (drop {fmt_value(before - value if m.higher_is_better else value - before, 'score')})"
+        else:
+            relative = f" ({value / before:.1%})" if before else ""
+        shown.append(f"{m.name} {fmt_value(value, m.dimension)}{relative}")
+    if entry.get("error"):
+        verdict = "failed: " + entry["error"]
+    elif entry["feasible"]:
+        verdict = "feasible" + (f" (within {TIME_MARGIN:.0%} of the bound: "
+                                f"{', '.join(entry['marginal'])})" if entry.get("marginal") else "")
+    else:
+        verdict = "infeasible (" + ", ".join(c for c, met in entry["verdicts"].items() if not met) + ")"
+    return f"trial {number} of {total}: {what} -> {', '.join(shown) or 'nothing measured'} — {verdict}"
 
 
 def _failing_prefixes(plan: Plan, labels: tuple[str, ...],
@@ -239,10 +415,31 @@ def _failing_prefixes(plan: Plan, labels: tuple[str, ...],
 
 
 def _best(log: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The feasible trial to run for real: one that passes clearly before a marginal one, then the
+    smallest (``size``: measured, else predicted), then the most compressed."""
     feasible = [t for t in log if t["feasible"]]
     if not feasible:
         return None
-    return min(feasible, key=lambda t: (t["predicted_size"], -_mean_level(t["levels"])))
+    return min(feasible, key=lambda t: (bool(t.get("marginal")), _size_of(t),
+                                        -_mean_level(t["levels"])))
+
+
+def _closest(log: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """With no feasible trial, the one of least ``violation`` (then the smallest)."""
+    measured = [t for t in log if t.get("violation") is not None]
+    if not measured:
+        return None
+    return min(measured, key=lambda t: (t["violation"], _size_of(t)))
+
+
+def _size_of(entry: dict[str, Any]) -> float:
+    return entry.get("size") or entry["predicted_size"]
+
+
+def _measured_size(plan: Plan, metrics: dict[str, float]) -> float | None:
+    """The saved artifact's size, where the plan measures it (the implicit ``size`` metric)."""
+    metric = next((m for m in plan.metrics if m.kind == "size"), None)
+    return metrics.get(metric.name) if metric is not None else None
 
 
 def _mean_level(levels: Any) -> float:
@@ -255,27 +452,40 @@ def _levels_of(entry: dict[str, Any]) -> Levels | float:
 
 
 def _bisect(trials: _Trials, floor: float) -> None:
-    """Bisection on the common level, assuming feasibility falls as compression rises; with ``w``
-    workers, ``w`` points split the interval at once (fewer rounds, more trials)."""
+    """Bisection on the common level between a setting not compressed enough or feasible (``lo``)
+    and one too compressed (``hi``); with ``w`` workers, ``w`` points split the interval at once.
+
+    It stops at once only when the most compressed end passes clearly (a marginal pass there has
+    been measured twice, and nothing is more compressed), or misses what compression helps (size,
+    latency), or when the least compressed end already breaks quality. When the least compressed
+    end misses only size/latency bounds, the interior is searched for a setting between the two.
+    A marginal pass moves ``lo`` up like any pass: toward more compression.
+    """
     lo, hi = floor, 1.0
-    if trials.run(hi) or not trials.budget_left() or not trials.run(lo):
-        return  # the most compressed end is feasible, or even the least compressed is not
+    if trials.run(hi) != OVER or not trials.budget_left() or trials.run(lo) in (OVER, BOTH):
+        return
     while trials.budget_left() and hi - lo > 1e-3:
-        w = min(trials.workers, trials.budget.left())
+        w = min(trials.workers, trials.left())
         points = [lo + (hi - lo) * (i + 1) / (w + 1) for i in range(w)]
-        for point, ok in zip(points, trials.run_many(points)):
-            if not ok:
+        for point, said in zip(points, trials.run_many(points)):
+            if said == BOTH:
+                return  # quality already lost and still too slow/large: no level between helps
+            if said == OVER:
                 hi = point
                 break
             lo = point
 
 
 def _grid(trials: _Trials, floor: float) -> None:
+    """Evenly spaced common levels, most compressed first; stops at the first clear pass (the best
+    there is below it) or at a level that misses a size/latency bound (less compression cannot
+    help), but not at a marginal pass: a less compressed level may pass clearly."""
     n = max(trials.plan.search.trials, 1)
     levels = [1.0 - (1.0 - floor) * (i / max(n - 1, 1)) for i in range(n)]
     for i in range(0, n, trials.workers):
-        if not trials.budget_left() or any(trials.run_many(levels[i:i + trials.workers])):
-            return  # levels go from most to least compressed: the first feasible one is the best
+        if not trials.budget_left() or \
+                {PASS, UNDER, BOTH} & set(trials.run_many(levels[i:i + trials.workers])):
+            return
 
 
 def _random(trials: _Trials, floor: float) -> None:
@@ -284,7 +494,7 @@ def _random(trials: _Trials, floor: float) -> None:
     attempts = 0
     while trials.budget_left() and attempts < 50 * trials.plan.search.trials:
         batch: list[Levels | float] = []
-        while len(batch) < min(trials.workers, trials.budget.left()) and \
+        while len(batch) < min(trials.workers, trials.left()) and \
                 attempts < 50 * trials.plan.search.trials:
             attempts += 1
             levels = {k: rng.uniform(0.0, 1.0) for k in knobs}
@@ -301,77 +511,120 @@ def _fixed(trials: _Trials, floor: float) -> None:
     trials.run(0.0)
 
 
+#: The fewest trials a composed pipeline with knobs is given: its two ends and one level between.
+MIN_SHARE = 3
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """One plan the search tries: a composed pipeline (``label``) or the recipe's own stages."""
+
+    label: str | None
+    plan: Plan
+    #: predicted at the most compressed setting (composed pipelines; None for the recipe's own)
+    best_size: int | None = None
+
+
+def _skip_note(candidate: _Candidate, ruled_out: list[tuple[str, ...]],
+               log: list[dict[str, Any]]) -> str | None:
+    """Why a composed pipeline need not be tried, or None: its first stages already broke a quality
+    constraint, or even its most compressed setting cannot be smaller than a clear pass found."""
+    labels = tuple(candidate.label.split(" + ")) if candidate.label else ()
+    known = next((p for p in ruled_out if labels[:len(p)] == p), None)
+    if known is not None:
+        return (f"{candidate.label}: skipped without a trial, its first stages "
+                f"({' + '.join(known)}) already broke a quality constraint")
+    best = _best(log)
+    if candidate.best_size is not None and best is not None and not best.get("marginal") and \
+            candidate.best_size >= best["predicted_size"]:
+        return (f"{candidate.label}: skipped without a trial, its smallest predicted size "
+                f"({candidate.best_size:,} bytes) is no smaller than that of the best trial so far "
+                f"({best['predicted_size']:,} bytes, {best.get('pipeline')})")
+    return None
+
+
+def _search(candidates: list[_Candidate], make_trials: Callable[[_Candidate], _Trials],
+            strategy: str) -> list[str]:
+    """Search every candidate in turn within the shared budget (a composed pipeline gets a fair
+    share of what is left, at least ``MIN_SHARE``; what it leaves unused goes to the next ones);
+    return the notes of those skipped."""
+    ruled_out: list[tuple[str, ...]] = []
+    skipped: list[str] = []
+    for i, candidate in enumerate(candidates):
+        trials = make_trials(candidate)
+        if not trials.budget.left():
+            break
+        note = _skip_note(candidate, ruled_out, trials.log)
+        if note is not None:
+            skipped.append(note)
+            continue
+        if candidate.label is not None:
+            trials.cap = max(MIN_SHARE, -(-trials.budget.left() // (len(candidates) - i)))
+        if candidate.plan.has_auto:
+            floor, _ = size_floor(candidate.plan, trials.registries, trials.ctx)
+            STRATEGY_FUNCTIONS[strategy](trials, floor)
+        else:
+            _fixed(trials, 0.0)
+        if candidate.label:
+            ruled_out.extend(_failing_prefixes(candidate.plan, tuple(candidate.label.split(" + ")),
+                                               trials.mine()))
+    return skipped
+
+
 def solve(plan: Plan, registries: Registries, output: str | Path | None = None, force: bool = False,
           handle: ModelHandle | None = None, quiet: bool = False) -> RunResult:
     """Search within ``plan.search``'s budget, then run the best setting for real.
 
-    With ``compose``, the pipelines the estimates allow are tried in rank order, each searched with
-    the recipe's strategy, until one has a feasible trial. Raises ``Infeasible`` before any trial
-    when the estimates show that a size-type constraint cannot hold.
+    With ``compose``, every pipeline the estimates allow is tried in rank order, each searched with
+    the recipe's strategy on its share of the budget, and the smallest feasible result across them
+    wins. Raises ``Infeasible`` before any trial when the estimates show that a size-type
+    constraint cannot hold.
     """
     from squeezelang.executor.artifacts import check_output_dir
+    from squeezelang.executor.checkpoint import TrialLog
     from squeezelang.executor.guards import input_paths
     from squeezelang.executor.run import execute
     from squeezelang.planner.compose import pipelines, refuse_if_unreachable, with_pipeline
     from squeezelang.planner.estimate import planning_context
     from squeezelang.planner.workers import open_backend
 
-    out = Path(output or plan.output_dir).resolve()
+    out = Path(output or plan.output_dir).expanduser().resolve()
     check_output_dir(out, force, input_paths(plan, registries))
     ctx = planning_context(plan, registries)
     if plan.compose is not None:
         ranked = pipelines(plan, registries, ctx)
         refuse_if_unreachable(plan, ranked, _original_size(plan, registries, ctx))
-        candidates = [(p.label, with_pipeline(plan, p)) for p in ranked if p.feasible]
+        candidates = [_Candidate(p.label, with_pipeline(plan, p), p.best_size)
+                      for p in ranked if p.feasible]
         composition = [p.to_json() for p in ranked]
     else:
         floor, impossible = size_floor(plan, registries, ctx)
         if impossible:
             raise Infeasible("; ".join(impossible))
-        candidates, composition = [(None, plan)], None
+        candidates, composition = [_Candidate(None, plan)], None
     budget = _Budget(plan.search.trials, plan.search.timeout)
+    trial_log = TrialLog.open(out, plan, force, quiet)  # trials measured before an interrupt
     out.parent.mkdir(parents=True, exist_ok=True)
     # The process id lets a later run clean up after a killed search (artifacts.recover).
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.trials-{os.getpid()}-", dir=out.parent))
-    by_label = dict(candidates)
-    backend = open_backend(plan.search.backend, plan.search.workers, registries, handle,
-                           plan.search.address)
-    chosen_label: str | None = None
-    ruled_out: list[tuple[str, ...]] = []
-    skipped: list[str] = []
+    by_label = {c.label: c.plan for c in candidates}
+    backend = trial_log.wrap(open_backend(plan.search.backend, plan.search.workers, registries,
+                                          handle, plan.search.address))
     try:
-        for label, candidate in candidates:
-            if not budget.left():
-                break
-            labels = tuple(label.split(" + ")) if label else ()
-            known = next((p for p in ruled_out if labels[:len(p)] == p), None)
-            if known is not None:
-                skipped.append(f"{label}: skipped without a trial, its first stages "
-                               f"({' + '.join(known)}) already broke a quality constraint")
-                continue
-            trials = _Trials(candidate, registries, scratch, handle, quiet, ctx, budget, backend, label)
-            if candidate.has_auto:
-                floor, _ = size_floor(candidate, registries, ctx)
-                STRATEGY_FUNCTIONS[plan.search.strategy](trials, floor)
-            else:
-                _fixed(trials, 0.0)
-            if trials.feasible():
-                break
-            if label:
-                ruled_out.extend(_failing_prefixes(candidate, labels, trials.mine()))
+        skipped = _search(candidates, lambda c: _Trials(
+            c.plan, registries, scratch, handle, quiet, ctx, budget, backend, c.label),
+            plan.search.strategy)
     finally:
         backend.close()
         shutil.rmtree(scratch, ignore_errors=True)
     best = _best(budget.log)
-    chosen = best
-    if chosen is None and budget.log:  # none feasible: the closest (most constraints met, then smallest)
-        chosen = max(budget.log, key=lambda t: (sum(t["verdicts"].values()), -t["predicted_size"]))
+    chosen = best or _closest(budget.log)
     if chosen is not None:
         chosen_label = chosen.get("pipeline")
         base = by_label[chosen_label]
         levels = _levels_of(chosen)
     else:  # no trial ran (no budget): the first candidate at its size floor
-        chosen_label, base = candidates[0]
+        chosen_label, base = candidates[0].label, candidates[0].plan
         levels = size_floor(base, registries, ctx)[0] if base.has_auto else 0.0
     search_seconds = time.perf_counter() - budget.started
     final = _solved(base, at_levels(base, registries, levels))
@@ -381,7 +634,8 @@ def solve(plan: Plan, registries: Registries, output: str | Path | None = None, 
                      trials=budget.log, search_seconds=search_seconds, composition=composition,
                      original_metrics=budget.original)
     if best is None:
-        result.notes.append("no setting tried satisfied every constraint; the closest trial was run")
+        result.notes.append("no setting tried satisfied every constraint; the closest trial "
+                            "(least summed violation, see the trials' 'violation') was run")
     return result
 
 

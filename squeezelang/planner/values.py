@@ -53,7 +53,7 @@ def to_python(value: ast.Value, base_dir: Path, resolve_ident: Callable[[ast.Ide
               path: bool = False) -> Any:
     """Plain Python for a (non-auto) value; ``path`` resolves strings against the recipe directory."""
     if isinstance(value, ast.Str):
-        return str((base_dir / value.value).resolve()) if path else value.value
+        return str((base_dir / Path(value.value).expanduser()).resolve()) if path else value.value
     if isinstance(value, ast.Num):
         return number(value)
     if isinstance(value, ast.Bool):

@@ -15,9 +15,9 @@ the ``squeezelang[ray]`` extra). ``"serial"`` runs the trials one after another 
 - An in-memory model (``squeezelang.run(model=...)``) is saved once to a temporary directory that
   every worker loads it from; ``close`` removes it.
 - Trials that run at once share the machine: a ``latency`` (any time metric) measured in a
-  parallel trial is contaminated by the others. It is returned anyway, for the trial log only: the
-  search always re-runs the chosen setting alone in the main process, and that final run is what
-  the verdicts are decided on.
+  parallel trial is contaminated by the others. It is returned anyway; the search
+  (``search._Trials._settle``) runs a trial whose verdict hangs on it again alone in the main
+  process with ``run_trial``, and the final run alone decides the verdicts.
 - Worker processes are spawned, which re-imports the main module: a script that searches with
   ``"process"`` needs the usual ``if __name__ == "__main__":`` guard.
 - Ray workers read the recipe's model and data files (and a shipped in-memory model) by path: on a

@@ -35,7 +35,10 @@ def test_compose_is_checked_with_positions(tmp_path, tiny_bert_dir, sentences_fi
     path = write(tmp_path, tiny_bert_dir, sentences_file,
                  'compose { allow = ["quantise", "shrink"], data = calib, stages = 0 }', "size <= 50%")
     errs = errors_of(path)
-    assert errs == [(5, 66, "'stages' must be between 1 and 6")]
+    # every problem of the block in one check: the names and the range together, not in waves
+    assert (5, 66, "'stages' must be between 1 and 6") in errs
+    assert (5, 20, "unknown technique 'quantise'") in errs
+    assert any(col == 32 and "'shrink' cannot be composed" in msg for _, col, msg in errs)
     path = write(tmp_path, tiny_bert_dir, sentences_file,
                  'compose { allow = ["quantise", "shrink"], data = calib }', "size <= 50%")
     errs = errors_of(path)
@@ -103,6 +106,14 @@ def test_compose_run_meets_constraints_and_lock_records_the_choice(tmp_path, tin
     assert report["composition"]["chosen"] in {p["pipeline"] for p in report["composition"]["considered"]}
     assert 1 <= len(report["trials"]) <= 8
     assert all(t["pipeline"] for t in report["trials"])
+    # not the first pipeline that passes: every reachable one is tried or skipped with a reason
+    # (or the budget ran out), and the smallest clear pass among them is chosen
+    tried = {t["pipeline"] for t in report["trials"]}
+    skipped = {note.split(":")[0] for note in report["composition"]["skipped"]}
+    reachable = {p["pipeline"] for p in report["composition"]["considered"] if not p["unreachable"]}
+    assert reachable <= tried | skipped or len(report["trials"]) == 8
+    feasible = [t for t in report["trials"] if t["feasible"]]
+    assert report["metrics"]["size"]["final"] == min(t["size"] for t in feasible)
     chosen = [s["technique"] for s in report["stages"]]
     assert report["composition"]["chosen"].startswith(chosen[0]) or chosen
     lock = (tmp_path / "out" / "recipe.lock.squeeze").read_text()
@@ -127,7 +138,9 @@ def test_latency_constraint_composes_only_faster_pipelines(tmp_path, tiny_bert_d
     plan = squeezelang.check(path)
     regs = default_registries()
     labels = [p.label for p in pipelines(plan, regs, planning_context(plan, regs))]
-    assert labels and all("int8-dynamic" in label or "activation-mlp" in label for label in labels)
+    faster = ("int8-dynamic", "activation-mlp", "depth")
+    assert labels and all(any(f in label for f in faster) for label in labels)
+    assert "depth" in labels  # whole layers dropped: a structured, faster candidate
 
 
 def test_same_recipe_and_seed_make_the_same_choices(tmp_path, tiny_bert_dir, sentences_file):

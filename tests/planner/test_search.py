@@ -67,8 +67,13 @@ def test_no_feasible_trial_reports_closest(tmp_path, tiny_bert_dir, sentences_fi
                   'search { trials = 3 }')
     result = squeezelang.run(path, output=tmp_path / "out")
     assert not result.ok
-    assert 1 <= len(result.report["trials"]) <= 3
+    trials = result.report["trials"]
+    assert 1 <= len(trials) <= 3
     assert any("closest" in n for n in result.notes)
+    # the trial run for real is the one of least violation, each trial's logged in the report
+    assert all(t["violation"] > 0 for t in trials)
+    closest = min(trials, key=lambda t: t["violation"])
+    assert result.report["stages"][0]["params"]["ratio"] == closest["values"]["sparse"]["ratio"]
 
 
 def test_parallel_workers_search_the_same_way(tmp_path, tiny_bert_dir, sentences_file):
