@@ -26,7 +26,7 @@ _NAMES = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItem
 
 def _open(path: str, newline: str | None = None) -> IO[str]:
     """Open a UTF-8 text file (a leading byte-order mark is dropped), or raise naming it."""
-    file = Path(path)
+    file = Path(path).expanduser()
     try:
         if file.is_dir():
             raise SqueezeError(f"{path}: is a directory, not a data file")
@@ -44,7 +44,7 @@ def _not_utf8(path: str, exc: UnicodeDecodeError) -> SqueezeError:
     fault; the file is scanned again, as bytes, to find it.
     """
     number = 0
-    with open(path, "rb") as fh:
+    with Path(path).expanduser().open("rb") as fh:
         for number, raw in enumerate(fh, start=1):
             try:
                 raw.decode("utf-8")

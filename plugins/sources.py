@@ -39,7 +39,7 @@ class HfSource(ModelSource):
     }
 
     def locate(self, args: dict[str, Any]) -> Path:
-        directory = Path(args["path"])
+        directory = Path(args["path"]).expanduser()
         try:
             if not directory.is_dir():
                 what = "is a file, not" if directory.exists() else "does not exist; expected"

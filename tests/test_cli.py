@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,7 +86,11 @@ def test_run_exit_codes(tmp_path, tiny_bert_dir, capsys):
     assert "--force" in capsys.readouterr().err
     path = write(tmp_path, tiny_bert_dir, 'stage p: prune { ratio = 0.5 }\nconstraints { size <= 1% }\n')
     assert main(["run", str(path), "-o", str(tmp_path / "out2"), "-q"]) == 1
-    assert "constraint not met: size <= 1%" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "constraint not met: size <= 1%" in err
+    # human units; a relative bound both as a share of the original and in bytes
+    assert re.search(r"size <= 1% \(measured [\d.]+ [KM]B = [\d.]+% of the original [\d.]+ [KM]B; "
+                     r"bound [\d.]+ [KM]B = 1\.0%\)", err), err
 
 
 def test_plugins_lists_schemas_and_knobs(capsys):
@@ -110,3 +115,49 @@ def test_explain(capsys):
 def test_console_script_installed():
     out = subprocess.run([str(Path(sys.executable).parent / "squeeze"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "exit codes" in out.stdout
+
+
+def test_version_without_torch():
+    import importlib.metadata
+
+    code = ("import sys; from squeezelang.cli import main\n"
+            "try:\n    main(['--version'])\nexcept SystemExit as exc:\n    code = exc.code\n"
+            "print(code, [m for m in ('torch', 'transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == [f"squeeze {importlib.metadata.version('squeezelang')}", "0 []"]
+
+
+def test_tilde_is_the_home_directory_and_outputs_get_user_modes(tmp_path, tiny_bert_dir, monkeypatch,
+                                                                 capsys):
+    import os
+    import shutil
+    import stat
+
+    from squeezelang_plugins.sources import HfSource
+
+    home = tmp_path / "home"
+    shutil.copytree(tiny_bert_dir, home / "model")
+    (home / "calib.txt").write_text("one sentence\nanother sentence\n")
+    monkeypatch.setenv("HOME", str(home))
+    recipe = tmp_path / "recipes" / "r.squeeze"
+    recipe.parent.mkdir()
+    recipe.write_text('model = hf("~/model", task = "embedding")\ndata calib = text("~/calib.txt")\n'
+                      'metric faithful = fidelity(calib)\nstage p: prune { ratio = 0.5 }\n'
+                      'output "~/out"\n')
+    assert main(["check", str(recipe)]) == 0
+    capsys.readouterr()
+    assert main(["plan", str(recipe), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["model"]["args"]["path"] == str(home / "model")
+    assert plan["data"][0]["args"]["path"] == str(home / "calib.txt")
+    assert plan["output_dir"] == str(home / "out")
+    assert HfSource().locate({"path": "~/model"}) == home / "model"
+    old = os.umask(0o027)
+    try:
+        assert main(["run", str(recipe), "-o", "~/o2", "-q"]) == 0
+    finally:
+        os.umask(old)
+    out = home / "o2"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()} == {0o640}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_dir()} <= {0o750}

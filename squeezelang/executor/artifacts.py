@@ -3,6 +3,9 @@
 The temporary (``.<out>.tmp-<pid>-…``, a search's ``.<out>.trials-<pid>-…``) and backup
 (``.<out>.old-<pid>``) siblings carry the id of the process that made them, so that a later run can
 tell those of a killed process from those of a live one and clean them up (``recover``).
+
+Temporary directories are private (``mkdtemp`` makes them 0700, and safetensors writes its files
+0600); ``publish`` gives the artifact the modes of any file the user writes before it appears.
 """
 from __future__ import annotations
 
@@ -10,20 +13,34 @@ import json
 import os
 import re
 import shutil
+import stat
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 from squeezelang.errors import OutputError
 
+#: In the work directory while a run publishes: the output beside it is that run's to replace.
+PUBLISHING = "publishing"
 
-def check_output_dir(out: Path, force: bool, inputs: Iterable[str | Path] = ()) -> None:
+
+def work_dir(out: Path) -> Path:
+    """The work directory of runs into ``out`` (checkpoints, a search's trial log), beside it."""
+    return out.parent / f".{out.name}.squeeze-work"
+
+
+def check_output_dir(out: Path, force: bool, inputs: Iterable[str | Path] = (),
+                     announce: bool = True) -> None:
     """Refuse an existing non-empty output directory unless ``force``; refuse a file in its place.
 
     Also refuse, even with ``force``, an output directory that is or holds one of ``inputs`` (the
-    model directory, the recipe, the data files): replacing it would destroy them.
+    model directory, the recipe, the data files): replacing it would destroy them. A run that was
+    stopped while it published (its work directory says so) may replace the output without
+    ``force``: the same command resumes it. With ``force`` and ``announce``, say on stderr which
+    previous output is replaced.
     """
-    out = Path(out).resolve()
+    out = Path(out).expanduser().resolve()
     for item in inputs:
         path = Path(item).resolve()
         if path == out or out in path.parents:
@@ -32,9 +49,14 @@ def check_output_dir(out: Path, force: bool, inputs: Iterable[str | Path] = ()) 
     recover(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"output path {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    previous = out.is_dir() and any(out.iterdir())
+    if previous and not force and not (work_dir(out) / PUBLISHING).is_file():
         raise OutputError(f"output directory {out} exists and is not empty; "
                           "use --force to replace it (it is only replaced once the new run succeeds)")
+    if previous and force and announce:
+        files = sum(1 for p in out.rglob("*") if not p.is_dir())
+        print(f"--force: discarding the previous output {out} ({files} file{'s' * (files != 1)}) "
+              "once this run succeeds", file=sys.stderr, flush=True)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -104,6 +126,7 @@ def discard_staging(out: Path) -> None:
 
 def publish(staged: Path, out: Path) -> None:
     """Move ``staged`` into place as ``out``; a previous ``out`` is removed only after the move."""
+    share_modes(staged)
     backup = None
     if out.exists():
         backup = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -118,6 +141,34 @@ def publish(staged: Path, out: Path) -> None:
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def share_modes(root: Path) -> None:
+    """Give ``root`` and what it holds the modes of anything the user writes: directories (and
+    executable files) ``0777 & ~umask``, other files ``0666 & ~umask``. Symlinks are left alone."""
+    mask = umask()
+    paths = [Path(root)]
+    for directory, dirs, files in os.walk(root):  # never descends a symlinked directory
+        paths += [Path(directory, name) for name in dirs + files]
+    for path in paths:
+        mode = path.lstat().st_mode
+        if not stat.S_ISLNK(mode):
+            full = 0o777 if stat.S_ISDIR(mode) or mode & stat.S_IXUSR else 0o666
+            os.chmod(path, full & ~mask)
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``/proc``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, data: Any) -> None:

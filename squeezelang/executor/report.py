@@ -8,7 +8,7 @@ from typing import Any
 from squeezelang.executor.artifacts import write_json, write_text
 from squeezelang.hooks.registry import Registries
 from squeezelang.planner.constraints import Verdict
-from squeezelang.planner.plan import Plan
+from squeezelang.planner.plan import ConstraintPlan, Plan
 
 REPORT_VERSION = 1
 SEARCH_PNG = "search.png"
@@ -78,6 +78,18 @@ def fmt_value(value: float | None, dimension: str) -> str:
     if dimension == "count":
         return f"{value / 1e6:.3f} M" if value >= 1e5 else f"{value:,.0f}"
     return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+
+
+def fmt_verdict(verdict: Verdict, constraint: ConstraintPlan, metric: dict[str, Any]) -> str:
+    """A verdict's figures in the metric's unit (``metric``: its entry in the report); against a
+    relative bound, each also as a share of the original, e.g. "measured 21.02 ms = 105.1% of the
+    original 20.00 ms; bound 16.00 ms = 80.0%"."""
+    dim, original = metric["dimension"], metric["original"]
+    measured, bound = fmt_value(verdict.value, dim), fmt_value(verdict.bound, dim)
+    if constraint.relative and original:
+        return (f"measured {measured} = {verdict.value / abs(original):.1%} of the original "
+                f"{fmt_value(original, dim)}; bound {bound} = {constraint.bound:.1%}")
+    return f"measured {measured}, bound {bound}"
 
 
 def chosen_trial(report: dict[str, Any]) -> int | None:
@@ -184,12 +196,22 @@ def markdown(report: dict[str, Any], plot_note: str | None = None) -> str:
             lines += ["", f"![saved size against quality for every trial]({SEARCH_PNG})"]
         if plot_note:
             lines += ["", plot_note]
+    return "\n".join(lines + [""] + time_lines(report)) + "\n"
+
+
+def time_lines(report: dict[str, Any]) -> list[str]:
+    """Where the run's wall time went: the search (if any) on its own line, then the total."""
     t = report["timings"]
     peak = (report.get("resources") or {}).get("max_rss_bytes")
-    lines += ["", f"Total {t.get('total', 0):.1f} s (load {t.get('load', 0):.1f} s, save "
-                  f"{t.get('save', 0):.1f} s)"
-              + (f"; peak memory {peak / 1e9:.2f} GB (max RSS)." if peak else ".")]
-    return "\n".join(lines) + "\n"
+    lines = []
+    if "search" in t:
+        n = len(report["trials"])
+        lines += [f"Search {t['search']:.1f} s ({n} trial{'s' if n != 1 else ''}), then the final "
+                  f"run {t.get('total', 0) - t['search']:.1f} s.", ""]
+    lines.append(f"Total {t.get('total', 0):.1f} s{', search included' if 'search' in t else ''} "
+                 f"(load {t.get('load', 0):.1f} s, save {t.get('save', 0):.1f} s)"
+                 + (f"; peak memory {peak / 1e9:.2f} GB (max RSS)." if peak else "."))
+    return lines
 
 
 def write_reports(directory: Path, plan: Plan, report: dict[str, Any], registries: Registries,

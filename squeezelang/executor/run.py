@@ -100,13 +100,15 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
 
     A search passes ``original_metrics`` measured once for all its trials (the original model does
     not change between them) and ``measure_stages=False``: a trial needs only the saved artifact's
-    metrics, not those after each stage.
+    metrics, not those after each stage. Its final run passes ``search_seconds``, which the
+    report's total includes.
     """
     from squeezelang.executor.report import build_report, write_reports
     from squeezelang.models.load import load_model
 
-    out = Path(output or plan.output_dir).resolve()
-    check_output_dir(out, force, input_paths(plan, registries))
+    out = Path(output or plan.output_dir).expanduser().resolve()
+    # A search's final run: the search checked the output and said what --force replaces.
+    check_output_dir(out, force, input_paths(plan, registries), announce=search_seconds is None)
     if str(out) != plan.output_dir:  # -o DIR: the report and the result name where artifacts are
         plan = replace(plan, output_dir=str(out))
     timings: dict[str, float] = {}
@@ -225,13 +227,14 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
             originals[name], final[name] = before, after
         timings["measure_final"] = time.perf_counter() - t
         verdicts = verify(plan, originals, final)
-        timings["total"] = time.perf_counter() - started
+        timings["total"] = time.perf_counter() - started + (search_seconds or 0.0)
         if search_seconds is not None:
             timings["search"] = search_seconds
-        used = resources(timings["total"] + (search_seconds or 0.0))
+        used = resources(timings["total"])
         report = build_report(plan, registries, originals, stage_records, final, verdicts,
                               files, timings, trials or [], resumed_after, composition, used, pairs)
         write_reports(staged, plan, report, registries, out)
+        work.mark_publishing()
         publish(staged, out)
     except BaseException:
         discard_staging(out)
