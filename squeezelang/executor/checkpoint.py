@@ -173,6 +173,10 @@ class TrialLog:
             work.discard(force, trials=len((data or {}).get("trials") or {}))
         return cls(path, key, {})
 
+    def seconds(self) -> float:
+        """The time the trials in the log took when they ran (a resumed search's timeout counts it)."""
+        return float(sum(entry.get("seconds") or 0.0 for entry in self.entries.values()))
+
     def wrap(self, backend: Backend) -> _Replaying:
         """``backend``, answering the jobs measured before from the log and logging the others."""
         return _Replaying(self, backend)

@@ -604,6 +604,7 @@ def solve(plan: Plan, registries: Registries, output: str | Path | None = None, 
         candidates, composition = [_Candidate(None, plan)], None
     budget = _Budget(plan.search.trials, plan.search.timeout)
     trial_log = TrialLog.open(out, plan, force, quiet)  # trials measured before an interrupt
+    budget.started -= trial_log.seconds()  # the timeout counts the time they took before
     out.parent.mkdir(parents=True, exist_ok=True)
     # The process id lets a later run clean up after a killed search (artifacts.recover).
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.trials-{os.getpid()}-", dir=out.parent))
