@@ -66,7 +66,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from squeezelang.executor.report import fmt_value
 
     from squeezelang.planner.estimate import planning_context
-    from squeezelang.planner.search import solved_floor
+    from squeezelang.planner.levels import solved_floor
 
     regs = _registries(args)
     plan = resolve(_load(args.recipe), regs)

@@ -36,186 +36,19 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from squeezelang.errors import Infeasible
 from squeezelang.hooks.registry import Registries
-from squeezelang.planner.plan import ConstraintPlan, Plan
+from squeezelang.planner.judging import (BOTH, MARGINAL, OVER, PASS, UNDER, best_trial, checks, closest_trial,
+                                         failing_prefixes, hangs_on_time, is_time, levels_of,
+                                         marginal, measured_size, progress_line, status,
+                                         time_margin, violation)
+from squeezelang.planner.levels import (Levels, at_levels, has_size_constraints, knobs_of,
+                                        predicted_ok, size_floor, solved_plan)
+from squeezelang.planner.plan import Plan
 
 if TYPE_CHECKING:
     from squeezelang.executor.context import Context
     from squeezelang.executor.run import RunResult
     from squeezelang.models.handle import ModelHandle
-    from squeezelang.planner.constraints import Verdict
     from squeezelang.planner.workers import TrialJob, TrialOutcome
-
-SIZE_KINDS = ("size", "params")
-Levels = dict[tuple[str, str], float]  # (stage, knob) -> level in [0, 1]
-
-
-def knobs_of(plan: Plan) -> list[tuple[str, str]]:
-    return [(s.name, k) for s in plan.stages for k in s.autos]
-
-
-def at_levels(plan: Plan, registries: Registries, levels: Levels | float) -> Plan:
-    """The plan with each auto knob set from its level (a float sets every knob to the same one)."""
-    stages = []
-    for s in plan.stages:
-        params = dict(s.params)
-        tech = registries.techniques.get(s.technique)
-        for key, (lo, hi) in s.autos.items():
-            knob = tech.knob(key)
-            t = levels if isinstance(levels, float) else levels[(s.name, key)]
-            frac = t if knob.compresses == "up" else 1.0 - t
-            value = lo + (hi - lo) * frac
-            params[key] = int(round(value)) if knob.integer else round(value, 6)
-        stages.append(replace(s, params=params, autos={}))
-    return replace(plan, stages=tuple(stages))
-
-
-def _solved(plan: Plan, fixed: Plan) -> Plan:
-    """``fixed``'s values, with ``plan``'s autos kept so the report shows what was solved."""
-    return replace(fixed, stages=tuple(replace(f, autos=s.autos) for s, f in zip(plan.stages, fixed.stages)))
-
-
-def _has_size_constraints(plan: Plan) -> bool:
-    return any(plan.metric(c.metric) and plan.metric(c.metric).kind in SIZE_KINDS for c in plan.constraints)
-
-
-def predicted_ok(plan: Plan, registries: Registries, levels: Levels | float,
-                 ctx: Context) -> tuple[bool, int]:
-    """Whether the estimates meet the size-type constraints at ``levels``, and the predicted size."""
-    from squeezelang.planner.estimate import predict
-
-    pred = predict(at_levels(plan, registries, levels), registries, ctx=ctx)
-    return all(v.met for v in pred.constraints), pred.final_size
-
-
-def size_floor(plan: Plan, registries: Registries, ctx: Context, steps: int = 30) -> tuple[float, list[str]]:
-    """The smallest common level whose *predicted* size/params meet the size-type constraints."""
-    from squeezelang.planner.estimate import predict
-
-    if not _has_size_constraints(plan):
-        return 0.0, []
-    if not predicted_ok(plan, registries, 1.0, ctx)[0]:
-        from squeezelang.executor.report import fmt_value
-
-        pred = predict(at_levels(plan, registries, 1.0), registries, ctx=ctx)
-        out = []
-        for v in pred.constraints:
-            if not v.met:
-                dim = "bytes" if plan.metric(v.metric).kind == "size" else "count"
-                original = pred.original_size if dim == "bytes" else pred.original_params
-                share = f" ({v.value / original:.1%} of the original)" if original else ""
-                out.append(f"{v.constraint}: the most compressed setting reaches "
-                           f"{fmt_value(v.value, dim)}{share}, above the bound {fmt_value(v.bound, dim)}")
-        return 1.0, out
-    if predicted_ok(plan, registries, 0.0, ctx)[0]:
-        return 0.0, []
-    lo, hi = 0.0, 1.0
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if predicted_ok(plan, registries, mid, ctx)[0] else (mid, hi)
-    return hi, []
-
-
-def solved_floor(plan: Plan, registries: Registries, ctx: Context) -> dict[tuple[str, str], float]:
-    """Each auto knob's value at the size floor: the least compression the size-type constraints
-    allow, solved from the estimates (empty without size-type constraints). Raises ``Infeasible``
-    when even the most compressed setting misses them."""
-    if not _has_size_constraints(plan):
-        return {}
-    floor, impossible = size_floor(plan, registries, ctx)
-    if impossible:
-        raise Infeasible("; ".join(impossible))
-    fixed = at_levels(plan, registries, floor)
-    return {(s.name, k): f.params[k] for s, f in zip(plan.stages, fixed.stages) for k in s.autos}
-
-
-# ---------------------------------------------------------------------------- judging a trial
-#: A time-type constraint met by less than this fraction of its bound passes only *marginally*:
-#: latency ratios of one setting, each from a paired measurement (``PAIRED_ROUNDS`` alternating
-#: calls), were seen to differ by more than this from one run to the next on a loaded machine.
-TIME_MARGIN = 0.10
-
-#: What a trial says about its setting: every constraint met (time ones clearly); met, a time one
-#: marginally; only constraints that more compression helps missed (size, latency: compress more);
-#: only quality constraints missed, or the trial failed (compress less); both kinds missed.
-PASS, MARGINAL, UNDER, OVER, BOTH = "pass", "marginal", "under", "over", "both"
-
-
-def checks(plan: Plan, original: dict[str, float] | None,
-           measured: dict[str, float] | None) -> list[tuple[ConstraintPlan, Verdict]]:
-    """Each constraint of ``plan`` with its verdict on ``measured`` (those it has values for)."""
-    from squeezelang.planner.constraints import evaluate
-
-    original, measured = original or {}, measured or {}
-    return [(c, evaluate(c, plan.metric(c.metric), original[c.metric], measured[c.metric]))
-            for c in plan.constraints if c.metric in original and c.metric in measured]
-
-
-def violation(plan: Plan, original: dict[str, float] | None,
-              measured: dict[str, float] | None) -> float | None:
-    """How far a measured setting is from meeting every constraint: 0 when it meets them all.
-
-    Each unmet constraint adds how far its value lies beyond the bound, divided by the metric's
-    value *at* the bound, so that constraints in different units add up as fractions of their
-    targets: ``latency <= 50%`` measured at 63% adds 0.13 / 0.50 = 0.26, ``size <= 10 MB`` at
-    12 MB adds 0.2. For ``drop(m)`` the value at the bound is the original's minus the allowed
-    drop: a drop of 1.2 points where 0.5 is allowed, on an original of 82, adds 0.7 / 81.5 (the
-    tolerance itself, often 0, would not do as a scale). ``None`` when nothing was measured.
-    """
-    judged = checks(plan, original, measured)
-    if not judged:
-        return None
-    total = 0.0
-    for c, v in judged:
-        if v.met:
-            continue
-        at_bound = v.bound
-        if c.drop:
-            o = (original or {})[c.metric]
-            at_bound = o - v.bound if plan.metric(c.metric).higher_is_better else o + v.bound
-        total += abs(v.margin) / (abs(at_bound) or 1.0)
-    return total
-
-
-def _is_time(plan: Plan, c: ConstraintPlan) -> bool:
-    metric = plan.metric(c.metric)
-    return metric is not None and metric.dimension == "time"
-
-
-def _helped_by_compression(plan: Plan, c: ConstraintPlan) -> bool:
-    """Whether compressing more moves the constraint's metric toward its bound (size, latency…)."""
-    metric = plan.metric(c.metric)
-    return metric is not None and metric.dimension != "score" and not c.drop
-
-
-def marginal(plan: Plan, judged: list[tuple[ConstraintPlan, Verdict]]) -> list[str]:
-    """The time-type constraints met by less than ``TIME_MARGIN`` of their bound."""
-    return [v.constraint for c, v in judged
-            if v.met and _is_time(plan, c) and v.margin < TIME_MARGIN * abs(v.bound)]
-
-
-def status(plan: Plan, outcome: TrialOutcome) -> str:
-    """``PASS``, ``MARGINAL``, ``UNDER``, ``OVER`` or ``BOTH`` for one trial's outcome."""
-    judged = checks(plan, outcome.original, outcome.metrics)
-    if outcome.error or not judged:
-        return OVER  # a failed trial: treated as too compressed, so the search backs off
-    if outcome.ok:
-        return MARGINAL if marginal(plan, judged) else PASS
-    helped = [_helped_by_compression(plan, c) for c, v in judged if not v.met]
-    return UNDER if all(helped) else OVER if not any(helped) else BOTH
-
-
-def _time_margin(plan: Plan, outcome: TrialOutcome) -> float:
-    """The smallest margin of the outcome's time constraints, as a fraction of their bounds."""
-    return min((v.margin / (abs(v.bound) or 1.0) for c, v in checks(plan, outcome.original,
-                                                                     outcome.metrics)
-                if _is_time(plan, c)), default=float("inf"))
-
-
-def _hangs_on_time(plan: Plan, outcome: TrialOutcome) -> bool:
-    """Whether the outcome's feasibility is decided by its time constraints (the others met)."""
-    judged = checks(plan, outcome.original, outcome.metrics)
-    return not outcome.error and any(_is_time(plan, c) for c, _ in judged) and \
-        all(v.met for c, v in judged if not _is_time(plan, c))
 
 
 class _Budget:
@@ -303,7 +136,7 @@ class _Trials:
             "values": {s.name: {k: f.params[k] for k in s.autos}
                        for s, f in zip(self.plan.stages, fixed.stages) if s.autos},
             "predicted_size": predicted_ok(self.plan, self.registries, levels, self.ctx)[1],
-            "size": _measured_size(self.plan, outcome.metrics),
+            "size": measured_size(self.plan, outcome.metrics),
             "metrics": outcome.metrics,
             "original": outcome.original,
             "verdicts": outcome.verdicts,
@@ -330,13 +163,13 @@ class _Trials:
         run measures. A marginal pass is measured once more and the worse of the two counts.
         """
         discarded = []
-        if self.backend.workers > 1 and _hangs_on_time(self.plan, outcome):
+        if self.backend.workers > 1 and hangs_on_time(self.plan, outcome):
             alone = self._alone(job)
             discarded.append(self._time_record(outcome, "measured while other trials ran"))
             outcome = alone
         if status(self.plan, outcome) == MARGINAL:
             again = self._alone(job)
-            worse, better = sorted((outcome, again), key=lambda o: _time_margin(self.plan, o))
+            worse, better = sorted((outcome, again), key=lambda o: time_margin(self.plan, o))
             discarded.append(self._time_record(better, "the better of two measurements"))
             outcome = worse
         return outcome, discarded
@@ -348,107 +181,12 @@ class _Trials:
         return run_trial(job, self.registries, self.handle)
 
     def _time_record(self, outcome: TrialOutcome, why: str) -> dict[str, Any]:
-        names = {c.metric for c in self.plan.constraints if _is_time(self.plan, c)}
+        names = {c.metric for c in self.plan.constraints if is_time(self.plan, c)}
         return {"why": why, "metrics": {n: v for n, v in outcome.metrics.items() if n in names},
                 "original": {n: v for n, v in (outcome.original or {}).items() if n in names}}
 
     def mine(self) -> list[dict[str, Any]]:
         return [t for t in self.log if t.get("pipeline") == self.pipeline]
-
-
-def progress_line(plan: Plan, entry: dict[str, Any], number: int, total: int) -> str:
-    """One trial for the terminal: ``trial 3 of 12: sparse.ratio=0.4 -> size 12.30 MB (13.4%),
-    quality 85.10 (drop 0.60), latency 4.81 ms (48.0%) — infeasible (latency <= 45%)``."""
-    from squeezelang.executor.report import fmt_value
-
-    knobs = ", ".join(f"{stage}.{k}={v:g}" for stage, vals in entry["values"].items()
-                      for k, v in vals.items())
-    what = ": ".join(x for x in (entry.get("pipeline"), knobs) if x) or "fixed stages"
-    original = entry.get("original") or {}
-    shown = []
-    for m in plan.metrics:
-        if m.name not in entry["metrics"]:
-            continue
-        value, before = entry["metrics"][m.name], original.get(m.name)
-        if before is None:
-            relative = ""
-        elif m.dimension == "score":
-            relative = f" (drop {fmt_value(before - value if m.higher_is_better else value - before, 'score')})"
-        else:
-            relative = f" ({value / before:.1%})" if before else ""
-        shown.append(f"{m.name} {fmt_value(value, m.dimension)}{relative}")
-    if entry.get("error"):
-        verdict = "failed: " + entry["error"]
-    elif entry["feasible"]:
-        verdict = "feasible" + (f" (within {TIME_MARGIN:.0%} of the bound: "
-                                f"{', '.join(entry['marginal'])})" if entry.get("marginal") else "")
-    else:
-        verdict = "infeasible (" + ", ".join(c for c, met in entry["verdicts"].items() if not met) + ")"
-    return f"trial {number} of {total}: {what} -> {', '.join(shown) or 'nothing measured'} — {verdict}"
-
-
-def _failing_prefixes(plan: Plan, labels: tuple[str, ...],
-                      entries: list[dict[str, Any]]) -> list[tuple[str, ...]]:
-    """Leading stages without knobs after which a trial already broke a quality constraint.
-
-    Quality only falls further as lossy stages follow, so no pipeline that starts with the same
-    knob-less stages can meet the constraint (a healing stage only ever follows a knob). A stage
-    with a knob ends the prefix: a smaller value might have passed.
-    """
-    from squeezelang.planner.constraints import evaluate
-
-    quality = [c for c in plan.constraints
-               if plan.metric(c.metric) is not None and plan.metric(c.metric).dimension == "score"]
-    out = []
-    for entry in entries:
-        original, after = entry.get("original") or {}, entry.get("stages") or {}
-        for i, stage in enumerate(plan.stages):
-            if stage.autos or stage.name not in after:
-                break
-            measured = after[stage.name]
-            if any(c.metric in measured and c.metric in original and not evaluate(
-                    c, plan.metric(c.metric), original[c.metric], measured[c.metric]).met
-                   for c in quality):
-                out.append(labels[:i + 1])
-                break
-    return out
-
-
-def _best(log: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The feasible trial to run for real: one that passes clearly before a marginal one, then the
-    smallest (``size``: measured, else predicted), then the most compressed."""
-    feasible = [t for t in log if t["feasible"]]
-    if not feasible:
-        return None
-    return min(feasible, key=lambda t: (bool(t.get("marginal")), _size_of(t),
-                                        -_mean_level(t["levels"])))
-
-
-def _closest(log: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """With no feasible trial, the one of least ``violation`` (then the smallest)."""
-    measured = [t for t in log if t.get("violation") is not None]
-    if not measured:
-        return None
-    return min(measured, key=lambda t: (t["violation"], _size_of(t)))
-
-
-def _size_of(entry: dict[str, Any]) -> float:
-    return entry.get("size") or entry["predicted_size"]
-
-
-def _measured_size(plan: Plan, metrics: dict[str, float]) -> float | None:
-    """The saved artifact's size, where the plan measures it (the implicit ``size`` metric)."""
-    metric = next((m for m in plan.metrics if m.kind == "size"), None)
-    return metrics.get(metric.name) if metric is not None else None
-
-
-def _mean_level(levels: Any) -> float:
-    return levels if isinstance(levels, float) else sum(levels.values()) / max(len(levels), 1)
-
-
-def _levels_of(entry: dict[str, Any]) -> Levels | float:
-    raw = entry["levels"]
-    return raw if isinstance(raw, float) else {tuple(k.split(".", 1)): v for k, v in raw.items()}
 
 
 def _bisect(trials: _Trials, floor: float) -> None:
@@ -498,7 +236,7 @@ def _random(trials: _Trials, floor: float) -> None:
                 attempts < 50 * trials.plan.search.trials:
             attempts += 1
             levels = {k: rng.uniform(0.0, 1.0) for k in knobs}
-            if _has_size_constraints(trials.plan) and \
+            if has_size_constraints(trials.plan) and \
                     not predicted_ok(trials.plan, trials.registries, levels, trials.ctx)[0]:
                 continue  # ruled out by the estimates: no trial spent
             batch.append(levels)
@@ -534,7 +272,7 @@ def _skip_note(candidate: _Candidate, ruled_out: list[tuple[str, ...]],
     if known is not None:
         return (f"{candidate.label}: skipped without a trial, its first stages "
                 f"({' + '.join(known)}) already broke a quality constraint")
-    best = _best(log)
+    best = best_trial(log)
     if candidate.best_size is not None and best is not None and not best.get("marginal") and \
             candidate.best_size >= best["predicted_size"]:
         return (f"{candidate.label}: skipped without a trial, its smallest predicted size "
@@ -566,7 +304,7 @@ def _search(candidates: list[_Candidate], make_trials: Callable[[_Candidate], _T
         else:
             _fixed(trials, 0.0)
         if candidate.label:
-            ruled_out.extend(_failing_prefixes(candidate.plan, tuple(candidate.label.split(" + ")),
+            ruled_out.extend(failing_prefixes(candidate.plan, tuple(candidate.label.split(" + ")),
                                                trials.mine()))
     return skipped
 
@@ -618,17 +356,17 @@ def solve(plan: Plan, registries: Registries, output: str | Path | None = None, 
     finally:
         backend.close()
         shutil.rmtree(scratch, ignore_errors=True)
-    best = _best(budget.log)
-    chosen = best or _closest(budget.log)
+    best = best_trial(budget.log)
+    chosen = best or closest_trial(budget.log)
     if chosen is not None:
         chosen_label = chosen.get("pipeline")
         base = by_label[chosen_label]
-        levels = _levels_of(chosen)
+        levels = levels_of(chosen)
     else:  # no trial ran (no budget): the first candidate at its size floor
         chosen_label, base = candidates[0].label, candidates[0].plan
         levels = size_floor(base, registries, ctx)[0] if base.has_auto else 0.0
     search_seconds = time.perf_counter() - budget.started
-    final = _solved(base, at_levels(base, registries, levels))
+    final = solved_plan(base, at_levels(base, registries, levels))
     if composition is not None:
         composition = {"chosen": chosen_label, "considered": composition, "skipped": skipped}
     result = execute(final, registries, output=out, force=force, handle=handle, quiet=quiet,

@@ -160,7 +160,7 @@ def test_same_recipe_and_seed_make_the_same_choices(tmp_path, tiny_bert_dir, sen
 
 def test_a_failing_knobless_prefix_rules_out_every_pipeline_that_starts_with_it(
         tmp_path, tiny_bert_dir, sentences_file):
-    from squeezelang.planner.search import _failing_prefixes
+    from squeezelang.planner.judging import failing_prefixes
 
     path = write(tmp_path, tiny_bert_dir, sentences_file,
                  'compose { allow = ["vocab_trim", "prune", "quantize"], data = calib }',
@@ -183,6 +183,6 @@ def test_a_failing_knobless_prefix_rules_out_every_pipeline_that_starts_with_it(
                                                   "prune": {"faithful": 0.9}, "quantize": {"faithful": 0.9}}}
     fine_first = {"original": original, "stages": {"vocab_trim": {"faithful": 0.999},
                                                    "prune": {"faithful": 0.9}, "quantize": {"faithful": 0.9}}}
-    assert _failing_prefixes(fixed, pipe.labels, [bad_first]) == [("vocab_trim",)]
+    assert failing_prefixes(fixed, pipe.labels, [bad_first]) == [("vocab_trim",)]
     # the prune stage has a knob: a smaller ratio might pass, so nothing is concluded from it
-    assert _failing_prefixes(fixed, pipe.labels, [fine_first]) == []
+    assert failing_prefixes(fixed, pipe.labels, [fine_first]) == []

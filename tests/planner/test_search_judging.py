@@ -11,8 +11,9 @@ import pytest
 
 from squeezelang.planner import search
 from squeezelang.planner.plan import (ConstraintPlan, MetricPlan, ModelPlan, Plan, SearchPlan)
-from squeezelang.planner.search import (BOTH, MARGINAL, OVER, PASS, UNDER, _best, _bisect, _closest,
-                                        _grid, progress_line, status, violation)
+from squeezelang.planner.judging import (BOTH, MARGINAL, OVER, PASS, UNDER, best_trial, closest_trial,
+                                         progress_line, status, violation)
+from squeezelang.planner.search import _bisect, _grid
 from squeezelang.planner.workers import TrialOutcome
 
 QUALITY = MetricPlan("quality", "spearman", "sts", {}, "score", True)
@@ -59,8 +60,8 @@ def test_closest_trial_is_the_least_violating_not_the_most_compressed(far, near)
     """The issue's cases: equally many verdicts met, the far one smaller; the near one is run."""
     plan = make_plan()
     log = [entry(plan, far, predicted=10_000_000), entry(plan, near, predicted=30_000_000)]
-    assert _closest(log)["metrics"]["quality"] == pytest.approx(ORIGINAL["quality"] - near)
-    assert _best(log) is None
+    assert closest_trial(log)["metrics"]["quality"] == pytest.approx(ORIGINAL["quality"] - near)
+    assert best_trial(log) is None
 
 
 def outcome(latency: float, drop: float = 0.2, ok: bool | None = None) -> TrialOutcome:
@@ -93,8 +94,8 @@ def test_best_prefers_a_clear_pass_then_the_smallest_across_pipelines():
            {"levels": 0.5, "feasible": True, "marginal": [], "size": 20e6, "predicted_size": 20,
             "pipeline": "b"},
            {"levels": 1.0, "feasible": False, "size": 5e6, "predicted_size": 5, "pipeline": "b"}]
-    assert _best(log)["pipeline"] == "b"
-    assert _best(log[:2])["size"] == 30e6  # clear before marginal
+    assert best_trial(log)["pipeline"] == "b"
+    assert best_trial(log[:2])["size"] == 30e6  # clear before marginal
 
 
 # ---------------------------------------------------------------------------- strategies
