@@ -85,7 +85,7 @@ def run(recipe: Recipe | str | Path, output: str | Path | None = None, *, force:
         from squeezelang.models.handle import ModelHandle
 
         handle = ModelHandle(model.eval(), tokenizer, resolved.model.task)
-    from squeezelang.planner.search import solve
+    from squeezelang.search.solve import solve
 
     return solve(resolved, regs, output=output, force=force, handle=handle, quiet=quiet) \
         if resolved.needs_search else execute(resolved, regs, output=output, force=force, handle=handle,

@@ -63,7 +63,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from squeezelang.planner.estimate import predict
     from squeezelang.planner.resolve import resolve
-    from squeezelang.executor.report import fmt_value
+    from squeezelang.lang.units import fmt_value
 
     from squeezelang.planner.estimate import planning_context
     from squeezelang.planner.levels import solved_floor
@@ -145,7 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     plan = resolve(_load(args.recipe), regs)
     args.output_dir = Path(args.output or plan.output_dir).resolve()  # for the interrupt message
     if plan.needs_search:
-        from squeezelang.planner.search import solve
+        from squeezelang.search.solve import solve
         result = solve(plan, regs, output=args.output, force=args.force, quiet=args.quiet)
     else:
         result = execute(plan, regs, output=args.output, force=args.force, quiet=args.quiet)

@@ -1,14 +1,13 @@
-"""Per-stage checkpoints and a search's trial log in a work directory beside the output, so an
-interrupted run (or search) resumes.
+"""Per-stage checkpoints in a work directory beside the output, so an interrupted run resumes (a
+search's trial log lives there too: ``search.trial_log``).
 
 A process may be killed at any instruction, so nothing here is ever half-trusted: a checkpoint is
 written into a temporary directory and renamed into place whole, and it counts as complete only once
 ``state.json`` (itself replaced atomically) lists it. Removing the work directory deletes
 ``state.json`` first, so a removal cut short leaves nothing a rerun would resume from.
 
-A search keeps every measured trial in ``trials.json`` (``TrialLog``), keyed by the recipe's
-fingerprint, so that the same command after an interrupt skips the trials already measured. Work of
-another recipe is refused, or with ``force`` discarded after saying what is discarded.
+Work of another recipe is refused, or with ``force`` discarded after saying what is discarded
+(completed stages, and the trials a search kept in ``trials.json``).
 """
 from __future__ import annotations
 
@@ -17,17 +16,15 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from squeezelang.errors import OutputError
 from squeezelang.executor.artifacts import PUBLISHING, work_dir, write_json
 
 if TYPE_CHECKING:
     from squeezelang.models.handle import ModelHandle
-    from squeezelang.planner.plan import Plan
-    from squeezelang.planner.workers import Backend, TrialJob, TrialOutcome
 
 STATE = "state.json"
 TRIALS = "trials.json"
@@ -51,11 +48,11 @@ class WorkDir:
     def open(self, fingerprint: str, force: bool) -> WorkState:
         """The state to continue from: resumed if it is this recipe's, refused if another's (with
         ``force``, that one's checkpoints are discarded). A search's trial log is kept."""
-        data = _read(self.path / STATE)
+        data = read_json(self.path / STATE)
         if data is not None and data.get("fingerprint") == fingerprint:
             completed = self._existing(data)
             if force and completed:
-                _say(f"--force: keeping {_count(len(completed), 'completed stage checkpoint')} of "
+                _say(f"--force: keeping {count_of(len(completed), 'completed stage checkpoint')} of "
                      f"this same recipe in {self.path} and resuming after them (delete that "
                      "directory to start over)")
             return WorkState(fingerprint, data.get("original_metrics"), completed)
@@ -95,7 +92,7 @@ class WorkDir:
 
     def completed(self) -> list[dict[str, Any]]:
         """The completed stages that ``state.json`` lists and whose checkpoint is in place."""
-        return self._existing(_read(self.path / STATE) or {})
+        return self._existing(read_json(self.path / STATE) or {})
 
     def _existing(self, data: dict[str, Any]) -> list[dict[str, Any]]:
         return [c for c in data.get("completed", []) if (self.path / c["dir"]).is_dir()]
@@ -145,101 +142,15 @@ def fingerprint(plan_json: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class TrialLog:
-    """A search's measured trials, kept in ``trials.json`` in the work directory.
-
-    Each entry is keyed by the fingerprint of the trial's fixed plan and holds its outcome, so a
-    search run again after an interrupt gets the outcomes it measured before back without running
-    those trials again (``wrap``). Trials that failed are not kept: they run again.
-    """
-
-    def __init__(self, path: Path, fingerprint: str, entries: dict[str, dict[str, Any]]) -> None:
-        self.path, self.fingerprint, self.entries = path, fingerprint, entries
-
-    @classmethod
-    def open(cls, out: Path, plan: Plan, force: bool, quiet: bool = False) -> TrialLog:
-        """The log of ``plan``'s search into ``out``: resumed if it is this recipe's (saying so),
-        refused if the work directory holds another recipe's work (with ``force``, discarded)."""
-        work = WorkDir(out)
-        path, key = work.path / TRIALS, fingerprint(plan.to_json())
-        data = _read(path)
-        if data is not None and data.get("fingerprint") == key:
-            entries = dict(data.get("trials") or {})
-            if entries and not quiet:
-                print(f"resuming the search: {_count(len(entries), 'trial')} of this recipe "
-                      f"measured before ({path}) are not run again", flush=True)
-            return cls(path, key, entries)
-        if data is not None or _read(work.path / STATE) is not None:
-            work.discard(force, trials=len((data or {}).get("trials") or {}))
-        return cls(path, key, {})
-
-    def seconds(self) -> float:
-        """The time the trials in the log took when they ran (a resumed search's timeout counts it)."""
-        return float(sum(entry.get("seconds") or 0.0 for entry in self.entries.values()))
-
-    def wrap(self, backend: Backend) -> _Replaying:
-        """``backend``, answering the jobs measured before from the log and logging the others."""
-        return _Replaying(self, backend)
-
-    @staticmethod
-    def key(job: TrialJob) -> str:
-        """What identifies a trial: its fixed plan (not where it is written) and what it measures."""
-        return fingerprint(job.plan.to_json()) + ("+stages" if job.measure_stages else "")
-
-    def replay(self, key: str, index: int) -> TrialOutcome:
-        from squeezelang.planner.workers import TrialOutcome
-
-        return TrialOutcome(**{**self.entries[key], "index": index})
-
-    def record(self, key: str, outcome: TrialOutcome) -> None:
-        """Keep ``outcome`` (unless the trial failed) and write the log, atomically."""
-        if outcome.error:
-            return
-        self.entries[key] = {k: v for k, v in asdict(outcome).items() if k != "index"}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(self.path, {"fingerprint": self.fingerprint, "trials": self.entries})
-
-
-class _Replaying:
-    """A trial backend in front of another: measured trials come from the log, in job order."""
-
-    def __init__(self, log: TrialLog, backend: Backend) -> None:
-        self.log, self.backend = log, backend
-        self.name, self.workers = backend.name, backend.workers
-
-    def run(self, jobs: Sequence[TrialJob]) -> list[TrialOutcome]:
-        keys = [self.log.key(job) for job in jobs]
-        new = [job for job, key in zip(jobs, keys) if key not in self.log.entries]
-        ran = iter(self.backend.run(new) if new else [])
-        outcomes = []
-        for job, key in zip(jobs, keys):
-            if key in self.log.entries:
-                outcomes.append(self.log.replay(key, job.index))
-                continue
-            outcome = next(ran)
-            self.log.record(key, outcome)
-            outcomes.append(outcome)
-        return outcomes
-
-    def close(self) -> None:
-        self.backend.close()
-
-    def __enter__(self) -> _Replaying:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 def saved_work(out: Path) -> str | None:
     """What runs into ``out`` left to resume from, e.g. "2 completed stage checkpoints and 5
     measured search trials in DIR"; None when there is nothing."""
     work = WorkDir(out)
-    what = _summary(len(work.completed()), len((_read(work.path / TRIALS) or {}).get("trials") or {}))
+    what = _summary(len(work.completed()), len((read_json(work.path / TRIALS) or {}).get("trials") or {}))
     return f"{what} in {work.path}" if what else None
 
 
-def _read(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object from ``path``: None when there is no file, ``{}`` when it cannot be read."""
     if not path.is_file():
         return None
@@ -252,11 +163,11 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 def _summary(stages: int, trials: int) -> str:
     """E.g. "1 completed stage checkpoint and 2 measured search trials"; counts of 0 left out."""
-    return " and ".join(_count(n, noun) for n, noun in ((stages, "completed stage checkpoint"),
+    return " and ".join(count_of(n, noun) for n, noun in ((stages, "completed stage checkpoint"),
                                                          (trials, "measured search trial")) if n)
 
 
-def _count(n: int, noun: str) -> str:
+def count_of(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 

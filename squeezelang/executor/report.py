@@ -7,6 +7,7 @@ from typing import Any
 
 from squeezelang.executor.artifacts import write_json, write_text
 from squeezelang.hooks.registry import Registries
+from squeezelang.lang.units import fmt_value
 from squeezelang.planner.constraints import Verdict
 from squeezelang.planner.plan import ConstraintPlan, Plan
 
@@ -65,19 +66,6 @@ def build_report(plan: Plan, registries: Registries, original: dict[str, float],
 
 # ---------------------------------------------------------------- human-readable
 _UNITS = {"bytes": "B", "time": "s", "count": "", "score": ""}
-
-
-def fmt_value(value: float | None, dimension: str) -> str:
-    """A value in a readable unit (MB, ms, M params)."""
-    if value is None:
-        return "—"
-    if dimension == "bytes":
-        return f"{value / 1e6:.2f} MB" if value >= 1e5 else f"{value / 1e3:.1f} KB"
-    if dimension == "time":
-        return f"{value * 1e3:.2f} ms"
-    if dimension == "count":
-        return f"{value / 1e6:.3f} M" if value >= 1e5 else f"{value:,.0f}"
-    return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
 
 
 def fmt_verdict(verdict: Verdict, constraint: ConstraintPlan, metric: dict[str, Any]) -> str:

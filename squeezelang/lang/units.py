@@ -1,7 +1,8 @@
 """Units of the recipe language: which dimension each measures and its factor to base units.
 
 Base units are bytes, a plain count, seconds, and a fraction of the original model's value
-(``20%`` is 0.2, ``0.5x`` is 0.5).
+(``20%`` is 0.2, ``0.5x`` is 0.5). ``fmt_value`` writes a measured value back in a readable unit
+for the reports and the terminal.
 """
 from __future__ import annotations
 
@@ -97,3 +98,16 @@ def suggest_unit(text: str) -> str | None:
     by_lower = {unit.lower(): unit for unit in UNITS}
     close = difflib.get_close_matches(text.lower(), list(by_lower), n=1, cutoff=0.6)
     return by_lower[close[0]] if close else None
+
+
+def fmt_value(value: float | None, dimension: str) -> str:
+    """A value in a readable unit (MB, ms, M params)."""
+    if value is None:
+        return "—"
+    if dimension == "bytes":
+        return f"{value / 1e6:.2f} MB" if value >= 1e5 else f"{value / 1e3:.1f} KB"
+    if dimension == "time":
+        return f"{value * 1e3:.2f} ms"
+    if dimension == "count":
+        return f"{value / 1e6:.3f} M" if value >= 1e5 else f"{value:,.0f}"
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"

@@ -69,7 +69,7 @@ def size_floor(plan: Plan, registries: Registries, ctx: Context, steps: int = 30
     if not has_size_constraints(plan):
         return 0.0, []
     if not predicted_ok(plan, registries, 1.0, ctx)[0]:
-        from squeezelang.executor.report import fmt_value
+        from squeezelang.lang.units import fmt_value
 
         pred = predict(at_levels(plan, registries, 1.0), registries, ctx=ctx)
         out = []

@@ -160,7 +160,7 @@ def test_same_recipe_and_seed_make_the_same_choices(tmp_path, tiny_bert_dir, sen
 
 def test_a_failing_knobless_prefix_rules_out_every_pipeline_that_starts_with_it(
         tmp_path, tiny_bert_dir, sentences_file):
-    from squeezelang.planner.judging import failing_prefixes
+    from squeezelang.search.judging import failing_prefixes
 
     path = write(tmp_path, tiny_bert_dir, sentences_file,
                  'compose { allow = ["vocab_trim", "prune", "quantize"], data = calib }',

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from squeezelang.errors import Infeasible
 from squeezelang.hooks.registry import Registries
-from squeezelang.planner.judging import (BOTH, MARGINAL, OVER, PASS, UNDER, best_trial, checks, closest_trial,
+from squeezelang.search.judging import (BOTH, MARGINAL, OVER, PASS, UNDER, best_trial, checks, closest_trial,
                                          failing_prefixes, hangs_on_time, is_time, levels_of,
                                          marginal, measured_size, progress_line, status,
                                          time_margin, violation)
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from squeezelang.executor.context import Context
     from squeezelang.executor.run import RunResult
     from squeezelang.models.handle import ModelHandle
-    from squeezelang.planner.workers import TrialJob, TrialOutcome
+    from squeezelang.search.workers import TrialJob, TrialOutcome
 
 
 class _Budget:
@@ -100,7 +100,7 @@ class _Trials:
     def run_many(self, batch: list[Levels | float]) -> list[str]:
         """Run up to the remaining trials of ``batch`` (in parallel where the search has workers);
         return each one's status (``PASS``, ``MARGINAL``, ``UNDER``, ``OVER`` or ``BOTH``)."""
-        from squeezelang.planner.workers import TrialJob
+        from squeezelang.search.workers import TrialJob
 
         batch = batch[:self.left()]
         if not batch:
@@ -176,7 +176,7 @@ class _Trials:
 
     def _alone(self, job: TrialJob) -> TrialOutcome:
         """Run ``job`` in this process while nothing else of the search runs."""
-        from squeezelang.planner.workers import run_trial
+        from squeezelang.search.workers import run_trial
 
         return run_trial(job, self.registries, self.handle)
 
@@ -319,12 +319,12 @@ def solve(plan: Plan, registries: Registries, output: str | Path | None = None, 
     constraint cannot hold.
     """
     from squeezelang.executor.artifacts import check_output_dir
-    from squeezelang.executor.checkpoint import TrialLog
+    from squeezelang.search.trial_log import TrialLog
     from squeezelang.executor.guards import input_paths
     from squeezelang.executor.run import execute
     from squeezelang.planner.compose import pipelines, refuse_if_unreachable, with_pipeline
     from squeezelang.planner.estimate import planning_context
-    from squeezelang.planner.workers import open_backend
+    from squeezelang.search.workers import open_backend
 
     out = Path(output or plan.output_dir).expanduser().resolve()
     check_output_dir(out, force, input_paths(plan, registries))

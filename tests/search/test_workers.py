@@ -12,7 +12,7 @@ import squeezelang
 from squeezelang.errors import SqueezeError
 from squeezelang.hooks.manager import build_registries, plugin_manager
 from squeezelang.hooks.technique import Technique
-from squeezelang.planner.workers import TrialJob, open_backend
+from squeezelang.search.workers import TrialJob, open_backend
 
 RATIOS = (0.2, 0.5, 0.8)
 

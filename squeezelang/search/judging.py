@@ -18,7 +18,7 @@ from squeezelang.planner.plan import ConstraintPlan, Plan
 if TYPE_CHECKING:
     from squeezelang.planner.constraints import Verdict
     from squeezelang.planner.levels import Levels
-    from squeezelang.planner.workers import TrialOutcome
+    from squeezelang.search.workers import TrialOutcome
 
 
 #: A time-type constraint met by less than this fraction of its bound passes only *marginally*:
@@ -114,7 +114,7 @@ def hangs_on_time(plan: Plan, outcome: TrialOutcome) -> bool:
 def progress_line(plan: Plan, entry: dict[str, Any], number: int, total: int) -> str:
     """One trial for the terminal: ``trial 3 of 12: sparse.ratio=0.4 -> size 12.30 MB (13.4%),
     quality 85.10 (drop 0.60), latency 4.81 ms (48.0%) — infeasible (latency <= 45%)``."""
-    from squeezelang.executor.report import fmt_value
+    from squeezelang.lang.units import fmt_value
 
     knobs = ", ".join(f"{stage}.{k}={v:g}" for stage, vals in entry["values"].items()
                       for k, v in vals.items())

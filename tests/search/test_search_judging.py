@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from squeezelang.planner import search
+from squeezelang.search import solve as search
 from squeezelang.planner.plan import (ConstraintPlan, MetricPlan, ModelPlan, Plan, SearchPlan)
-from squeezelang.planner.judging import (BOTH, MARGINAL, OVER, PASS, UNDER, best_trial, closest_trial,
+from squeezelang.search.judging import (BOTH, MARGINAL, OVER, PASS, UNDER, best_trial, closest_trial,
                                          progress_line, status, violation)
-from squeezelang.planner.search import _bisect, _grid
-from squeezelang.planner.workers import TrialOutcome
+from squeezelang.search.solve import _bisect, _grid
+from squeezelang.search.workers import TrialOutcome
 
 QUALITY = MetricPlan("quality", "spearman", "sts", {}, "score", True)
 LATENCY = MetricPlan("latency", "latency", None, {}, "time", False, implicit=True)
@@ -185,7 +185,7 @@ def test_grid_goes_on_past_a_marginal_pass_and_stops_at_a_clear_one():
 
 def test_composed_search_tries_every_pipeline_on_a_share_of_the_budget():
     """It goes on after a feasible pipeline, and skips one that cannot come out smaller."""
-    from squeezelang.planner.search import _Candidate, _search
+    from squeezelang.search.solve import _Candidate, _search
 
     budget = FakeBudget(12)
 
