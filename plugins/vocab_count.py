@@ -5,13 +5,15 @@ Loading the tokenizer through transformers imports torch (about 3 s, most of a f
 ``tokenizers`` library that does the tokenizing underneath loads in milliseconds. This reads what
 transformers would hand it — ``tokenizer.json``, the special tokens named in
 ``tokenizer_config.json`` / ``special_tokens_map.json``, the token ids in ``config.json`` with the
-config class's defaults — and collects the ids with the same code as the stage itself
-(``vocab_trim.collect_ids``). ``tests/plugins/test_vocab_count.py`` checks that both give the
-same ids.
+config class's defaults and those of ``generation_config.json`` — and collects the ids with the
+same code as the stage itself (``vocab_trim.collect_ids``). ``tests/plugins/test_vocab_count.py``
+and ``test_vocab_trim_bpe.py`` check that both give the same ids.
 
 Where the files say something transformers would act on and this does not model (a model family
 whose config defaults it does not know, tokens added outside ``tokenizer.json``, a special token
-it cannot find), it answers ``None`` and the caller loads the tokenizer through transformers.
+it cannot find, a BPE tokenizer whose class rebuilds its pipeline from the vocabulary and merges
+rather than reading ``tokenizer.json`` as it is), it answers ``None`` and the caller loads the
+tokenizer through transformers.
 """
 from __future__ import annotations
 
@@ -23,7 +25,13 @@ from typing import Any, Iterable
 CONFIG_DEFAULTS: dict[str, dict[str, int | None]] = {
     "bert": {"pad_token_id": 0, "bos_token_id": None, "eos_token_id": None},
     "gpt2": {"pad_token_id": None, "bos_token_id": 50256, "eos_token_id": 50256},
+    "llama": {"pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2},
+    "mistral": {"pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2},
+    "qwen2": {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None},
+    "qwen3": {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None},
 }
+#: Tokenizer classes that use ``tokenizer.json`` as it is (others may rebuild a BPE pipeline).
+AS_SAVED = (None, "PreTrainedTokenizerFast", "TokenizersBackend")
 #: ``tokenizer_config.json`` keys that name one special token each.
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                 "mask_token")
@@ -64,7 +72,7 @@ def _special_tokens(config: dict[str, Any]) -> list[str] | None:
 def direct_kept_ids(directory: Path, texts: Iterable[str], keep_frequent: int,
                     keep: Iterable[str]) -> list[int] | None:
     """``vocab_trim.kept_ids`` of the model in ``directory`` without transformers, or ``None``."""
-    from squeezelang_plugins.vocab_trim import CONFIG_TOKEN_IDS, SUPPORTED_MODELS, collect_ids
+    from squeezelang_plugins.vocab_trim import SUPPORTED_MODELS, collect_ids, config_values
 
     path = directory / "tokenizer.json"
     try:
@@ -72,11 +80,14 @@ def direct_kept_ids(directory: Path, texts: Iterable[str], keep_frequent: int,
         doc = _read(path)
         tokenizer_config = _read(directory / "tokenizer_config.json")
         special_map = _read(directory / "special_tokens_map.json")
+        generation = _read(directory / "generation_config.json")
     except (OSError, ValueError):
         return None
     defaults = CONFIG_DEFAULTS.get(config.get("model_type")) if isinstance(config, dict) else None
-    if (defaults is None or not all(isinstance(d, dict) for d in (doc, tokenizer_config, special_map))
-            or (doc.get("model") or {}).get("type") not in SUPPORTED_MODELS):
+    files = (doc, tokenizer_config, special_map, generation)
+    kind = (doc.get("model") or {}).get("type") if isinstance(doc, dict) else None
+    if (defaults is None or not all(isinstance(d, dict) for d in files) or kind not in SUPPORTED_MODELS
+            or (kind == "BPE" and tokenizer_config.get("tokenizer_class") not in AS_SAVED)):
         return None
     added = {t.get("content"): int(t["id"]) for t in doc.get("added_tokens", [])}
     declared = tokenizer_config.get("added_tokens_decoder") or {}
@@ -87,7 +98,7 @@ def direct_kept_ids(directory: Path, texts: Iterable[str], keep_frequent: int,
     if specials is None or any(t not in added and t not in vocab for t in specials):
         return None
     special_ids = [added.get(t, vocab.get(t)) for t in specials]
-    config_ids = [config.get(key, defaults.get(key)) for key in CONFIG_TOKEN_IDS]
+    config_ids = config_values({**defaults, **config}, generation or None)
     try:
         from tokenizers import Tokenizer
 

@@ -11,9 +11,17 @@ Why outputs do not change: a WordLevel tokenizer looks words up; a WordPiece tok
 greedily, longest known prefix first. Every piece it produced with the full vocabulary is still
 known, and no longer prefix can have appeared, so a text made of kept tokens tokenizes to the same
 pieces — and the same rows — as before. A word that cannot be covered by kept pieces becomes the
-unknown token, as any unknown word always did. BPE and Unigram tokenizers are refused: their merges
-and scores would have to be rewritten (BPE needs every intermediate merge kept), and getting that
-subtly wrong would change outputs silently.
+unknown token, as any unknown word always did.
+
+A BPE tokenizer (GPT-2, Llama 3, Qwen2; Llama 2 and Gemma with byte fallback) starts from single
+symbols and applies its merges in rank order. The kept set is closed under the merges: its base
+alphabet is kept (the 256 byte symbols of a ByteLevel tokenizer, the ``<0x00>`` … ``<0xFF>`` tokens
+of a byte-fallback one), and whenever a merge's result is kept both its parts are, recursively.
+Only merges whose parts and result are all kept stay, in their original order. A kept text's merges
+all survive and no surviving merge was unavailable before, so it splits exactly as before; any other
+text still tokenizes (into bytes or shorter pieces, or the unknown token where the tokenizer has
+neither). Unigram tokenizers are refused: their pieces' scores decide the split, and cutting them
+is not proved to keep it.
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ if TYPE_CHECKING:
     from squeezelang.models.meta import ModelMeta
 
 #: Tokenizer models whose vocabulary can be cut without changing how kept text is split.
-SUPPORTED_MODELS = ("WordPiece", "WordLevel")
+SUPPORTED_MODELS = ("WordPiece", "WordLevel", "BPE")
 #: Config keys holding token ids that must survive (and be renumbered).
 CONFIG_TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id",
                     "mask_token_id", "unk_token_id", "decoder_start_token_id")
@@ -56,31 +64,92 @@ def _tokenizer_json(tokenizer: Any, directory: Path) -> tuple[dict[str, Any], di
 
 
 def _check_model(doc: dict[str, Any]) -> dict[str, Any]:
+    """The ``model`` of a ``tokenizer.json`` document, if ``vocab_trim`` can cut it safely."""
     model = doc.get("model") or {}
     kind = model.get("type")
+    if kind == "Unigram":
+        raise SqueezeError("vocab_trim cannot trim a Unigram (SentencePiece) tokenizer: its pieces' "
+                           "scores decide how text splits, and cutting them is not proved to keep "
+                           "the split; it supports WordPiece, WordLevel and BPE tokenizers")
     if kind not in SUPPORTED_MODELS:
-        raise SqueezeError(f"vocab_trim supports WordPiece and WordLevel tokenizers; this one is "
-                           f"{kind or 'of an unknown kind'}")
+        raise SqueezeError(f"vocab_trim supports WordPiece, WordLevel and BPE tokenizers; this one "
+                           f"is {kind or 'of an unknown kind'}")
+    if kind == "BPE" and model.get("dropout"):
+        raise SqueezeError("vocab_trim: the BPE tokenizer has dropout, so its splits are random")
+    if kind == "BPE" and (_byte_level(doc) or model.get("byte_fallback")):
+        return model  # every text splits into kept byte symbols at worst
     if not model.get("unk_token") or model["unk_token"] not in model.get("vocab", {}):
-        raise SqueezeError("vocab_trim: the tokenizer has no unknown token, so text outside the "
-                           "kept vocabulary could not be tokenized")
+        what = ("BPE tokenizer is neither byte-level nor falls back to bytes and" if kind == "BPE"
+                else "tokenizer")
+        raise SqueezeError(f"vocab_trim: the {what} has no unknown token, so text outside the kept "
+                           "vocabulary could not be tokenized")
     return model
 
 
+def _byte_level(doc: dict[str, Any]) -> bool:
+    """Whether the tokenizer maps bytes to symbols (a ``ByteLevel`` pre-tokenizer or normalizer)."""
+    def has(node: Any) -> bool:
+        if isinstance(node, dict):
+            return node.get("type") == "ByteLevel" or any(has(v) for v in node.values())
+        return isinstance(node, list) and any(has(v) for v in node)
+
+    return has(doc.get("pre_tokenizer")) or has(doc.get("normalizer"))
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 symbols a ``ByteLevel`` tokenizer writes bytes as (GPT-2's ``bytes_to_unicode``)."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)}
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
+
+
+def _merges(model: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """``(left, right, result)`` of every merge, in rank order (either JSON form of a merge)."""
+    prefix = len(model.get("continuing_subword_prefix") or "")
+    out = []
+    for merge in model.get("merges") or []:
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        out.append((left, right, left + right[prefix:]))  # as tokenizers' BPE builds the result
+    return out
+
+
+def _bpe_closure(model: dict[str, Any], doc: dict[str, Any], ids: set[int]) -> set[int]:
+    """``ids`` with the base alphabet and, recursively, both parts of every merge making a kept id."""
+    vocab: dict[str, int] = model["vocab"]
+    base = _byte_symbols() if _byte_level(doc) else []
+    if model.get("byte_fallback"):
+        base += [f"<0x{b:02X}>" for b in range(256)]
+    kept = ids | {vocab[t] for t in base if t in vocab}
+    parts: dict[int, list[int]] = {}
+    for left, right, result in _merges(model):
+        if result in vocab and left in vocab and right in vocab:
+            parts.setdefault(vocab[result], []).extend((vocab[left], vocab[right]))
+    todo = list(kept)
+    while todo:
+        for part in parts.get(todo.pop(), ()):
+            if part not in kept:
+                kept.add(part)
+                todo.append(part)
+    return kept
+
+
 def kept_ids(tokenizer: Any, texts: Iterable[str], keep_frequent: int = 0,
-             keep: Iterable[str] = (), config: Any = None) -> list[int]:
+             keep: Iterable[str] = (), config: Any = None,
+             generation_config: Any = None) -> list[int]:
     """The sorted token ids to keep: those of ``texts``, specials, config ids, frequent and ``keep``.
 
     ``keep_frequent`` keeps that many of the lowest ids besides (skipping ``[unusedN]``
     placeholders): WordPiece ``vocab.txt`` files list tokens roughly by frequency, so low ids are a
-    cheap stand-in for common words the data did not happen to contain.
+    cheap stand-in for common words the data did not happen to contain. ``config`` and
+    ``generation_config`` are objects or the dicts of their JSON files. A BPE tokenizer's ids are
+    closed under its merges (see the module's docstring).
     """
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         doc, _ = _tokenizer_json(tokenizer, Path(tmp))
-    config_ids = [getattr(config, key, None) if config is not None else None
-                  for key in CONFIG_TOKEN_IDS]
+    config_ids = config_values(config, generation_config)
 
     def encode(batch: list[str], special: bool) -> list[list[int]]:
         return tokenizer(batch, add_special_tokens=special)["input_ids"]
@@ -97,13 +166,13 @@ def collect_ids(doc: dict[str, Any], special_ids: Iterable[int | None],
     ids, the config's token ids and ``encode(texts, add_special_tokens) -> ids per text``."""
     model = _check_model(doc)
     vocab: dict[str, int] = model["vocab"]
-    ids: set[int] = {vocab[model["unk_token"]]}
+    ids: set[int] = {vocab[model["unk_token"]]} if model.get("unk_token") in vocab else set()
     ids.update(int(t["id"]) for t in doc.get("added_tokens", []))
     if isinstance(doc.get("padding"), dict) and doc["padding"].get("pad_id") is not None:
         ids.add(int(doc["padding"]["pad_id"]))
     ids.update(_post_processor_ids(doc.get("post_processor")))
     ids.update(int(i) for i in special_ids if i is not None)
-    ids.update(value for value in config_ids if isinstance(value, int) and value >= 0)
+    ids.update(_token_ids(config_ids))
     texts = [str(t) for t in texts]
     if texts:
         for row in encode(texts, True):
@@ -116,7 +185,21 @@ def collect_ids(doc: dict[str, Any], special_ids: Iterable[int | None],
             ids.add(vocab[item])
         else:
             ids.update(int(i) for i in encode([str(item)], False)[0])
+    if model["type"] == "BPE":
+        ids = _bpe_closure(model, doc, ids)
     return sorted(ids)
+
+
+def config_values(*configs: Any) -> list[Any]:
+    """The values of ``CONFIG_TOKEN_IDS`` in each config (an object, a dict or ``None``)."""
+    return [(c.get(key) if isinstance(c, dict) else getattr(c, key, None))
+            for c in configs if c is not None for key in CONFIG_TOKEN_IDS]
+
+
+def _token_ids(values: Iterable[Any]) -> list[int]:
+    """The token ids among config values: an id, or a list of ids (Llama 3's ``eos_token_id``)."""
+    flat = [v for value in values for v in (value if isinstance(value, (list, tuple)) else [value])]
+    return [v for v in flat if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
 
 
 def _post_processor_ids(proc: Any) -> set[int]:
@@ -153,7 +236,7 @@ def _remap_post_processor(proc: Any, remap: dict[int, int]) -> Any:
 def trimmed_tokenizer(tokenizer: Any, ids: list[int], directory: Path) -> Any:
     """Write ``tokenizer`` restricted to ``ids`` (renumbered in order) into ``directory``; load it.
 
-    Rewrites ``tokenizer.json`` (vocabulary, added tokens, post-processor and padding ids),
+    Rewrites ``tokenizer.json`` (vocabulary, BPE merges, added tokens, post-processor and padding ids),
     ``tokenizer_config.json`` (``added_tokens_decoder``) and, for WordPiece, ``vocab.txt`` (so the
     tokenizer class finds the same vocabulary whichever file it reads); the normalizer,
     pre-tokenizer and decoder settings are kept as they are. The saved model later gets what the
@@ -169,6 +252,11 @@ def trimmed_tokenizer(tokenizer: Any, ids: list[int], directory: Path) -> Any:
     remap = {old: new for new, old in enumerate(ids)}
     by_id = {i: t for t, i in model["vocab"].items()}
     model["vocab"] = {by_id[old]: remap[old] for old in ids if old in by_id}
+    if model["type"] == "BPE":
+        vocab = model["vocab"]
+        model["merges"] = [raw for raw, (left, right, result) in zip(model.get("merges") or [],
+                                                                     _merges(model))
+                           if left in vocab and right in vocab and result in vocab]
     added = {int(t["id"]) for t in doc.get("added_tokens", [])}
     unknown = [old for old in ids if old not in by_id and old not in added]
     if unknown:
@@ -189,7 +277,8 @@ def trimmed_tokenizer(tokenizer: Any, ids: list[int], directory: Path) -> Any:
     if model["type"] == "WordPiece":
         ordered = sorted(model["vocab"], key=model["vocab"].__getitem__)
         (directory / "vocab.txt").write_text("\n".join(ordered) + "\n", encoding="utf-8")
-    for stale in ("vocab.json", "merges.txt", "added_tokens.json"):
+    for stale in ("vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model", "spiece.model",
+                  "sentencepiece.bpe.model", *(() if model["type"] == "WordPiece" else ("vocab.txt",))):
         (directory / stale).unlink(missing_ok=True)
     try:
         new = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
@@ -266,9 +355,37 @@ def trim_embeddings_(model: Any, ids: list[int]) -> list[str]:
     for key in CONFIG_TOKEN_IDS:
         for cfg in (model.config, getattr(model, "generation_config", None)):
             value = getattr(cfg, key, None) if cfg is not None else None
-            if isinstance(value, int) and value >= 0:
-                setattr(cfg, key, remap[value])
+            if _token_ids([value]):
+                setattr(cfg, key, _renumbered(value, remap, key))
     return [n for n, p in model.state_dict().items() if p.dim() >= 1 and p.shape[0] == len(ids)]
+
+
+def _renumbered(value: Any, remap: dict[int, int], key: str) -> Any:
+    """A config's token id (or list of ids) in the trimmed numbering."""
+    if isinstance(value, (list, tuple)):
+        return [_renumbered(v, remap, key) for v in value]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        return value
+    if value not in remap:
+        raise SqueezeError(f"vocab_trim: the model's {key} {value} is not among the kept ids")
+    return remap[value]
+
+
+def check_same_split(old: Any, new: Any, ids: list[int], texts: list[str]) -> None:
+    """Raise unless ``new`` splits every text as ``old`` did, in the trimmed numbering.
+
+    The texts are the data the kept ids came from, so this holds by construction; it is checked
+    because a tokenizer class may rebuild its pipeline from the rewritten files.
+    """
+    remap = {o: n for n, o in enumerate(ids)}
+    for start in range(0, len(texts), 256):
+        batch = texts[start:start + 256]
+        before = old(batch, add_special_tokens=True)["input_ids"]
+        after = new(batch, add_special_tokens=True)["input_ids"]
+        for text, a, b in zip(batch, before, after):
+            if [remap.get(i) for i in a] != list(b):
+                raise SqueezeError(f"vocab_trim: the trimmed tokenizer splits {text[:60]!r} "
+                                   "differently; the tokenizer was left unchanged")
 
 
 # ---------------------------------------------------------------------------- technique
@@ -279,7 +396,9 @@ class VocabTrim(Technique):
         "token, the `keep_frequent` lowest-id (most frequent, for WordPiece) tokens and the tokens "
         "of `keep`. Cuts the embedding and output rows and rewrites the tokenizer, so the model "
         "stays a standard transformers model. Text made of kept tokens gives exactly the original "
-        "outputs; other words become the unknown token. WordPiece and WordLevel tokenizers only.")
+        "outputs; other words split into smaller kept pieces (BPE) or become the unknown token "
+        "(WordPiece, WordLevel). WordPiece, WordLevel and BPE tokenizers (byte-level or byte "
+        "fallback); Unigram ones are refused.")
     schema = {
         "type": "object",
         "additionalProperties": False,
@@ -350,11 +469,14 @@ class VocabTrim(Technique):
 
             tokenizer = load_tokenizer(model_dir)
             config = AutoConfig.for_model(**read_config(model_dir))
-            return len(kept_ids(tokenizer, texts, keep_frequent, keep, config))
+            generation = model_dir / "generation_config.json"
+            generation_config = (json.loads(generation.read_text(encoding="utf-8"))
+                                 if generation.is_file() else None)
+            return len(kept_ids(tokenizer, texts, keep_frequent, keep, config, generation_config))
 
+        names = ("tokenizer", "special_tokens", "vocab", "merges", "config.json", "generation_config.json")
         files = [f"{p.name}\n".encode() + p.read_bytes() for p in sorted(model_dir.iterdir())
-                 if p.is_file() and (p.name.startswith(("tokenizer", "special_tokens", "vocab",
-                                                         "merges")) or p.name == "config.json")]
+                 if p.is_file() and (p.name.startswith(names[:4]) or p.name in names[4:])]
         key = cache_key("vocab_trim", *files, "\0".join(texts), str(keep_frequent), "\0".join(keep))
         return int(cached_json("vocab_trim", key, count))
 
@@ -376,10 +498,12 @@ class VocabTrim(Technique):
         texts = ctx.data.texts(params["data"])
         model = handle.model
         ids = kept_ids(handle.tokenizer, ctx.progress(texts, desc="tokenize"),
-                       params.get("keep_frequent", 0), params.get("keep", ()), model.config)
+                       params.get("keep_frequent", 0), params.get("keep", ()), model.config,
+                       getattr(model, "generation_config", None))
         before = len(handle.tokenizer)
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = trimmed_tokenizer(handle.tokenizer, ids, Path(tmp))
+        check_same_split(handle.tokenizer, tokenizer, ids, [str(t) for t in texts])
         trim_embeddings_(model, ids)
         handle.tokenizer = tokenizer
         handle.tokenizer_changed = True

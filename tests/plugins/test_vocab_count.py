@@ -62,8 +62,8 @@ def _edited(source: Path, tmp_path: Path, name: str, edit) -> Path:
     ("tokenizer_config.json", lambda c: c.setdefault("added_tokens_decoder", {}).update(
         {"9999": {"content": "<new>", "special": True}})),
     ("tokenizer_config.json", lambda c: c.update(cls_token="<not in the vocabulary>")),
-    ("tokenizer.json", lambda c: c["model"].update(type="BPE")),
-], ids=["unknown family", "added elsewhere", "unknown special", "BPE"])
+    ("tokenizer.json", lambda c: c["model"].update(type="Unigram")),
+], ids=["unknown family", "added elsewhere", "unknown special", "Unigram"])
 def test_what_it_does_not_model_goes_through_transformers(name, edit, tiny_bert_dir, tmp_path):
     directory = _edited(tiny_bert_dir, tmp_path, name, edit)
     assert direct_kept_ids(directory, SENTENCES, 0, []) is None

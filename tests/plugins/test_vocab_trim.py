@@ -153,22 +153,47 @@ def test_pruned_model_keeps_its_codecs(tiny_bert_dir, registries, tmp_path):
     assert torch.equal(_hidden(back, IN_VOCAB), _hidden(handle, IN_VOCAB))
 
 
-def test_bpe_is_refused(tmp_path, registries):
+def test_bpe_that_could_lose_text_is_refused(tmp_path, registries):
+    """Neither byte-level nor byte fallback nor an unknown token: a dropped character would vanish."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     vocab = {"<|endoftext|>": 0, "a": 1, "b": 2, "ab": 3}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")], unk_token="<|endoftext|>"))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<|endoftext|>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
     model = GPT2LMHeadModel(GPT2Config(vocab_size=4, n_embd=8, n_layer=1, n_head=2, n_positions=8))
     from squeezelang.models.handle import ModelHandle
 
     handle = ModelHandle(model=model.eval(), tokenizer=tok, task="causal-lm")
     tech = registries.techniques.get("vocab_trim")
-    with pytest.raises(SqueezeError, match="supports WordPiece and WordLevel"):
+    with pytest.raises(SqueezeError, match="BPE tokenizer is neither byte-level nor falls back to "
+                                           "bytes and has no unknown token"):
         tech.apply_(handle, _params(tech), _ctx(["ab a"]))
     assert model.config.vocab_size == 4  # nothing changed
+
+
+def test_bpe_with_an_unknown_token(tmp_path, registries):
+    """A character-level BPE with an unknown token: kept text splits as before, the rest is unknown."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from squeezelang.models.handle import ModelHandle
+
+    vocab = {"<unk>": 0, "a": 1, "b": 2, "c": 3, "ab": 4, "abc": 5, "bc": 6}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b"), ("ab", "c"), ("b", "c")],
+                                   unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=7, n_embd=8, n_layer=1, n_head=2, n_positions=8,
+                                       bos_token_id=0, eos_token_id=0))
+    handle = ModelHandle(model=model.eval(), tokenizer=tok, task="causal-lm")
+    tech = registries.techniques.get("vocab_trim")
+    tech.apply_(handle, _params(tech), _ctx(["abc"]))
+    assert handle.tokenizer.get_vocab() == {"<unk>": 0, "a": 1, "b": 2, "c": 3, "ab": 4, "abc": 5}
+    assert handle.tokenizer("abc ab bc")["input_ids"] == [5, 4, 2, 3]  # "bc" is gone, its parts are kept
+    assert handle.tokenizer("abd")["input_ids"] == [4, 0]
 
 
 def test_schema(registries):
