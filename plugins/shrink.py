@@ -5,8 +5,9 @@ keep and copies their weights (``models.surgery``), giving a standard checkpoint
 transformers loads. With ``data`` the choice follows activation importance on those texts (Minitron
 style; layers by block importance); without it, weight magnitude (heads by the norm of their output
 projection, neurons by ``|w_in| · |w_out|``, channels by the embedding norm) and evenly spaced layers.
-Sizes not given stay as they are; ``heads`` alone also sets the hidden size to
-``heads × head dimension`` (these configs tie the two).
+Sizes not given stay as they are; in a family whose head dimension is ``hidden / heads`` (BERT,
+GPT-2) ``heads`` alone also sets the hidden size to ``heads × head dimension``; under grouped-query
+attention ``heads`` must be a count the key/value groups can share evenly.
 """
 from __future__ import annotations
 
@@ -58,11 +59,17 @@ class Shrink(Technique):
         return []
 
     def _targets(self, config: dict[str, Any], params: dict[str, Any]) -> dict[str, int]:
-        from squeezelang.models.surgery import shrunk_config, sizes
+        from squeezelang.models.surgery import family_of, shrunk_config
 
-        cur = sizes(config)
+        fam = family_of(config)
+        cur = fam.sizes(config)
         heads = params.get("heads") or cur["heads"]
-        hidden = params.get("hidden") or (heads * cur["head_dim"] if params.get("heads") else cur["hidden"])
+        if params.get("hidden"):
+            hidden = params["hidden"]
+        elif params.get("heads") and fam.tied_head_dim:
+            hidden = heads * cur["head_dim"]
+        else:
+            hidden = cur["hidden"]
         out = {"layers": params.get("layers") or cur["layers"], "heads": heads, "hidden": hidden,
                "inner": params.get("intermediate") or cur["inner"]}
         shrunk_config(config, **out)  # raises SqueezeError for sizes the family cannot express
@@ -71,10 +78,13 @@ class Shrink(Technique):
     def estimate(self, meta: ModelMeta, params: dict[str, Any]) -> ModelMeta:
         from squeezelang.models.surgery import resized_meta
 
+        from squeezelang.models.surgery import family_of
+
+        family_of(meta.config).require("shrink")  # at plan time, naming the family
         return resized_meta(meta, **self._targets(meta.config, params))
 
     def apply_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:
-        from squeezelang.models.surgery import reshape_, sizes
+        from squeezelang.models.surgery import choose_heads, reshape_, sizes
 
         cur = sizes(handle.config)
         new = self._targets(handle.config.to_dict(), params)
@@ -94,7 +104,7 @@ class Shrink(Technique):
         else:
             layers = evenly_spaced(n, new["layers"])
         reshape_(handle.model, layers=layers,
-                 heads=({i: _top(heads_s[i], new["heads"]) for i in range(n)}
+                 heads=(choose_heads(heads_s, handle.config, new["heads"])
                         if new["heads"] != cur["heads"] else None),
                  hidden=_top(hidden_s, new["hidden"]) if new["hidden"] != cur["hidden"] else None,
                  mlp=({i: _top(mlp_s[i], new["inner"]) for i in range(n)}
@@ -112,23 +122,28 @@ def evenly_spaced(n: int, k: int) -> list[int]:
 
 def magnitude_scores(model: Any) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """Weight-only importance: per-layer heads and neurons, and hidden channels."""
-    from squeezelang.models.surgery import base_prefix, family, layer_modules, sizes
+    from squeezelang.models.surgery import family_of, get_path, layer_modules
 
-    fam = family(model.config)
-    cur = sizes(model.config)
+    fam = family_of(model.config)
+    cur = fam.sizes(model.config)
+
+    def in_major(module: Any) -> torch.Tensor:
+        """A projection's weight as ``[in, out]``."""
+        w = module.weight.detach()
+        return w if fam.conv1d else w.t()
+
     heads, mlp = [], []
     for block in layer_modules(model):
-        if fam == "bert":
-            wo = block.attention.output.dense.weight.detach().t()         # [inner, hidden]
-            w_in, w_out = block.intermediate.dense.weight.detach(), block.output.dense.weight.detach().t()
-        else:
-            wo = block.attn.c_proj.weight.detach()
-            w_in, w_out = block.mlp.c_fc.weight.detach().t(), block.mlp.c_proj.weight.detach()
+        wo = in_major(get_path(block, fam.o))                          # [heads × head_dim, hidden]
+        w_out = in_major(get_path(block, fam.mlp_out))                 # [inner, hidden]
+        if fam.mlp_fused is not None:
+            w_in = in_major(get_path(block, fam.mlp_fused)).t()[:cur["inner"]]   # the gate half
+        else:  # the first input projection: the gate of a gated MLP
+            w_in = in_major(get_path(block, fam.mlp_in[0])).t()        # [inner, hidden]
         heads.append(wo.reshape(cur["heads"], -1).norm(dim=1))
         mlp.append(w_in.norm(dim=1) * w_out.norm(dim=1))
-    state = model.state_dict()
-    pre = base_prefix(model)
-    emb = state[f"{pre}embeddings.word_embeddings.weight" if fam == "bert" else f"{pre}wte.weight"]
+    base = getattr(model, "base_model", model)
+    emb = get_path(base, fam.embeddings[0]).weight.detach()
     return heads, mlp, emb.norm(dim=0)
 
 

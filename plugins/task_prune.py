@@ -5,9 +5,10 @@ projection's input, a layer by passing its input through — and the task score 
 ``data``: ``spearman`` (pair data ``a,b,score``: Spearman correlation of the embeddings' cosine with
 the gold score), ``accuracy`` (``text,label`` data on a classification model) or ``loss`` (LM loss
 of a causal LM on ``text``; lower is better). The least sensitive ``round(ratio × count)`` are
-removed physically (``models.surgery``), the same number of heads in every layer; removing heads
-also shrinks the hidden size to ``heads × head dimension`` (channels kept by embedding norm), since
-these configs tie the two.
+removed physically (``models.surgery``), the same number of heads in every layer. Where the family's
+head dimension is ``hidden / heads`` (BERT, GPT-2), removing heads also shrinks the hidden size to
+``heads × head dimension`` (channels kept by embedding norm); under grouped-query attention whole
+key/value groups, or the same number of query heads per group, are kept.
 """
 from __future__ import annotations
 
@@ -54,11 +55,15 @@ class TaskPrune(Technique):
         return []
 
     def _counts(self, config: dict[str, Any], params: dict[str, Any]) -> dict[str, int]:
-        from squeezelang.models.surgery import sizes
+        from squeezelang.models.surgery import family_of, nearest_heads
 
-        cur = sizes(config)
+        fam = family_of(config)
+        fam.require("task_prune")
+        cur = fam.sizes(config)
         key = "heads" if params["target"] == "heads" else "layers"
         removed = min(cur[key] - 1, int(round(float(params["ratio"]) * cur[key])))
+        if key == "heads":
+            return {"heads": nearest_heads(config, cur[key] - removed)}
         return {key: cur[key] - removed}
 
     def estimate(self, meta: ModelMeta, params: dict[str, Any]) -> ModelMeta:
@@ -69,34 +74,40 @@ class TaskPrune(Technique):
     def apply_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:
         import torch
 
-        from squeezelang.models.surgery import layer_modules, reshape_, sizes
+        from squeezelang.models.surgery import (block_module, choose_heads, family_of,
+                                                layer_modules, reshape_)
         from squeezelang_plugins.shrink import magnitude_scores
 
-        cur = sizes(handle.config)
+        fam = family_of(handle.config)
+        cur = fam.sizes(handle.config)
         keep = self._counts(handle.config.to_dict(), params)
         score = task_score(handle, ctx, params)
         base = score()
         blocks = layer_modules(handle.model)
         if params["target"] == "layers":
-            drops = [base - _masked(block, None, score) for block in blocks]
+            drops = [base - _masked(block, None, None, score) for block in blocks]
             order = sorted(range(len(blocks)), key=lambda i: drops[i])
             kept = sorted(order[len(blocks) - keep["layers"]:])
             reshape_(handle.model, layers=kept)
             ctx.log(f"task score {base:.4f}; kept layers {kept} of {len(blocks)}")
             return
         d = cur["head_dim"]
-        heads: dict[int, list[int]] = {}
-        for i, block in enumerate(blocks):
-            drops = torch.tensor([base - _masked(block, (h * d, (h + 1) * d), score)
-                                  for h in range(cur["heads"])])
-            # Least sensitive = smallest drop in score; keep the most sensitive.
-            heads[i] = sorted(int(h) for h in drops.topk(keep["heads"]).indices)
-        hidden = magnitude_scores(handle.model)[2].topk(keep["heads"] * d).indices.tolist()
+        sensitivity = []
+        for block in blocks:
+            proj = block_module(handle.model, block, "o")
+            sensitivity.append(torch.tensor([base - _masked(block, proj, (h * d, (h + 1) * d), score)
+                                             for h in range(cur["heads"])]))
+        # Least sensitive = smallest drop in score; keep the most sensitive.
+        heads = choose_heads(sensitivity, handle.config, keep["heads"])
+        hidden = None
+        if fam.tied_head_dim:  # the hidden size follows the heads (channels kept by embedding norm)
+            hidden = magnitude_scores(handle.model)[2].topk(keep["heads"] * d).indices.tolist()
         reshape_(handle.model, heads=heads, hidden=hidden)
         ctx.log(f"task score {base:.4f}; kept heads {heads}")
 
 
-def _masked(block: Any, span: tuple[int, int] | None, score: Callable[[], float]) -> float:
+def _masked(block: Any, proj: Any, span: tuple[int, int] | None,
+            score: Callable[[], float]) -> float:
     """The score with one head's context slice zeroed, or the whole block skipped (``span=None``)."""
     if span is None:
         def skip(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
@@ -104,8 +115,6 @@ def _masked(block: Any, span: tuple[int, int] | None, score: Callable[[], float]
             return (x,) + tuple(out[1:]) if isinstance(out, tuple) else x
         hook = block.register_forward_hook(skip, with_kwargs=True)
     else:
-        proj = block.attention.output.dense if hasattr(block, "attention") else block.attn.c_proj
-
         def zero(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
             x = args[0].clone()
             x[..., span[0]:span[1]] = 0

@@ -6,9 +6,11 @@ output|. The least important are removed physically (``models.surgery``): the re
 standard model of the same family that plain transformers loads. Counts are the same in every layer
 (the config has one size for all layers); which ones go is chosen per layer.
 
-In BERT/GPT-2 configs the attention is as wide as the hidden size, so removing heads also shrinks
-the hidden size to ``kept heads × head dimension``, and removing embedding channels keeps the head
-count and shrinks each head's dimension.
+Where the family's head dimension is ``hidden / heads`` (BERT, GPT-2) the attention is as wide as
+the hidden size, so removing heads also shrinks the hidden size to ``kept heads × head dimension``,
+and removing embedding channels keeps the head count and shrinks each head's dimension. Families
+with an explicit head dimension (Llama, Qwen, Gemma, …) keep it: heads go alone (whole key/value
+groups, or the same number of query heads per group), and embedding channels go alone.
 """
 from __future__ import annotations
 
@@ -37,18 +39,25 @@ def targets_of(params: dict[str, Any]) -> list[str]:
 
 def new_sizes(config: dict[str, Any], targets: list[str], ratio: float) -> dict[str, int]:
     """Sizes after removing ``ratio`` of each target, rounded to counts the config can express."""
-    from squeezelang.models.surgery import sizes
+    from squeezelang.models.surgery import family_of, nearest_heads
 
-    cur = sizes(config)
+    fam = family_of(config)
+    for target in targets:
+        fam.require(f"prune:{target}")
+    cur = fam.sizes(config)
     out = {"heads": cur["heads"], "inner": cur["inner"], "hidden": cur["hidden"]}
     if "mlp" in targets:
         out["inner"] = max(1, cur["inner"] - int(round(ratio * cur["inner"])))
     if "heads" in targets:
-        out["heads"] = max(1, cur["heads"] - int(round(ratio * cur["heads"])))
-        out["hidden"] = out["heads"] * cur["head_dim"]
+        out["heads"] = nearest_heads(config, max(1, cur["heads"] - int(round(ratio * cur["heads"]))))
+        if fam.tied_head_dim:  # the attention is as wide as the hidden size
+            out["hidden"] = out["heads"] * cur["head_dim"]
     if "embedding" in targets:
         want = (1.0 - ratio) * out["hidden"]
-        out["hidden"] = max(1, int(round(want / out["heads"]))) * out["heads"]
+        if fam.tied_head_dim:  # a multiple of the head count: each head's dimension shrinks
+            out["hidden"] = max(1, int(round(want / out["heads"]))) * out["heads"]
+        else:  # heads and head dimension stay; only the residual stream narrows
+            out["hidden"] = max(1, int(round(want)))
     return out
 
 
@@ -82,7 +91,7 @@ class Activation(PruneMethod):
 
     def apply_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:
         from squeezelang.models.calibrate import calibration_texts, collect
-        from squeezelang.models.surgery import reshape_, sizes
+        from squeezelang.models.surgery import choose_heads, reshape_, sizes
 
         targets = targets_of(params)
         cur = sizes(handle.config)
@@ -90,7 +99,7 @@ class Activation(PruneMethod):
         texts = calibration_texts(ctx, params.get("data"), int(params["samples"]), "prune activation")
         stats = collect(handle, texts, samples=int(params["samples"]))
         layers = range(cur["layers"])
-        heads = ({i: _top(stats.heads[i], new["heads"]) for i in layers}
+        heads = (choose_heads(stats.heads, handle.config, new["heads"])
                  if new["heads"] != cur["heads"] else None)
         mlp = ({i: _top(stats.mlp[i], new["inner"]) for i in layers}
                if new["inner"] != cur["inner"] else None)

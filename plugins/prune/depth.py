@@ -54,8 +54,9 @@ class Depth(PruneMethod):
         return n_layers - drop
 
     def estimate(self, meta: ModelMeta, params: dict[str, Any]) -> ModelMeta:
-        from squeezelang.models.surgery import resized_meta, sizes
+        from squeezelang.models.surgery import family_of, resized_meta, sizes
 
+        family_of(meta.config).require("prune:depth")
         return resized_meta(meta, layers=self._keep(sizes(meta.config)["layers"], params))
 
     def apply_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:

@@ -60,10 +60,24 @@ def register_output_formats(registry):  # type: ignore[no-untyped-def]
     """
 
 
+@hookspec
+def register_model_families(registry):  # type: ignore[no-untyped-def]
+    """Add model families (``squeezelang.hooks.family.ModelFamily`` instances) with ``registry.add``.
+
+    A model family describes a transformer architecture as data: which ``config.model_type`` values
+    it covers, where its blocks are, the role of each module (attention projections, fused or not,
+    key/value groups, head dimension, plain or gated MLP, norms, embeddings) and the config keys that
+    change when a dimension shrinks or a layer goes. The structured techniques (``prune`` methods
+    ``activation`` and ``depth``, ``shrink``, ``task_prune``) work on every registered family; a
+    model type claimed by two families is a ``PluginError`` naming both plugins.
+    """
+
+
 HOOK_NAMES = (
     "register_techniques",
     "register_metrics",
     "register_data_sources",
     "register_model_sources",
     "register_output_formats",
+    "register_model_families",
 )

@@ -74,6 +74,7 @@ class Registries:
     data_sources: Registry[Any] = field(default_factory=lambda: Registry("data source"))
     model_sources: Registry[Any] = field(default_factory=lambda: Registry("model source"))
     output_formats: Registry[Any] = field(default_factory=lambda: Registry("output format"))
+    families: Registry[Any] = field(default_factory=lambda: _family_registry())
     plugins: dict[str, str] = field(default_factory=dict)  # plugin name -> distribution ("" if none)
     #: Plugin modules registered by name besides the entry points (``--plugin MODULE``): what a
     #: worker process imports to rebuild these registries (``planner.workers``).
@@ -86,4 +87,11 @@ class Registries:
             "register_data_sources": self.data_sources,
             "register_model_sources": self.model_sources,
             "register_output_formats": self.output_formats,
+            "register_model_families": self.families,
         }
+
+
+def _family_registry() -> Registry[Any]:
+    from squeezelang.hooks.family import FamilyRegistry  # it builds on Registry, defined above
+
+    return FamilyRegistry()

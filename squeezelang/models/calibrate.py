@@ -3,11 +3,11 @@
 Minitron-style, from one pass of forward hooks over at most ``samples`` texts, every statistic
 averaged over the non-padding tokens:
 
-* ``heads[layer][h]``: the L2 norm of head ``h``'s slice of the attention context (the input of the
-  attention output projection);
+* ``heads[layer][h]``: the L2 norm of query head ``h``'s slice of the attention context (the input
+  of the attention output projection);
 * ``mlp[layer][n]``: the mean |activation| of neuron ``n`` after the MLP nonlinearity;
-* ``hidden[c]``: the mean |LayerNorm output| of channel ``c``, summed over every LayerNorm of width
-  ``hidden`` (the embedding channels);
+* ``hidden[c]``: the mean |norm output| of channel ``c``, summed over every hidden-wide norm of the
+  family (LayerNorm or RMSNorm: the blocks' norms, the embedding norm and the final norm);
 * ``blocks[layer]``: ``1 - cosine(layer input, layer output)`` per token (block importance: lower
   means the layer changes the residual stream less).
 """
@@ -33,25 +33,17 @@ class Activations:
     tokens: int = 0
 
 
-def _mlp_input_module(fam: str, block: Any) -> Any:
-    return block.output.dense if fam == "bert" else block.mlp.c_proj
-
-
-def _attn_output_module(fam: str, block: Any) -> Any:
-    return block.attention.output.dense if fam == "bert" else block.attn.c_proj
-
-
 def collect(handle: ModelHandle, texts: Sequence[str], samples: int = 256, batch_size: int = 16,
             max_length: int = 128) -> Activations:
     """Run ``handle.model`` over the first ``samples`` texts and return the activation statistics."""
     import torch
 
     from squeezelang.models.forward import _batches
-    from squeezelang.models.surgery import family, layer_modules, sizes
+    from squeezelang.models.surgery import family_of, get_path, layer_modules
 
     model = handle.model.eval()
-    fam = family(model.config)
-    dims = sizes(model.config)
+    fam = family_of(model.config)
+    dims = fam.sizes(model.config)
     texts = [t for t in texts if str(t).strip()][:samples]
     if not texts:
         raise SqueezeError("calibration needs at least one non-empty text")
@@ -91,13 +83,15 @@ def collect(handle: ModelHandle, texts: Sequence[str], samples: int = 256, batch
 
     handles = []
     try:
+        base = getattr(model, "base_model", model)
+        norms = [get_path(base, n) for n in (fam.embedding_norm, fam.final_norm) if n]
         for i, block in enumerate(blocks):
-            handles.append(_attn_output_module(fam, block).register_forward_pre_hook(on_attn(i)))
-            handles.append(_mlp_input_module(fam, block).register_forward_pre_hook(on_mlp(i)))
+            handles.append(get_path(block, fam.o).register_forward_pre_hook(on_attn(i)))
+            handles.append(get_path(block, fam.mlp_out).register_forward_pre_hook(on_mlp(i)))
             handles.append(block.register_forward_hook(on_block(i), with_kwargs=True))
-        for module in model.modules():
-            if type(module).__name__ == "LayerNorm" and tuple(module.normalized_shape) == (width,):
-                handles.append(module.register_forward_hook(on_norm))
+            norms += [get_path(block, n) for n in fam.norms]
+        for module in norms:
+            handles.append(module.register_forward_hook(on_norm))
         count = 0
         with torch.inference_mode():
             for _, inputs in _batches(handle, texts, None, batch_size, max_length):

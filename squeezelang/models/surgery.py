@@ -2,23 +2,28 @@
 
 Every operation leaves a *standard* model of the same family whose ``config`` describes it exactly,
 so ``save_model`` writes a plain transformers checkpoint that ``from_pretrained`` loads with no
-codec and no edit record. The work is done on the state dict: the kept rows/columns are selected,
-a fresh model is built from the shrunk config and loaded strictly, and the result replaces the old
-model's contents in place (the Python object stays the same).
+codec and no edit record. The work is done on the state dict (``models.slicing``): the kept
+rows/columns are selected, a fresh model is built from the shrunk config and loaded strictly, and
+the result replaces the old model's contents in place (the Python object stays the same).
 
-Families (``config.model_type``): ``bert`` (BERT, MiniLM and other BERT-layout encoders) and ``gpt2``.
+Which model types are known, and where each role lives, is data: the registered ``ModelFamily``
+of ``config.model_type`` (``squeezelang.hooks.family``; built-ins in ``plugins/families.py``).
+Nothing here branches on a family's name. What shapes the operations:
 
-The constraint that shapes the design: these configs have no per-layer sizes and no ``head_dim``;
-the head dimension is ``hidden / heads`` and the attention inner size equals the hidden size. Hence
-
-* heads, MLP neurons and layers are removed by the same *count* in every layer (which ones may differ
-  per layer);
-* removing heads while keeping the head dimension shrinks the hidden size to ``heads × head_dim``:
-  ``prune_heads_`` needs the hidden channels to keep (``hidden=``) unless the counts already agree;
-* removing hidden channels keeps the head count, so the hidden size must stay a multiple of it and
-  every head's dimension shrinks to ``hidden / heads``: the query/key and value dimensions of each
-  head are chosen by weight norm, and the queries are rescaled by ``sqrt(new_dim / old_dim)`` so
-  that the attention temperature ``1 / sqrt(head_dim)`` is unchanged.
+* a config has one size for all layers, so heads, MLP neurons and layers are removed by the same
+  *count* in every layer (which ones may differ per layer);
+* grouped-query attention (``kv_heads < heads``): query head ``h`` reads key/value group
+  ``h // (heads / kv_heads)``. Kept heads must form a standard layout: the same number of query
+  heads in every kept group (whole groups go when all their query heads go);
+* a family with an explicit head dimension (``head_dim_key``, the rotary decoders) never changes
+  it: heads go without touching the hidden size, and hidden channels go without touching the
+  heads (rotary pairs and per-head ``q_norm``/``k_norm`` stay intact);
+* a family whose head dimension is ``hidden / heads`` (BERT, GPT-2) ties the two: removing heads
+  while keeping the head dimension shrinks the hidden size to ``heads × head_dim`` (``prune_heads_``
+  needs the hidden channels to keep unless the counts already agree), and removing hidden channels
+  keeps the head count, so every head's dimension shrinks to ``hidden / heads``: the query/key and
+  value dimensions of each head are chosen by weight norm, and the queries are rescaled by
+  ``sqrt(new_dim / old_dim)`` so that the attention temperature is unchanged.
 """
 from __future__ import annotations
 
@@ -26,7 +31,6 @@ import copy
 import functools
 import json
 import sys
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 from squeezelang.errors import SqueezeError
@@ -34,71 +38,123 @@ from squeezelang.errors import SqueezeError
 if TYPE_CHECKING:
     import torch
 
+    from squeezelang.hooks.family import ModelFamily
     from squeezelang.models.meta import ModelMeta
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Config keys of one family."""
+def family_of(config: Any) -> ModelFamily:
+    """The registered ``ModelFamily`` of a config (object or dict); ``SqueezeError`` if none."""
+    from squeezelang.hooks.family import family_of as lookup
 
-    layers: str
-    heads: str
-    hidden: str
-    inner: str
-
-
-LAYOUTS = {
-    "bert": Layout("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size"),
-    "gpt2": Layout("n_layer", "n_head", "n_embd", "n_inner"),
-}
-
-
-def _get(config: Any, key: str) -> Any:
-    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+    return lookup(config)
 
 
 def family(config: Any) -> str:
-    """The layout family of a model config (object or dict); ``SqueezeError`` if unsupported."""
-    model_type = _get(config, "model_type")
-    if model_type not in LAYOUTS:
-        raise SqueezeError(f"structured pruning supports model types {', '.join(LAYOUTS)}, not "
-                           f"'{model_type}'")
-    return model_type
+    """The name of the family of a model config (object or dict); ``SqueezeError`` if unsupported."""
+    return family_of(config).name
 
 
 def sizes(config: Any) -> dict[str, int]:
-    """``layers``, ``heads``, ``hidden``, ``inner`` (MLP width) and ``head_dim`` of a config."""
-    lay = LAYOUTS[family(config)]
-    hidden = int(_get(config, lay.hidden))
-    heads = int(_get(config, lay.heads))
-    inner = _get(config, lay.inner)
-    return {"layers": int(_get(config, lay.layers)), "heads": heads, "hidden": hidden,
-            "inner": int(inner) if inner is not None else 4 * hidden, "head_dim": hidden // heads}
+    """``layers``, ``heads``, ``kv_heads``, ``hidden``, ``inner`` (MLP width) and ``head_dim``."""
+    return family_of(config).sizes(config)
 
 
-def shrunk_config(config: dict[str, Any], layers: int | None = None, heads: int | None = None,
-                  hidden: int | None = None, inner: int | None = None) -> dict[str, Any]:
-    """A copy of a config dict with the given sizes (``None`` keeps one); checks they are valid."""
-    lay = LAYOUTS[family(config)]
+# ---------------------------------------------------------------------------- head counts (GQA)
+def _head_layouts(cur: dict[str, int]) -> list[tuple[int, int]]:
+    """Every standard ``(heads, kv_heads)`` reachable by removing heads, more kv groups first."""
+    group = cur["heads"] // cur["kv_heads"]
+    return sorted(((kv * per, kv) for kv in range(1, cur["kv_heads"] + 1)
+                   for per in range(1, group + 1)), key=lambda hk: (hk[0], -hk[1]))
+
+
+def nearest_heads(config: Any, target: int) -> int:
+    """The head count nearest ``target`` that a standard layout of this config can have."""
+    options = sorted({h for h, _ in _head_layouts(sizes(config))})
+    return min(options, key=lambda h: (abs(h - target), -h))
+
+
+def kv_heads_for(cur: dict[str, int], heads: int) -> int:
+    """The key/value group count kept with ``heads`` query heads (as many groups as possible)."""
+    if cur["kv_heads"] == cur["heads"]:
+        return heads
+    for h, kv in _head_layouts(cur):
+        if h == heads:
+            return kv
+    raise SqueezeError(f"{heads} query heads cannot share {cur['kv_heads']} key/value groups of "
+                       f"{cur['heads'] // cur['kv_heads']} evenly; choose a count among "
+                       f"{sorted({h for h, _ in _head_layouts(cur)})}")
+
+
+def choose_heads(scores: Sequence[torch.Tensor], config: Any, heads: int) -> dict[int, list[int]]:
+    """The ``heads`` query heads to keep per layer from per-head ``scores`` (higher = keep).
+
+    Under grouped-query attention the kept groups are those whose best query heads score highest,
+    and each keeps its best ``heads / groups`` query heads, so the result is a standard layout.
+    """
     cur = sizes(config)
+    kv = kv_heads_for(cur, heads)
+    group = cur["heads"] // cur["kv_heads"]
+    per = heads // kv
+    out: dict[int, list[int]] = {}
+    for i, s in enumerate(scores):
+        by_group = s.reshape(cur["kv_heads"], group)
+        best = by_group.topk(per, dim=1)
+        kept_groups = best.values.sum(1).topk(kv).indices.tolist()
+        out[i] = sorted(int(g) * group + int(j) for g in kept_groups for j in best.indices[g])
+    return out
+
+
+# ---------------------------------------------------------------------------- configs and metas
+def shrunk_config(config: dict[str, Any], layers: int | None = None, heads: int | None = None,
+                  hidden: int | None = None, inner: int | None = None, kv_heads: int | None = None,
+                  kept_layers: Sequence[int] | None = None) -> dict[str, Any]:
+    """A copy of a config dict with the given sizes (``None`` keeps one); checks they are valid.
+
+    ``kept_layers`` (default: the first ``layers``) picks the entries of per-layer config lists.
+    """
+    fam = family_of(config)
+    cur = fam.sizes(config)
     new = {"layers": layers or cur["layers"], "heads": heads or cur["heads"],
            "inner": inner or cur["inner"]}
-    new["hidden"] = hidden or (new["heads"] * cur["head_dim"] if heads else cur["hidden"])
+    if fam.tied_head_dim:
+        new["hidden"] = hidden or (new["heads"] * cur["head_dim"] if heads else cur["hidden"])
+    else:
+        new["hidden"] = hidden or cur["hidden"]
     for key, value in new.items():
         if not 1 <= value <= cur[key]:
             raise SqueezeError(f"{key} must be between 1 and {cur[key]}, not {value}")
-    if new["hidden"] % new["heads"]:
-        raise SqueezeError(f"the hidden size ({new['hidden']}) must be a multiple of the number of "
-                           f"heads ({new['heads']}): this family's config derives the head "
-                           "dimension as hidden / heads")
-    if new["hidden"] // new["heads"] > cur["head_dim"]:
-        raise SqueezeError(f"{new['heads']} heads of a {new['hidden']}-wide model would need a head "
-                           f"dimension of {new['hidden'] // new['heads']} > {cur['head_dim']}; "
-                           "remove hidden channels along with the heads")
+    new["kv_heads"] = kv_heads or kv_heads_for(cur, new["heads"])
+    if new["heads"] % new["kv_heads"]:
+        raise SqueezeError(f"{new['heads']} heads cannot share {new['kv_heads']} key/value groups")
+    if fam.tied_head_dim:
+        if new["hidden"] % new["heads"]:
+            raise SqueezeError(f"the hidden size ({new['hidden']}) must be a multiple of the number "
+                               f"of heads ({new['heads']}): this family's config derives the head "
+                               "dimension as hidden / heads")
+        if new["hidden"] // new["heads"] > cur["head_dim"]:
+            raise SqueezeError(f"{new['heads']} heads of a {new['hidden']}-wide model would need a "
+                               f"head dimension of {new['hidden'] // new['heads']} > "
+                               f"{cur['head_dim']}; remove hidden channels along with the heads")
     out = copy.deepcopy(config)
-    out.update({lay.layers: new["layers"], lay.heads: new["heads"], lay.hidden: new["hidden"],
-                lay.inner: new["inner"]})
+    out.update({fam.layers_key: new["layers"], fam.heads_key: new["heads"],
+                fam.hidden_key: new["hidden"], fam.inner_key: new["inner"]})
+    if fam.kv_heads_key:
+        out[fam.kv_heads_key] = new["kv_heads"]
+    if fam.head_dim_key:  # written out: a config that derived it from hidden / heads must not now
+        out[fam.head_dim_key] = cur["head_dim"]
+    kept = list(kept_layers) if kept_layers is not None else list(range(new["layers"]))
+    for key in fam.per_layer_keys:
+        values = out.get(key)
+        if isinstance(values, list) and len(values) == cur["layers"]:
+            out[key] = [values[i] for i in kept]
     return out
+
+
+def changed_keys(fam: ModelFamily) -> tuple[str, ...]:
+    """The config keys surgery may change in a family."""
+    keys = (fam.layers_key, fam.heads_key, fam.hidden_key, fam.inner_key, fam.kv_heads_key,
+            fam.head_dim_key, *fam.per_layer_keys)
+    return tuple(k for k in keys if k)
 
 
 def resized_meta(meta: ModelMeta, layers: int | None = None, heads: int | None = None,
@@ -201,15 +257,29 @@ def drop_layers_(model: Any, keep: Sequence[int]) -> Any:
 
 # ---------------------------------------------------------------------------- the one transform
 def base_prefix(model: Any) -> str:
-    """The state-dict prefix of the base model (``""``, ``"bert."``, ``"transformer."``)."""
+    """The state-dict prefix of the base model (``""``, ``"bert."``, ``"model."``)."""
     base = getattr(model, "base_model", model)
     return "" if base is model else model.base_model_prefix + "."
+
+
+def get_path(root: Any, path: str) -> Any:
+    """The attribute at dotted ``path`` under ``root`` (``None`` when absent)."""
+    for part in path.split("."):
+        root = getattr(root, part, None)
+        if root is None:
+            return None
+    return root
 
 
 def layer_modules(model: Any) -> list[Any]:
     """The transformer blocks, in order."""
     base = getattr(model, "base_model", model)
-    return list(base.encoder.layer if family(model.config) == "bert" else base.h)
+    return list(get_path(base, family_of(model.config).blocks))
+
+
+def block_module(model: Any, block: Any, role: str) -> Any:
+    """The module of ``block`` playing ``role``: an attribute of the family (``"o"``, ``"mlp_out"``)."""
+    return get_path(block, getattr(family_of(model.config), role))
 
 
 def _uniform(keep: dict[int, Sequence[int]], n_layers: int, what: str) -> int:
@@ -222,6 +292,18 @@ def _uniform(keep: dict[int, Sequence[int]], n_layers: int, what: str) -> int:
     return counts.pop()
 
 
+def _kv_groups(kept: list[int], cur: dict[str, int]) -> int:
+    """The key/value groups the kept query heads use; refuse a layout that is not standard."""
+    group = cur["heads"] // cur["kv_heads"]
+    per: dict[int, int] = {}
+    for h in kept:
+        per[h // group] = per.get(h // group, 0) + 1
+    if len(set(per.values())) > 1:
+        raise SqueezeError(f"heads: keep the same number of query heads in every kept key/value "
+                           f"group (groups of {group}), not {sorted(per.values())}")
+    return len(per)
+
+
 def _index(values: Sequence[int], limit: int, what: str) -> torch.Tensor:
     import torch
 
@@ -231,194 +313,82 @@ def _index(values: Sequence[int], limit: int, what: str) -> torch.Tensor:
     return torch.tensor(idx, dtype=torch.long)
 
 
-def _top(scores: torch.Tensor, k: int) -> list[int]:
-    return sorted(int(i) for i in scores.topk(k).indices)
-
-
 def reshape_(model: Any, layers: Sequence[int] | None = None,
              heads: dict[int, Sequence[int]] | None = None, hidden: Sequence[int] | None = None,
              mlp: dict[int, Sequence[int]] | None = None) -> Any:
     """Apply any combination of the four removals at once; return ``model`` (changed in place).
 
-    Layer indices in ``heads``/``mlp`` refer to the layers *before* ``layers`` drops any.
+    ``heads[layer]`` are the kept *query* heads; under grouped-query attention their key/value
+    groups are kept with them. Layer indices in ``heads``/``mlp`` refer to the layers *before*
+    ``layers`` drops any.
     """
     import torch
 
-    fam = family(model.config)
-    cur = sizes(model.config)
+    from squeezelang.models.slicing import (WeightState, renumber_layers, slice_block_,
+                                            slice_outside_)
+
+    fam = family_of(model.config)
+    cur = fam.sizes(model.config)
     d = cur["head_dim"]
     layer_idx = _index(layers, cur["layers"], "layers") if layers is not None else torch.arange(cur["layers"])
     n_heads = _uniform(heads, cur["layers"], "heads") if heads is not None else cur["heads"]
     n_inner = _uniform(mlp, cur["layers"], "mlp") if mlp is not None else cur["inner"]
     hid = _index(hidden, cur["hidden"], "hidden") if hidden is not None else torch.arange(cur["hidden"])
     n_hidden = len(hid)
-    if heads is not None and hidden is None and n_heads * d != cur["hidden"]:
+    if fam.tied_head_dim and heads is not None and hidden is None and n_heads * d != cur["hidden"]:
         raise SqueezeError(f"keeping {n_heads} of {cur['heads']} heads of dimension {d} makes the "
                            f"attention {n_heads * d} wide, but this family's config ties it to the "
                            f"hidden size ({cur['hidden']}): give the hidden channels to keep too")
-    config = shrunk_config(model.config.to_dict(), len(layer_idx), n_heads, n_hidden, n_inner)
-    new_d = n_hidden // n_heads
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    pre = base_prefix(model)
-
-    def sel(key: str, dim: int, idx: torch.Tensor) -> None:
-        if key in state:
-            state[key] = state[key].index_select(dim, idx)
-
-    # ---- per layer: attention inner dims, MLP neurons, hidden channels
+    kept_heads = {}
     for i in range(cur["layers"]):
-        kept_heads = sorted(set(heads[i])) if heads is not None else list(range(cur["heads"]))
-        if kept_heads and max(kept_heads) >= cur["heads"]:
+        kept_heads[i] = sorted(set(heads[i])) if heads is not None else list(range(cur["heads"]))
+        if kept_heads[i] and (min(kept_heads[i]) < 0 or max(kept_heads[i]) >= cur["heads"]):
             raise SqueezeError(f"heads: indices must lie in 0..{cur['heads'] - 1}")
-        qk_rows, v_rows = _head_dims(fam, state, pre, i, kept_heads, d, new_d, cur["hidden"])
-        qk_idx = torch.tensor(qk_rows, dtype=torch.long)
-        v_idx = torch.tensor(v_rows, dtype=torch.long)
+    n_kv = {_kv_groups(kept_heads[i], cur) for i in range(cur["layers"])}
+    if len(n_kv) != 1:
+        raise SqueezeError(f"heads: keep the same number of key/value groups in every layer, not "
+                           f"{sorted(n_kv)}")
+    config = shrunk_config(model.config.to_dict(), len(layer_idx), n_heads, n_hidden, n_inner,
+                           kv_heads=n_kv.pop(), kept_layers=layer_idx.tolist())
+    new_d = n_hidden // n_heads if fam.tied_head_dim else d
+    ws = WeightState({k: v.detach().clone() for k, v in model.state_dict().items()}, fam.conv1d)
+    pre = base_prefix(model)
+    for i in range(cur["layers"]):
         neurons = (_index(mlp[i], cur["inner"], "mlp") if mlp is not None
                    else torch.arange(cur["inner"]))
-        scale = (new_d / d) ** 0.5
-        if fam == "bert":
-            p = f"{pre}encoder.layer.{i}."
-            for name, rows in (("query", qk_idx), ("key", qk_idx), ("value", v_idx)):
-                sel(f"{p}attention.self.{name}.weight", 0, rows)
-                sel(f"{p}attention.self.{name}.bias", 0, rows)
-                sel(f"{p}attention.self.{name}.weight", 1, hid)
-            if new_d != d:
-                for suffix in ("weight", "bias"):
-                    state[f"{p}attention.self.query.{suffix}"] *= scale
-            sel(f"{p}attention.output.dense.weight", 1, v_idx)
-            sel(f"{p}attention.output.dense.weight", 0, hid)
-            sel(f"{p}attention.output.dense.bias", 0, hid)
-            sel(f"{p}intermediate.dense.weight", 0, neurons)
-            sel(f"{p}intermediate.dense.bias", 0, neurons)
-            sel(f"{p}intermediate.dense.weight", 1, hid)
-            sel(f"{p}output.dense.weight", 1, neurons)
-            sel(f"{p}output.dense.weight", 0, hid)
-            sel(f"{p}output.dense.bias", 0, hid)
-            for ln in ("attention.output.LayerNorm", "output.LayerNorm"):
-                sel(f"{p}{ln}.weight", 0, hid)
-                sel(f"{p}{ln}.bias", 0, hid)
-        else:
-            p = f"{pre}h.{i}."
-            width = cur["hidden"]
-            cols = torch.cat([qk_idx, qk_idx + width, v_idx + 2 * width])
-            sel(f"{p}attn.c_attn.weight", 1, cols)
-            sel(f"{p}attn.c_attn.bias", 0, cols)
-            if new_d != d:
-                n_q = len(qk_idx)
-                state[f"{p}attn.c_attn.weight"][:, :n_q] *= scale
-                state[f"{p}attn.c_attn.bias"][:n_q] *= scale
-            sel(f"{p}attn.c_attn.weight", 0, hid)
-            sel(f"{p}attn.c_proj.weight", 0, v_idx)
-            sel(f"{p}attn.c_proj.weight", 1, hid)
-            sel(f"{p}attn.c_proj.bias", 0, hid)
-            sel(f"{p}mlp.c_fc.weight", 1, neurons)
-            sel(f"{p}mlp.c_fc.bias", 0, neurons)
-            sel(f"{p}mlp.c_fc.weight", 0, hid)
-            sel(f"{p}mlp.c_proj.weight", 0, neurons)
-            sel(f"{p}mlp.c_proj.weight", 1, hid)
-            sel(f"{p}mlp.c_proj.bias", 0, hid)
-            for ln in ("ln_1", "ln_2"):
-                sel(f"{p}{ln}.weight", 0, hid)
-                sel(f"{p}{ln}.bias", 0, hid)
-
-    # ---- embeddings and everything outside the blocks (pooler, ln_f, heads, tied lm_head)
-    if fam == "bert":
-        for emb in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
-            sel(f"{pre}embeddings.{emb}.weight", 1, hid)
-        for suffix in ("weight", "bias"):
-            sel(f"{pre}embeddings.LayerNorm.{suffix}", 0, hid)
-    else:
-        sel(f"{pre}wte.weight", 1, hid)
-        sel(f"{pre}wpe.weight", 1, hid)
+        slice_block_(fam, ws, f"{pre}{fam.blocks}.{i}.", cur, kept_heads[i], neurons, hid, new_d)
     if n_hidden != cur["hidden"]:
-        _outside_blocks(model, state, pre, fam, cur["hidden"], hid)
-
-    # ---- renumber the kept layers
+        slice_outside_(fam, model, ws, pre, cur["hidden"], hid)
+        if fam.embedding_scale and not getattr(model.config, "tie_word_embeddings", False):
+            # The token embeddings are multiplied by sqrt(hidden): keep their scale. (Tied to the
+            # output layer they cannot be rescaled without scaling the logits too.)
+            ws.state[f"{pre}{fam.embeddings[0]}.weight"] *= (cur["hidden"] / n_hidden) ** 0.5
+    state = ws.state
     if layers is not None:
-        stack = f"{pre}encoder.layer." if fam == "bert" else f"{pre}h."
-        renamed = {}
-        new_of = {int(old): new for new, old in enumerate(layer_idx)}
-        for key, value in state.items():
-            if key.startswith(stack):
-                num, _, rest = key[len(stack):].partition(".")
-                if int(num) not in new_of:
-                    continue
-                key = f"{stack}{new_of[int(num)]}.{rest}"
-            renamed[key] = value
-        state = renamed
-    return _replace_(model, config, state)
+        state = renumber_layers(state, f"{pre}{fam.blocks}.", layer_idx.tolist())
+    return _replace_(model, fam, config, state)
 
 
-def _head_dims(fam: str, state: dict[str, torch.Tensor], pre: str, i: int, kept: list[int],
-               d: int, new_d: int, width: int) -> tuple[list[int], list[int]]:
-    """Rows of the attention inner dimension kept for queries/keys and for values."""
-    if new_d == d:
-        rows = [h * d + j for h in kept for j in range(d)]
-        return rows, rows
-    if fam == "bert":
-        p = f"{pre}encoder.layer.{i}.attention."
-        wq, wk, wv = (state[f"{p}self.{n}.weight"] for n in ("query", "key", "value"))
-        wo = state[f"{p}output.dense.weight"].t()
-    else:
-        w = state[f"{pre}h.{i}.attn.c_attn.weight"].t()
-        wq, wk, wv = w[:width], w[width:2 * width], w[2 * width:]
-        wo = state[f"{pre}h.{i}.attn.c_proj.weight"]
-    # q·k sums products over a head's dims: keep dims where both rows are large; v dims feed wo.
-    qk_score = wq.norm(dim=1) * wk.norm(dim=1)
-    v_score = wv.norm(dim=1) * wo.norm(dim=1)
-    qk_rows, v_rows = [], []
-    for h in kept:
-        span = slice(h * d, (h + 1) * d)
-        qk_rows += [h * d + j for j in _top(qk_score[span], new_d)]
-        v_rows += [h * d + j for j in _top(v_score[span], new_d)]
-    return qk_rows, v_rows
-
-
-def _outside_blocks(model: Any, state: dict[str, torch.Tensor], pre: str, fam: str,
-                    width: int, hid: torch.Tensor) -> None:
-    """Slice the hidden axis of the pooler, final norm and task heads (found by module kind)."""
-    skip = (f"{pre}encoder.", f"{pre}embeddings.") if fam == "bert" else (
-        f"{pre}h.", f"{pre}wte.", f"{pre}wpe.")
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        if prefix.startswith(skip) or not name:
-            continue
-        kind = type(module).__name__
-        w, b = f"{prefix}weight", f"{prefix}bias"
-        if w not in state:
-            continue
-        if kind == "Linear":
-            if module.in_features == width:
-                state[w] = state[w].index_select(1, hid)
-            if module.out_features == width:
-                state[w] = state[w].index_select(0, hid)
-                if b in state:
-                    state[b] = state[b].index_select(0, hid)
-        elif kind == "LayerNorm" and tuple(module.normalized_shape) == (width,):
-            state[w] = state[w].index_select(0, hid)
-            if b in state:
-                state[b] = state[b].index_select(0, hid)
-        elif kind == "Embedding" and module.embedding_dim == width:
-            state[w] = state[w].index_select(1, hid)
-    # Anything still as wide as the old hidden size outside the blocks is a tensor we missed.
-    for key, value in list(state.items()):
-        if key.endswith("weight") and value.dim() == 2 and value.shape[1] == width and \
-                not key.startswith(skip):
-            raise SqueezeError(f"cannot tell how to shrink '{key}' {tuple(value.shape)}")
-
-
-def _replace_(model: Any, config: dict[str, Any], state: dict[str, torch.Tensor]) -> Any:
+def _replace_(model: Any, fam: ModelFamily, config: dict[str, Any],
+              state: dict[str, torch.Tensor]) -> Any:
     """Build the shrunk model, load ``state`` strictly and move it into ``model``'s object."""
     cfg = copy.deepcopy(model.config)
-    for key, value in config.items():
-        if key in LAYOUTS[family(cfg)].__dict__.values():
-            setattr(cfg, key, value)
+    for key in changed_keys(fam):
+        if key in config:
+            setattr(cfg, key, config[key])
     new = type(model)(cfg)
     try:
         new.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise SqueezeError(f"structured surgery produced weights that do not fit: {exc}") from None
     new.eval()
+    base = getattr(new, "base_model", new)
+    for i, block in enumerate(get_path(base, fam.blocks)):
+        for attr in fam.layer_index_attrs:  # the cache and per-layer behaviour key on it
+            owner, _, name = attr.rpartition(".")
+            target = get_path(block, owner) if owner else block
+            if target is not None and hasattr(target, name):
+                setattr(target, name, i)
     model.__dict__.clear()
     model.__dict__.update(new.__dict__)
     return model
