@@ -6,6 +6,12 @@ codes plus float32 scales (about a quarter of float32). ``scheme = "int8-dynamic
 and also swaps the linear layers for torch's dynamic int8 kernel (activations quantized per call),
 which is faster on CPU; loading re-applies the swap after the weights are read. Its embeddings
 (no int8 kernel) and a linear layer tied to one run in float from their int8 codes.
+
+Half-precision checkpoints (bfloat16, float16) keep their dtype: the rounding is computed in
+float32 and the in-memory weight holds ``code * scale`` rounded to its dtype (``codec.on_grid``),
+which is what loading the saved codes gives back; the scales are stored as float32 for every dtype
+(see ``models.codec``). Embeddings, norms and other tensors the stage does not quantize are left as
+they are, so they are saved in the checkpoint's dtype.
 ``scheme = "int4"`` is weight-only with one scale per output channel and run of ``group_size``
 inputs, two codes per byte (about 1/7 of float32 at group 128); ``method = "gptq"`` rounds the
 linear layers with GPTQ on calibration ``data`` (error compensation through ``XᵀX``) instead of to
@@ -111,6 +117,20 @@ def _fresh(name: str, codec: dict[str, Any] | None) -> None:
                            "quantize stage must select other layers (include / exclude)")
 
 
+def _float32_kernels(targets: list[tuple[str, Any]]) -> None:
+    """Refuse int8 kernels for a half-precision model: they take and give float32 activations."""
+    import torch
+
+    from squeezelang.models.select import kind_of
+
+    for name, module in targets:
+        if kind_of(module) in LINEAR_KINDS and module.weight.dtype != torch.float32:
+            dtype = str(module.weight.dtype).replace("torch.", "")
+            raise SqueezeError(f"quantize: scheme \"int8-dynamic\" runs float32 int8 kernels, and "
+                               f"'{name}' is {dtype} (the checkpoint's dtype); use scheme "
+                               "\"int8\" (weight-only, same file size) for a half-precision model")
+
+
 class Quantize(Technique):
     name = "quantize"
     description = (
@@ -118,7 +138,8 @@ class Quantize(Technique):
         "default). scheme \"int8\": weight-only, on linear layers and embeddings; the model keeps "
         "running in float with the rounded weights. scheme \"int8-dynamic\": the same, and linear "
         "layers run torch's int8 kernels on CPU (faster; embeddings, which have none, run in "
-        "float). Either way the saved weights are about a quarter of float32. scheme \"int4\": "
+        "float). Either way the saved weights are about a quarter of float32 (half of bfloat16 or "
+        "float16, whose other tensors keep their dtype). scheme \"int4\": "
         "4-bit codes with group-wise scales; scheme "
         "\"mixed\": a width per tensor among `bits`, chosen from each layer's measured "
         "sensitivity on calibration `data` to fit the bytes of `avg_bits` per weight. A later "
@@ -278,6 +299,8 @@ class Quantize(Technique):
         if scheme in GROUPED:
             self._grouped_(handle, targets, params, ctx)
             return
+        if scheme == "int8-dynamic":
+            _float32_kernels(targets)
         shared = _shared_weights(model)
         seen: set[int] = set()
         swapped: list[str] = []
@@ -313,7 +336,7 @@ class Quantize(Technique):
         """Group-wise weights (4-bit, or allocated widths), rounded to nearest or with GPTQ."""
         import torch
 
-        from squeezelang.models.codec import quantize_weight
+        from squeezelang.models.codec import on_grid, quantize_weight
         from squeezelang.models.calibrate import calibration_texts
         from squeezelang.models.linear_stats import gptq_quantize, input_stats
         from squeezelang.models.select import kind_of
@@ -344,10 +367,11 @@ class Quantize(Technique):
                     transposed = kind == "Conv1D"
                     w = weight.detach().t() if transposed else weight.detach()
                     keep = (w != 0) if (old.get("sparse") or old.get("nm")) else None
-                    q = gptq_quantize(w.float(), stats[name].gram, bits, group, keep)
+                    q = on_grid(gptq_quantize(w.float(), stats[name].gram, bits, group, keep),
+                                weight.dtype, bits, 0, group)
                     weight.copy_(q.t() if transposed else q)
                 else:
-                    weight.copy_(quantize_weight(weight.detach().float(), bits, output_axis(kind), group))
+                    weight.copy_(quantize_weight(weight.detach(), bits, output_axis(kind), group))
                 handle.codecs[key] = merge(old, {"quant": _spec(kind, params, bits)})
         handle.states.add("quantized")
         what = "mixed widths" if mixed else "int4"
@@ -382,13 +406,14 @@ class Quantize(Technique):
             specs = [merge(old, {"quant": _spec(kind_of(module), params, b)}) for b in widths]
 
             def make(weight: Any = module.weight, specs: list[dict[str, Any]] = specs) -> list[Any]:
-                return [quantize_weight(weight.detach().float(), s["quant"]["bits"], s["quant"]["axis"],
+                return [quantize_weight(weight.detach(), s["quant"]["bits"], s["quant"]["axis"],
                                         s["quant"]["group"]) for s in specs]
 
             keys.append(key)
             items.append(Candidates(module.weight, users, make, reference))
-            sizes.append([stored_bytes(shape, "float32", spec) for spec in specs])
-            budget += _budget_bytes(shape, "float32", specs[-1], avg)
+            dtype = str(module.weight.dtype).replace("torch.", "")
+            sizes.append([stored_bytes(shape, dtype, spec) for spec in specs])
+            budget += _budget_bytes(shape, dtype, specs[-1], avg)
         # each weight measured alone (see models.sensitivity): measured on MiniLM, differences at
         # the uniform width drown in the other layers' rounding noise and send tensors to 2 bits
         choice = allocate(costs(handle, texts, items, ctx.progress, around="original"), sizes,

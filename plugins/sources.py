@@ -78,9 +78,17 @@ class HfSource(ModelSource):
             return meta_from_model(model, task)
 
         config = hf.read_config(directory)
+        key = (directory / "config.json").read_bytes()
+        if hf.config_dtype(config) is None:
+            # a config that names no dtype loads in its weights' dtype (transformers' "auto"):
+            # build the meta-data in it, and keep it apart in the cache
+            dtype = hf.checkpoint_dtype(directory, config)
+            if dtype != "float32":
+                config = {**config, "dtype": dtype}
+                key += f"\n#dtype {dtype}".encode()
         meta = layout_meta.meta_of(config, task)  # a known family: no torch needed
         if meta is None:
-            meta = cached_meta((directory / "config.json").read_bytes(), task, build)
+            meta = cached_meta(key, task, build)
         meta.overhead_bytes = measured_overhead(meta, directory)
         return meta
 

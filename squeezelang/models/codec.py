@@ -37,6 +37,14 @@ The in-memory model holds the *decoded* values, so encoding must be lossless for
 are chosen so that re-deriving them from the dequantized tensor (``max|w| / qmax``) gives them back
 bit for bit — and ``encode`` checks the round trip, raising ``SqueezeError`` rather than writing a
 lossy file.
+
+Dtypes: a dense tensor, and the values of a sparse or N:M one, are stored in the tensor's own dtype
+(a bfloat16 checkpoint stays bfloat16). Codes are integers and scales and codebooks are float32
+whatever the weight's dtype: one format for every checkpoint, exact for half-precision values, at a
+cost of two bytes per channel or group over half-precision scales (1/8 bit per weight at groups of
+128). A half-precision weight's in-memory values are ``code * scale`` computed in float32 and
+rounded to its dtype (``on_grid``); decoding rounds the same way, and ``encode`` re-derives the
+same scales and codes from those values, so the round trip stays exact.
 """
 from __future__ import annotations
 
@@ -379,17 +387,56 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, axis: int | None,
     return codes.float() * _view_scales(scales, codes.ndim, axis)
 
 
+#: Floating dtypes a quantized weight may have in memory (and a dense one on disk).
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _check_float(tensor: torch.Tensor, what: str) -> None:
+    if str(tensor.dtype).replace("torch.", "") not in FLOAT_DTYPES:
+        raise SqueezeError(f"{what} supports floating weights ({', '.join(FLOAT_DTYPES)}), "
+                           f"not {tensor.dtype}")
+
+
 def quantize_weight(tensor: torch.Tensor, bits: int = 8, axis: int | None = 0,
                     group: int | None = None) -> torch.Tensor:
-    """The fake-quantized (dequantized) copy of a float32 tensor, exactly on the codec's grid."""
+    """The fake-quantized (dequantized) copy of a floating tensor, exactly on the codec's grid,
+    in the tensor's dtype (computed in float32; see ``on_grid`` for half precision)."""
     import torch
 
-    if tensor.dtype != torch.float32:
-        raise SqueezeError(f"quantization supports float32 weights, not {tensor.dtype}")
+    _check_float(tensor, "quantization")
     normalize({"quant": {"bits": bits, "axis": axis, "group": group}})
-    scales = _grid_scales(tensor, bits, axis, group)
-    codes = _codes(tensor, scales, bits, axis, group)
-    return dequantize(codes, scales, axis, group)
+    values = tensor.detach().float() if tensor.dtype != torch.float32 else tensor
+    scales = _grid_scales(values, bits, axis, group)
+    codes = _codes(values, scales, bits, axis, group)
+    return on_grid(dequantize(codes, scales, axis, group), tensor.dtype, bits, axis, group)
+
+
+def on_grid(values: torch.Tensor, dtype: Any, bits: int, axis: int | None,
+            group: int | None = None) -> torch.Tensor:
+    """Float32 values on a ``quant`` grid (``code * scale``) as a tensor of ``dtype`` that
+    ``encode`` stores exactly: the rounding of ``code * scale`` to ``dtype``, with scales and codes
+    that ``encode`` re-derives from it.
+
+    For float32 (and wider) the values are returned as they are. For half precision the rounded
+    values are quantized again until nothing moves: the largest value of a channel or group is its
+    scale's ``qmax * scale`` rounded, and rounding moves a value by less than half a code (2**-9
+    relative for bfloat16, ``qmax <= 127``), so one more pass normally finds the fixed point.
+    """
+    import torch
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""))
+    if dtype in (torch.float32, torch.float64):
+        return values.to(dtype)
+    current = values.to(dtype)
+    for _ in range(8):
+        wide = current.float()
+        scales = _grid_scales(wide, bits, axis, group)
+        again = dequantize(_codes(wide, scales, bits, axis, group), scales, axis, group).to(dtype)
+        if torch.equal(again, current):
+            return current
+        current = again
+    raise SqueezeError(f"cannot put the values on a {bits}-bit quantization grid in {dtype}")
 
 
 def quantize_weight_(tensor: torch.Tensor, bits: int = 8, axis: int | None = 0,
@@ -486,9 +533,12 @@ def encode(name: str, tensor: torch.Tensor, spec: dict[str, Any] | None) -> dict
             out[name + VALUES] = _runs(tensor, m, axis_nm).gather(1, positions).reshape(-1).clone()
     if quant:
         bits, axis, group = quant["bits"], quant["axis"], quant.get("group")
-        scales = scales_of(tensor, bits, axis, group)
-        codes = _codes(tensor, scales, bits, axis, group)
-        if not torch.equal(dequantize(codes, scales, axis, group), tensor.float()):
+        wide = tensor.float()
+        # grid scales: scales_of for float32 values on the grid (they are fixed points already),
+        # and the scales on_grid settled on for half-precision ones
+        scales = _grid_scales(wide, bits, axis, group)
+        codes = _codes(wide, scales, bits, axis, group)
+        if not torch.equal(dequantize(codes, scales, axis, group).to(tensor.dtype), tensor):
             raise SqueezeError(f"tensor '{name}' is not on its {bits}-bit quantization grid "
                                f"(was it changed after quantizing?); refusing a lossy save")
         if mask is not None:
@@ -505,9 +555,9 @@ def encode(name: str, tensor: torch.Tensor, spec: dict[str, Any] | None) -> dict
 def _encode_cluster(name: str, tensor: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
     import torch
 
-    if tensor.dtype != torch.float32:
-        raise SqueezeError(f"'{name}': clustering supports float32 tensors, not {tensor.dtype}")
-    values, index = torch.unique(tensor.reshape(-1), sorted=True, return_inverse=True)
+    _check_float(tensor, f"'{name}': clustering")
+    # float32 holds every half-precision value exactly: one codebook dtype for every checkpoint
+    values, index = torch.unique(tensor.reshape(-1).float(), sorted=True, return_inverse=True)
     if values.numel() > 2 ** bits:
         raise SqueezeError(f"'{name}' holds {values.numel()} distinct values, more than the "
                            f"{2 ** bits} of its {bits}-bit codebook; refusing a lossy save")

@@ -56,11 +56,62 @@ def no_progress_bars() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
+#: Dtype names of ``config.json`` and safetensors headers, as torch spells them.
+_HEADER_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def config_dtype(config: dict[str, Any]) -> str | None:
+    """The dtype ``config.json`` names (``dtype``, or the older ``torch_dtype``), or None."""
+    value = config.get("dtype") or config.get("torch_dtype")
+    if not isinstance(value, str) or value == "auto":
+        return None
+    return value.replace("torch.", "")
+
+
+def safetensors_dtypes(path: Path) -> dict[str, str]:
+    """``{tensor name: dtype}`` from a safetensors file's JSON header, read without torch.
+
+    The file starts with the header's length (8 bytes, little endian) and the header; dtypes come
+    back as torch names (``bfloat16``), or as safetensors spells them (``I64``) for other kinds.
+    """
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            size = struct.unpack("<Q", f.read(8))[0]
+            if size > 100_000_000:
+                raise ValueError(f"header of {size} bytes")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, struct.error) as exc:
+        raise SqueezeError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
+                           f"{exc}") from None
+    return {name: _HEADER_DTYPES.get(info.get("dtype"), info.get("dtype"))
+            for name, info in header.items() if name != "__metadata__" and isinstance(info, dict)}
+
+
+def checkpoint_dtype(directory: Path, config: dict[str, Any] | None = None) -> str:
+    """The dtype ``load_pretrained`` gives a directory's floating weights, found without torch.
+
+    As transformers' ``dtype="auto"``: the dtype ``config.json`` names, else that of the first
+    floating tensor of the weight files (a checkpoint saved without it), else float32.
+    """
+    named = config_dtype(config if config is not None else read_config(directory))
+    if named is not None:
+        return named
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        for dtype in safetensors_dtypes(path).values():
+            if dtype in _HEADER_DTYPES.values():
+                return dtype
+    return "float32"
+
+
 def load_pretrained(directory: Path, task: str) -> Any:
     """Load weights from a local directory (never the hub, never remote code), in eval mode.
 
     Only safetensors weights are read (never a pickle such as ``pytorch_model.bin``); they are checked
     first (``load.check_weight_files``), so a corrupt file or a NaN weight is named before loading.
+    The weights keep the checkpoint's dtype (``dtype="auto"``, see ``checkpoint_dtype``): a
+    bfloat16 model is computed on and saved in bfloat16, never silently widened to float32.
     """
     from squeezelang.models.load import check_weight_files
 
@@ -69,7 +120,8 @@ def load_pretrained(directory: Path, task: str) -> Any:
     try:
         with no_progress_bars():
             model = cls.from_pretrained(str(directory), local_files_only=True,
-                                        trust_remote_code=False, use_safetensors=True)
+                                        trust_remote_code=False, use_safetensors=True,
+                                        **{_dtype_keyword(): "auto"})
     except SqueezeError:
         raise
     except Exception as exc:
@@ -85,10 +137,21 @@ def from_config(config: Any, task: str, meta: bool = False) -> Any:
     if isinstance(config, dict):
         config = config_from_dict(config)
     cls = auto_class(task)
+    # the config's dtype, as a checkpoint of it loads (transformers 5 does so itself, 4 did not)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    extra = {_dtype_keyword(): dtype} if dtype is not None and dtype != "auto" else {}
     if meta:
         with torch.device("meta"):
-            return cls.from_config(config, trust_remote_code=False)
-    return cls.from_config(config, trust_remote_code=False).eval()
+            return cls.from_config(config, trust_remote_code=False, **extra)
+    return cls.from_config(config, trust_remote_code=False, **extra).eval()
+
+
+def _dtype_keyword() -> str:
+    """The name of transformers' dtype argument: ``dtype`` since 4.56, ``torch_dtype`` before."""
+    import transformers
+
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
 def config_from_dict(config: dict[str, Any]) -> Any:

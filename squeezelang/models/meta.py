@@ -13,6 +13,9 @@ from typing import Any, Iterable
 
 @dataclass
 class TensorMeta:
+    """A saved tensor: its shape, the dtype it is stored in when dense (the checkpoint's, such as
+    ``bfloat16``; ``codec.stored_bytes`` counts it) and its codec."""
+
     shape: tuple[int, ...]
     dtype: str = "float32"
     codec: dict[str, Any] | None = None

@@ -128,7 +128,7 @@ def _save_encoded(handle: ModelHandle, directory: Path) -> None:
     model = handle.model
     tensors = encoded_state(handle)
     try:
-        model.config.save_pretrained(str(directory))
+        _config_with_dtype(model).save_pretrained(str(directory))
         gen = getattr(model, "generation_config", None)
         if gen is not None and getattr(model, "can_generate", lambda: False)():
             gen.save_pretrained(str(directory))
@@ -145,6 +145,23 @@ def _save_encoded(handle: ModelHandle, directory: Path) -> None:
     except Exception as exc:
         tmp.unlink(missing_ok=True)
         raise SqueezeError(f"{target}: cannot write the weights: {type(exc).__name__}: {exc}") from None
+
+
+def _config_with_dtype(model: Any) -> Any:
+    """``model``'s config naming the dtype its weights are in, as ``save_pretrained`` writes it:
+    ``load_model`` builds the model in that dtype and decodes the stored tensors into it."""
+    import copy
+
+    config = model.config
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    named = getattr(config, "dtype", None)
+    name = str(dtype).replace("torch.", "")
+    # a config naming no dtype loads in float32 (and is left as it was for float32 weights)
+    if dtype is None or named in (dtype, name) or (named is None and name == "float32"):
+        return config
+    config = copy.deepcopy(config)
+    config.dtype = name
+    return config
 
 
 def _pack_config(path: Path) -> None:
