@@ -369,6 +369,21 @@ def reshape_(model: Any, layers: Sequence[int] | None = None,
     return _replace_(model, fam, config, state)
 
 
+def _build_like(model: Any, cfg: Any, state: dict[str, torch.Tensor]) -> Any:
+    """A fresh model of ``model``'s class and ``cfg`` in the dtype of the weights in ``state``:
+    built under that default dtype, as ``from_pretrained`` does, so a half-precision model stays
+    half precision while the buffers transformers computes in float32 (rotary frequencies) stay so."""
+    import torch
+
+    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return type(model)(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _replace_(model: Any, fam: ModelFamily, config: dict[str, Any],
               state: dict[str, torch.Tensor]) -> Any:
     """Build the shrunk model, load ``state`` strictly and move it into ``model``'s object."""
@@ -376,7 +391,7 @@ def _replace_(model: Any, fam: ModelFamily, config: dict[str, Any],
     for key in changed_keys(fam):
         if key in config:
             setattr(cfg, key, config[key])
-    new = type(model)(cfg)
+    new = _build_like(model, cfg, state)
     try:
         new.load_state_dict(state, strict=True)
     except RuntimeError as exc:
