@@ -15,7 +15,7 @@ from squeezelang.models.select import BLOCKS, LINEAR_KINDS, select_modules
 from squeezelang.models.sensitivity import signature
 from squeezelang.models.size import artifact_bytes
 
-from tests.conftest import SENTENCES
+from conftest import SENTENCES
 
 IDS = torch.tensor([[2, 10, 11, 12, 13, 14, 3]])
 

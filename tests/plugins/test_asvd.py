@@ -14,7 +14,7 @@ from squeezelang.models.load import load_model
 from squeezelang.models.meta import meta_from_model, measured_overhead
 from squeezelang.models.save import save_model
 from squeezelang.models.size import artifact_bytes
-from tests.conftest import SENTENCES, build_tiny_bert
+from conftest import SENTENCES, build_tiny_bert
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from squeezelang.models.forward import encode, logits
 from squeezelang.models.load import load_model
 from squeezelang.models.meta import meta_from_model
 from squeezelang.models.save import save_model
-from tests.conftest import SENTENCES, WORDS
+from conftest import SENTENCES, WORDS
 
 #: Training texts: random sentences over the tiny vocabulary; SENTENCES stay held out.
 TRAIN = [" ".join(random.Random(i).choice(WORDS) for _ in range(4 + i % 9)) for i in range(200)]

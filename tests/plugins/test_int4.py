@@ -15,7 +15,7 @@ from squeezelang.models.meta import meta_from_model, measured_overhead
 from squeezelang.models.save import save_model
 from squeezelang.models.size import artifact_bytes
 
-from tests.conftest import SENTENCES
+from conftest import SENTENCES
 
 IDS = torch.tensor([[2, 10, 11, 12, 13, 14, 3]])
 

@@ -14,7 +14,7 @@ from squeezelang.models.load import load_model, read_weights
 from squeezelang.models.meta import meta_from_model, measured_overhead
 from squeezelang.models.save import save_model
 from squeezelang.models.size import artifact_bytes
-from tests.conftest import SENTENCES, build_tiny_bert, build_tiny_gpt2
+from conftest import SENTENCES, build_tiny_bert, build_tiny_gpt2
 
 IDS = torch.tensor([[2, 10, 11, 12, 13, 14, 3]])
 

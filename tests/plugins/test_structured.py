@@ -19,7 +19,7 @@ from squeezelang.models.meta import measured_overhead, meta_from_model
 from squeezelang.models.save import save_model
 from squeezelang.models.size import artifact_bytes
 
-from tests.conftest import SENTENCES
+from conftest import SENTENCES
 
 IDS = torch.tensor([[2, 10, 11, 12, 13, 14, 3]])
 
@@ -147,7 +147,7 @@ def test_activation_prune(request, fixture, target, registries, tmp_path):
 @pytest.mark.parametrize("extra", [{"data": "calib"}, {"data": "calib", "importance": "loss"},
                                    {"layers": [0]}])
 def test_depth_prune(request, fixture, extra, registries, tmp_path):
-    from tests.conftest import build_tiny_bert, build_tiny_gpt2
+    from conftest import build_tiny_bert, build_tiny_gpt2
 
     build = build_tiny_bert if fixture == "tiny_bert_dir" else build_tiny_gpt2
     src = build(tmp_path / "src", layers=4)
@@ -172,7 +172,7 @@ def test_structured_methods_need_data(registries):
 
 def test_depth_keeps_the_most_important_layers(tmp_path, registries):
     """A layer made an identity (zeroed output projections) is the one depth removes."""
-    from tests.conftest import build_tiny_bert
+    from conftest import build_tiny_bert
 
     src = build_tiny_bert(tmp_path / "src", layers=3)
     handle = load_model(src)
@@ -232,7 +232,7 @@ def test_activation_prune_minilm(minilm_dir, registries, tmp_path):
                                     {"layers": 3, "heads": 2, "data": "calib", "samples": 16},
                                     {"hidden": 16, "intermediate": 48, "data": "calib"}])
 def test_shrink(request, fixture, params, registries, tmp_path):
-    from tests.conftest import build_tiny_bert, build_tiny_gpt2
+    from conftest import build_tiny_bert, build_tiny_gpt2
 
     build = build_tiny_bert if fixture == "tiny_bert_dir" else build_tiny_gpt2
     src = build(tmp_path / "src", layers=4)

@@ -12,7 +12,7 @@ import pytest
 
 from squeezelang_plugins.vocab_count import direct_kept_ids
 from squeezelang_plugins.vocab_trim import kept_ids
-from tests.conftest import SENTENCES, SHARED_DATA
+from conftest import SENTENCES, SHARED_DATA
 
 CASES = [(0, []), (7, []), (50, ["zebra", "the", "unseenword"])]
 

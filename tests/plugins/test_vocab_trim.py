@@ -13,7 +13,7 @@ from squeezelang.models.load import load_model
 from squeezelang.models.meta import meta_from_model, measured_overhead
 from squeezelang.models.save import save_model
 from squeezelang.models.size import artifact_bytes
-from tests.conftest import SENTENCES
+from conftest import SENTENCES
 
 # Recombinations of the data's words: every token is kept.
 IN_VOCAB = ["the man sits on the guitar", "a dog reads the song", "the child is very old"]
@@ -105,7 +105,7 @@ def test_tiny_gpt2_wordlevel_logits_of_kept_tokens(tiny_gpt2_dir, registries, tm
 def test_masked_lm_untied_head_and_bias(tmp_path, registries):
     from transformers import BertConfig, BertForMaskedLM
 
-    from tests.conftest import _bert_tokenizer
+    from conftest import _bert_tokenizer
 
     src = tmp_path / "mlm"
     src.mkdir()

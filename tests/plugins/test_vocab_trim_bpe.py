@@ -17,7 +17,7 @@ from squeezelang.models.save import save_model
 from squeezelang.models.size import artifact_bytes
 from squeezelang_plugins.vocab_count import direct_kept_ids
 from squeezelang_plugins.vocab_trim import kept_ids
-from tests.conftest import SENTENCES, SHARED_DATA
+from conftest import SENTENCES, SHARED_DATA
 
 #: Text no small English tokenizer was trained on: accents, Greek, CJK, emoji, tabs, odd spacing.
 UNSEEN = ["Ωμέγα naïve café — 日本語のテキスト 😀🎉👍🏽",

@@ -20,7 +20,7 @@ RATIOS = (0.2, 0.5, 0.8)
 @pytest.fixture(scope="module")
 def plans(tmp_path_factory, tiny_bert_dir):
     """Fixed plans pruning the tiny BERT at each of ``RATIOS``, with one quality metric and size."""
-    from tests.conftest import SENTENCES
+    from conftest import SENTENCES
 
     directory = tmp_path_factory.mktemp("workers")
     (directory / "calib.txt").write_text("\n".join(SENTENCES) + "\n")
