@@ -95,9 +95,9 @@ class _Batcher:
 
     def __init__(self, handle: ModelHandle, texts: list[str], batch_size: int, max_length: int,
                  seed: int) -> None:
-        from squeezelang.models.forward import _length_limit, _pad_id
+        from squeezelang.models.forward import length_limit, pad_id
 
-        limit = _length_limit(handle, max_length)
+        limit = length_limit(handle, max_length)
         kwargs: dict[str, Any] = {"truncation": limit is not None}
         if limit is not None:
             kwargs["max_length"] = limit
@@ -105,7 +105,7 @@ class _Batcher:
         self.rows = [list(r) for r in encoded["input_ids"]]
         self.types = ([list(r) for r in encoded["token_type_ids"]]
                       if "token_type_ids" in encoded else None)
-        self.pad = _pad_id(handle.tokenizer)
+        self.pad = pad_id(handle.tokenizer)
         self.batch_size = min(batch_size, len(self.rows))
         self.rng = random.Random(seed)
         self.order: list[int] = []
@@ -221,7 +221,7 @@ class Distill(Technique):
     def apply_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:
         import torch
 
-        from squeezelang.models.forward import _mean_pool
+        from squeezelang.models.forward import mean_pool
 
         if "quantized" in handle.states or any((s or {}).get("quant") for s in handle.codecs.values()):
             raise SqueezeError("distill cannot train a quantized model; put distill before quantize")
@@ -251,10 +251,10 @@ class Distill(Technique):
             if handle.task == "embedding":
                 s_h, t_h = s_out[0], t_out[0]
                 if s_h.shape[-1] == t_h.shape[-1]:
-                    loss = (_similarity_loss(_mean_pool(s_h, mask), _mean_pool(t_h, mask), kind)
+                    loss = (_similarity_loss(mean_pool(s_h, mask), mean_pool(t_h, mask), kind)
                             + _similarity_loss(s_h[mask], t_h[mask], kind))
                 else:  # hidden channels were pruned: match what the vectors are used for
-                    loss = (_relational_loss(_mean_pool(s_h, mask), _mean_pool(t_h, mask))
+                    loss = (_relational_loss(mean_pool(s_h, mask), mean_pool(t_h, mask))
                             + _relational_loss(s_h[mask], t_h[mask]))
             else:
                 loss = self._logit_loss(handle.task, s_out.logits, t_out.logits, mask, id_map,

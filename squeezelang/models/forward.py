@@ -39,7 +39,7 @@ def _device(model: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
     for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
         value = getattr(tokenizer, attr, None)
         if value is not None:
@@ -47,7 +47,7 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def _length_limit(handle: ModelHandle, max_length: int | None) -> int | None:
+def length_limit(handle: ModelHandle, max_length: int | None) -> int | None:
     limit = max_positions(handle.model)
     if max_length is None:
         return limit
@@ -64,7 +64,7 @@ def _batches(handle: ModelHandle, texts: Sequence[str], pair: Sequence[str] | No
     if batch_size < 1:
         raise ExecutionError(f"batch_size must be at least 1, not {batch_size}")
     texts = [str(t) for t in texts]
-    limit = _length_limit(handle, max_length)
+    limit = length_limit(handle, max_length)
     kwargs: dict[str, Any] = {"truncation": limit is not None}
     if limit is not None:
         kwargs["max_length"] = limit
@@ -73,7 +73,7 @@ def _batches(handle: ModelHandle, texts: Sequence[str], pair: Sequence[str] | No
     else:
         encoded = handle.tokenizer(texts, **kwargs)
     keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in encoded]
-    pad_values = {"input_ids": _pad_id(handle.tokenizer), "token_type_ids": 0, "attention_mask": 0}
+    pad_values = {"input_ids": pad_id(handle.tokenizer), "token_type_ids": 0, "attention_mask": 0}
     order = sorted(range(len(texts)), key=lambda i: len(encoded["input_ids"][i]))
     device = _device(handle.model)
     for start in range(0, len(order), batch_size):
@@ -91,7 +91,7 @@ def _batches(handle: ModelHandle, texts: Sequence[str], pair: Sequence[str] | No
         yield idx, inputs
 
 
-def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of the token vectors that the attention mask keeps (sentence-transformers' pooling)."""
     import torch
 
@@ -129,7 +129,7 @@ def encode(handle: ModelHandle, texts: Sequence[str], batch_size: int = 32, max_
                 hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
             else:
                 hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]
-            parts.append((idx, _mean_pool(hidden, inputs["attention_mask"])))
+            parts.append((idx, mean_pool(hidden, inputs["attention_mask"])))
     return _scatter(parts, len(texts))
 
 
@@ -173,7 +173,7 @@ def lm_loss(handle: ModelHandle, texts: Sequence[str], max_length: int | None = 
 
     if handle.task != "causal-lm":
         raise ExecutionError(f"the LM loss needs a causal-lm model, not a '{handle.task}' model")
-    window = _length_limit(handle, max_length) or 1024
+    window = length_limit(handle, max_length) or 1024
     if window < 2:
         raise ExecutionError(f"max_length must be at least 2 tokens, not {window}")
     stride = stride or max(1, window // 2)
@@ -204,7 +204,7 @@ def lm_loss(handle: ModelHandle, texts: Sequence[str], max_length: int | None = 
 
     model = handle.model.eval()
     device = _device(model)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     total, count = 0.0, 0
     items.sort(key=lambda item: len(item[0]))
     with torch.inference_mode():

@@ -1,0 +1,95 @@
+"""Everything a plugin may use, in one documented module: ``from squeezelang.plugin import …``.
+
+The built-in plugins in ``plugins/`` import from here and nowhere else, exactly as a third-party
+plugin would; names that are not listed here are the engine's own and may change without notice.
+
+Importing this module imports no torch: each name is loaded on first use, so a plugin module may
+import what it needs at module level and still keep ``squeeze check`` light.
+
+Groups (see docs/plugins.md for how each is used):
+
+- hooks and plugin objects: ``hookimpl``, ``Technique``, ``Knob``, ``Candidate``, ``Metric``,
+  ``DataSource``, ``ModelSource``, ``OutputFormat``, ``ModelFamily``;
+- errors: ``SqueezeError`` (a problem the user can fix), ``ExecutionError``;
+- what a stage or metric receives: ``StageContext``, ``MeasureContext``, ``ModelHandle``, ``TASKS``;
+- estimates: ``ModelMeta``, ``TensorMeta``, ``ModuleMeta``, ``meta_from_model``,
+  ``measured_overhead``, ``artifact_bytes``;
+- storage codecs: ``merge``, ``stored_bytes``, ``layout``, ``quantize_weight``,
+  ``quantize_weight_``, ``on_grid``, ``CODES``, ``NM_MAX_M``;
+- selecting and replacing modules: ``select_modules``, ``get_module``, ``set_module``, ``kind_of``,
+  ``output_axis``, ``LINEAR_KINDS``, ``BLOCKS``, and the replacement layers ``LowRankLinear``,
+  ``Int8DynamicLinear``, ``linear_weight``;
+- model families and structure: ``family_of``, ``sizes``, ``shrunk_config``, ``resized_meta``,
+  ``reshape_``, ``drop_layers_``, ``choose_heads``, ``nearest_heads``, ``layer_modules``,
+  ``block_module``, ``get_path``;
+- calibration and forward passes: ``calibration_texts``, ``collect``, ``input_stats``,
+  ``gptq_quantize``, ``encode``, ``logits``, ``lm_loss``, ``mean_pool``, ``pad_id``,
+  ``length_limit``, ``max_positions``, ``outputs_for_fidelity``;
+- per-layer allocation: ``costs``, ``Candidates``, ``allocate``, ``describe``;
+- model directories: ``load_model``, ``save_model``, ``AFTER_LOAD``, ``read_config``,
+  ``load_tokenizer``, ``from_config``, ``cached_meta``, ``cached_json``, ``cache_key``,
+  ``layout_meta_of``.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: name -> (module, attribute in it)
+_EXPORTS: dict[str, tuple[str, str]] = {}
+
+
+def _export(module: str, *names: str, **renamed: str) -> None:
+    for name in names:
+        _EXPORTS[name] = (module, name)
+    for name, attribute in renamed.items():
+        _EXPORTS[name] = (module, attribute)
+
+
+_export("squeezelang", "hookimpl")
+_export("squeezelang.errors", "SqueezeError", "ExecutionError")
+_export("squeezelang.hooks.technique", "Technique", "Knob", "Candidate")
+_export("squeezelang.hooks.metric", "Metric")
+_export("squeezelang.hooks.sources", "DataSource", "ModelSource", "OutputFormat")
+_export("squeezelang.hooks.family", "ModelFamily")
+_export("squeezelang.executor.context", "StageContext", "MeasureContext")
+_export("squeezelang.models.handle", "ModelHandle", "TASKS")
+_export("squeezelang.models.meta", "ModelMeta", "TensorMeta", "ModuleMeta", "meta_from_model",
+        "measured_overhead")
+_export("squeezelang.models.size", "artifact_bytes")
+_export("squeezelang.models.codec", "merge", "stored_bytes", "layout", "quantize_weight",
+        "quantize_weight_", "on_grid", "CODES", "NM_MAX_M")
+_export("squeezelang.models.select", "select_modules", "get_module", "set_module", "kind_of",
+        "output_axis", "LINEAR_KINDS", "BLOCKS")
+_export("squeezelang.models.layers", "LowRankLinear", "Int8DynamicLinear", "linear_weight")
+_export("squeezelang.models.surgery", "family_of", "sizes", "shrunk_config", "resized_meta",
+        "reshape_", "drop_layers_", "choose_heads", "nearest_heads", "layer_modules",
+        "block_module", "get_path")
+_export("squeezelang.models.calibrate", "calibration_texts", "collect")
+_export("squeezelang.models.linear_stats", "input_stats", "gptq_quantize")
+_export("squeezelang.models.forward", "encode", "logits", "lm_loss", "max_positions",
+        "outputs_for_fidelity", "mean_pool", "pad_id", "length_limit")
+_export("squeezelang.models.sensitivity", "costs", "Candidates")
+_export("squeezelang.models.allocate", "allocate", "describe")
+_export("squeezelang.models.load", "load_model", "AFTER_LOAD")
+_export("squeezelang.models.save", "save_model")
+_export("squeezelang.models.hf", "read_config", "load_tokenizer", "from_config")
+_export("squeezelang.models.meta_cache", "cached_meta", "cached_json", "cache_key")
+_export("squeezelang.models.layout_meta", layout_meta_of="meta_of")
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Load ``name`` from the module that defines it, on first use (and keep it)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"squeezelang.plugin has no '{name}' (the plugin-author surface is "
+                             f"listed in its docstring and docs/plugins.md)")
+    module, attribute = _EXPORTS[name]
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
