@@ -38,7 +38,7 @@ from squeezelang.hooks.technique import Candidate, Technique
 if TYPE_CHECKING:
     import torch
 
-    from squeezelang.executor.context import StageContext
+    from squeezelang.hooks.context import StageContext
     from squeezelang.models.handle import ModelHandle
     from squeezelang.models.meta import ModelMeta
 

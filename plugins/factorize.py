@@ -22,7 +22,7 @@ from squeezelang.models.meta import ModuleMeta, TensorMeta
 from squeezelang.models.select import BLOCKS, LINEAR_KINDS
 
 if TYPE_CHECKING:
-    from squeezelang.executor.context import StageContext
+    from squeezelang.hooks.context import StageContext
     from squeezelang.models.handle import ModelHandle
     from squeezelang.models.meta import ModelMeta
 

@@ -38,7 +38,7 @@ from squeezelang.models.codec import merge, stored_bytes
 from squeezelang.models.select import LINEAR_KINDS, output_axis
 
 if TYPE_CHECKING:
-    from squeezelang.executor.context import StageContext
+    from squeezelang.hooks.context import StageContext
     from squeezelang.models.handle import ModelHandle
     from squeezelang.models.meta import ModelMeta
 

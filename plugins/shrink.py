@@ -19,7 +19,7 @@ from squeezelang.hooks.technique import Technique
 if TYPE_CHECKING:
     import torch
 
-    from squeezelang.executor.context import StageContext
+    from squeezelang.hooks.context import StageContext
     from squeezelang.models.handle import ModelHandle
     from squeezelang.models.meta import ModelMeta
 

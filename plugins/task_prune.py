@@ -19,7 +19,7 @@ from squeezelang.errors import SqueezeError
 from squeezelang.hooks.technique import Knob, Technique
 
 if TYPE_CHECKING:
-    from squeezelang.executor.context import StageContext
+    from squeezelang.hooks.context import StageContext
     from squeezelang.models.handle import ModelHandle
     from squeezelang.models.meta import ModelMeta
 

@@ -52,7 +52,7 @@ _export("squeezelang.hooks.technique", "Technique", "Knob", "Candidate")
 _export("squeezelang.hooks.metric", "Metric")
 _export("squeezelang.hooks.sources", "DataSource", "ModelSource", "OutputFormat")
 _export("squeezelang.hooks.family", "ModelFamily")
-_export("squeezelang.executor.context", "StageContext", "MeasureContext")
+_export("squeezelang.hooks.context", "StageContext", "MeasureContext")
 _export("squeezelang.models.handle", "ModelHandle", "TASKS")
 _export("squeezelang.models.meta", "ModelMeta", "TensorMeta", "ModuleMeta", "meta_from_model",
         "measured_overhead")

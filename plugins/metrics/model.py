@@ -9,7 +9,7 @@ from squeezelang.hooks.metric import Metric
 if TYPE_CHECKING:
     import torch
 
-    from squeezelang.executor.context import MeasureContext
+    from squeezelang.hooks.context import MeasureContext
     from squeezelang.models.handle import ModelHandle
 
 _NONE = {"type": "object", "properties": {}, "additionalProperties": False}

@@ -11,7 +11,7 @@ from squeezelang_plugins.metrics.columns import renames
 if TYPE_CHECKING:
     import torch
 
-    from squeezelang.executor.context import MeasureContext
+    from squeezelang.hooks.context import MeasureContext
     from squeezelang.models.handle import ModelHandle
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from squeezelang_plugins.prune.base import PruneMethod
 
 if TYPE_CHECKING:
-    from squeezelang.executor.context import StageContext
+    from squeezelang.hooks.context import StageContext
     from squeezelang.models.handle import ModelHandle
     from squeezelang.models.meta import ModelMeta
 

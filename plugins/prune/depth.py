@@ -16,7 +16,7 @@ from squeezelang_plugins.prune.activation import DATA, SAMPLES
 from squeezelang_plugins.prune.base import PruneMethod
 
 if TYPE_CHECKING:
-    from squeezelang.executor.context import StageContext
+    from squeezelang.hooks.context import StageContext
     from squeezelang.models.handle import ModelHandle
     from squeezelang.models.meta import ModelMeta
 

@@ -18,7 +18,7 @@ from squeezelang_plugins.prune.base import PruneMethod
 if TYPE_CHECKING:
     import torch
 
-    from squeezelang.executor.context import StageContext
+    from squeezelang.hooks.context import StageContext
     from squeezelang.models.handle import ModelHandle
     from squeezelang.models.meta import ModelMeta
 

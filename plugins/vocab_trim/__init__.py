@@ -33,7 +33,7 @@ from squeezelang_plugins.vocab_trim.ids import CONFIG_TOKEN_IDS, collect_ids, co
 from squeezelang_plugins.vocab_trim.tokenizer import SUPPORTED_MODELS, check_same_split, trimmed_tokenizer
 
 if TYPE_CHECKING:
-    from squeezelang.executor.context import StageContext
+    from squeezelang.hooks.context import StageContext
     from squeezelang.models.handle import ModelHandle
     from squeezelang.models.meta import ModelMeta
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from squeezelang.errors import ExecutionError, SqueezeError
 
 if TYPE_CHECKING:
-    from squeezelang.executor.context import Context
+    from squeezelang.hooks.context import Context
     from squeezelang.hooks.registry import Registries
     from squeezelang.models.handle import ModelHandle
     from squeezelang.planner.plan import Plan, StagePlan
@@ -27,12 +27,6 @@ def input_paths(plan: Plan, registries: Registries) -> list[str]:
     for args, source in sources:
         out += [args[k] for k in getattr(source, "path_params", ()) if isinstance(args.get(k), str)]
     return out
-
-
-def data_origin(args: dict, source: object) -> str | None:
-    """The file(s) a data set is read from, for messages about its rows."""
-    paths = [str(args[k]) for k in getattr(source, "path_params", ()) if args.get(k)]
-    return ", ".join(paths) or None
 
 
 def read_inputs(ctx: Context) -> None:

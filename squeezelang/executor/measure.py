@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from squeezelang.errors import ExecutionError, SqueezeError
-from squeezelang.executor.context import Context
+from squeezelang.hooks.context import Context
 from squeezelang.hooks.registry import Registries
 from squeezelang.planner.plan import Plan
 

@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any
 from squeezelang.errors import ExecutionError, OutputError, SqueezeError
 from squeezelang.executor.artifacts import check_output_dir, discard_staging, publish, staging_dir
 from squeezelang.executor.checkpoint import WorkDir, fingerprint
-from squeezelang.executor.context import Context, DataStore
-from squeezelang.executor.guards import (check_artifact, check_finite, data_origin, input_paths,
+from squeezelang.hooks.context import Context
+from squeezelang.executor.guards import (check_artifact, check_finite, input_paths,
                                          overlong_notes, read_inputs)
 from squeezelang.executor.measure import PAIRED_ROUNDS, measure_all, measure_paired
 from squeezelang.hooks.registry import Registries
+from squeezelang.planner.data import data_store
 from squeezelang.planner.constraints import Verdict, evaluate
 from squeezelang.planner.plan import Plan, StagePlan
 
@@ -45,14 +46,6 @@ class RunResult:
     @property
     def failed(self) -> list[Verdict]:
         return [v for v in self.verdicts if not v.met]
-
-
-def data_store(plan: Plan, registries: Registries) -> DataStore:
-    store = DataStore()
-    for d in plan.data:
-        source = registries.data_sources.get(d.source)
-        store.add(d.name, (lambda s=source, a=dict(d.args): s.load(a)), origin=data_origin(d.args, source))
-    return store
 
 
 def load_original(plan: Plan, registries: Registries) -> ModelHandle:

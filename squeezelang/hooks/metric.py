@@ -7,7 +7,7 @@ from squeezelang.hooks.schema import check_param_schema
 from squeezelang.errors import PluginError
 
 if TYPE_CHECKING:
-    from squeezelang.executor.context import MeasureContext
+    from squeezelang.hooks.context import MeasureContext
     from squeezelang.models.handle import ModelHandle
 
 #: Unit dimensions and the units a bound on such a metric may carry (besides ``%`` and ``x``).

@@ -8,7 +8,7 @@ from squeezelang.errors import PluginError
 from squeezelang.hooks.schema import check_param_schema, schema_defaults
 
 if TYPE_CHECKING:
-    from squeezelang.executor.context import StageContext
+    from squeezelang.hooks.context import StageContext
     from squeezelang.models.handle import ModelHandle
     from squeezelang.models.meta import ModelMeta
 

@@ -27,7 +27,7 @@ from squeezelang.hooks.technique import Candidate
 from squeezelang.planner.plan import Plan, StagePlan
 
 if TYPE_CHECKING:
-    from squeezelang.executor.context import Context
+    from squeezelang.hooks.context import Context
 
 
 @dataclass(frozen=True)

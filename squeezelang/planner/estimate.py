@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from squeezelang.errors import PlanError, SqueezeError
-from squeezelang.executor.context import Context
+from squeezelang.hooks.context import Context
 from squeezelang.hooks.registry import Registries
 from squeezelang.models.meta import ModelMeta
 from squeezelang.planner.constraints import Verdict, evaluate
@@ -53,7 +53,7 @@ class Prediction:
 
 def planning_context(plan: Plan, registries: Registries) -> Context:
     """What estimates may read: the recipe's data sets (loaded on use) and the model directory."""
-    from squeezelang.executor.run import data_store
+    from squeezelang.planner.data import data_store
 
     source = registries.model_sources.get(plan.model.source)
     directory = source.locate(dict(plan.model.args)) if source is not None else None

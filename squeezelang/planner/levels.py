@@ -15,7 +15,7 @@ from squeezelang.hooks.registry import Registries
 from squeezelang.planner.plan import Plan
 
 if TYPE_CHECKING:
-    from squeezelang.executor.context import Context
+    from squeezelang.hooks.context import Context
 
 
 SIZE_KINDS = ("size", "params")

@@ -45,7 +45,7 @@ from squeezelang.planner.levels import (Levels, at_levels, has_size_constraints,
 from squeezelang.planner.plan import Plan
 
 if TYPE_CHECKING:
-    from squeezelang.executor.context import Context
+    from squeezelang.hooks.context import Context
     from squeezelang.executor.run import RunResult
     from squeezelang.models.handle import ModelHandle
     from squeezelang.search.workers import TrialJob, TrialOutcome

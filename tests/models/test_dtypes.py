@@ -11,7 +11,7 @@ import torch
 
 from conftest import _gpt2_tokenizer
 from squeezelang.errors import SqueezeError
-from squeezelang.executor.context import Context
+from squeezelang.hooks.context import Context
 from squeezelang.models import codec, hf
 from squeezelang.models.load import load_model, read_weights
 from squeezelang.models.save import save_model

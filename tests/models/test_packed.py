@@ -12,7 +12,7 @@ import torch
 
 import squeezelang
 from squeezelang.errors import SqueezeError
-from squeezelang.executor.context import Context
+from squeezelang.hooks.context import Context
 from squeezelang.models import packed
 from squeezelang.models.hf import read_config
 from squeezelang.models.load import load_model

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from squeezelang.executor.context import Context
+from squeezelang.hooks.context import Context
 from squeezelang.models.forward import outputs_for_fidelity
 from squeezelang.models.layers import LowRankLinear
 from squeezelang.models.load import load_model

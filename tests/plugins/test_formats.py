@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from squeezelang.errors import SqueezeError
-from squeezelang.executor.context import Context
+from squeezelang.hooks.context import Context
 from squeezelang.models.load import load_model
 from squeezelang.models.size import artifact_bytes
 

@@ -11,7 +11,7 @@ import torch
 
 from conftest import SENTENCES
 from squeezelang.errors import ExecutionError
-from squeezelang.executor.context import Context, DataStore
+from squeezelang.hooks.context import Context, DataStore
 from squeezelang.models import hf
 from squeezelang.models.handle import ModelHandle
 from squeezelang_plugins import metrics as M

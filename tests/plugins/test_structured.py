@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from squeezelang.errors import SqueezeError
-from squeezelang.executor.context import Context, DataStore
+from squeezelang.hooks.context import Context, DataStore
 from squeezelang.models import surgery
 from squeezelang.models.load import load_model
 from squeezelang.models.meta import measured_overhead, meta_from_model

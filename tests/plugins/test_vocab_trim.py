@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from squeezelang.errors import SqueezeError
-from squeezelang.executor.context import Context
+from squeezelang.hooks.context import Context
 from squeezelang.models.load import load_model
 from squeezelang.models.meta import meta_from_model, measured_overhead
 from squeezelang.models.save import save_model
