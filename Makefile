@@ -23,7 +23,17 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: setup
+# llm-compressor pins an older transformers than ours: it gets a venv of its own that borrows our torch
+LLMC := benchmarks/cache/llmc-venv
+
+$(LLMC)/ready: constraints.txt
+	$(PYTHON) -m venv $(LLMC)
+	$(BIN)/python -c "import site; print(site.getsitepackages()[0])" > \
+	    "$$($(LLMC)/bin/python -c 'import site; print(site.getsitepackages()[0])')/main.pth"
+	$(LLMC)/bin/python -m pip install --quiet -c constraints.txt llmcompressor
+	touch $(LLMC)/ready
+
+bench: setup $(LLMC)/ready
 	# the library peers (Torch-Pruning, ONNX Runtime) are only needed here
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
 	$(BIN)/python -m benchmarks

@@ -1,18 +1,21 @@
 """Run benchmarks by name (default: all): ``python -m benchmarks [techniques] [causal_lm]
-[overhead] [allocation] [--only ROW…]``. Each suite prints a table and its targets (met / not met)
-and writes ``benchmarks/results/<suite>.json`` (and a PNG where it plots)."""
+[llama_lm] [overhead] [allocation] [--only ROW…] [--smoke]``. Each suite prints a table and its
+targets (met / not met) and writes ``benchmarks/results/<suite>.json`` (and a PNG where it plots).
+``--smoke`` runs ``llama_lm`` on a tiny model trained a few steps (``SQUEEZE_BENCH_SMOKE=1``): the
+code path in minutes, numbers meaningless."""
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # First: encoder_eval sets OMP_WAIT_POLICY before anything imports torch (see its docstring).
 importlib.import_module("benchmarks.encoder_eval")
-from benchmarks import allocation, causal_lm, overhead, techniques  # noqa: E402
+from benchmarks import allocation, causal_lm, llama_lm, overhead, techniques  # noqa: E402
 
-SUITES = {"techniques": techniques.main, "causal_lm": causal_lm.main, "overhead": overhead.main,
-          "allocation": allocation.main}
+SUITES = {"techniques": techniques.main, "causal_lm": causal_lm.main, "llama_lm": llama_lm.main,
+          "overhead": overhead.main, "allocation": allocation.main}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -21,6 +24,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     # checked below, not with choices=: argparse checks a nargs="*" default against choices as one value
     parser.add_argument("suites", nargs="*", metavar="SUITE", help=", ".join(SUITES) + " (default: all)")
     parser.add_argument("--only", nargs="*", help="rows to run (names as in the table)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="llama_lm: a tiny model trained a few steps, to check the code path "
+                             "(writes llama_lm-smoke.json)")
     args = parser.parse_args(argv)
     for name in args.suites:
         if name not in SUITES:
@@ -31,6 +37,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.smoke:
+        os.environ[llama_lm.SMOKE_ENV] = "1"
     status = 0
     for name in args.suites:
         status |= SUITES[name](args.only)

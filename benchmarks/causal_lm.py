@@ -52,7 +52,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from benchmarks import charlm
 from benchmarks.rows import pyplot, save_and_print
@@ -81,10 +81,9 @@ metric ppl = perplexity(val, batch_size = 32)
 '''
 
 
-def _distill() -> str:
-    d = DISTILL
+def _distill(d: dict[str, Any] = DISTILL, context: int = HYPER.context) -> str:
     return (f'stage heal: distill {{ teacher = original, data = train, steps = {d["steps"]}, '
-            f'batch_size = {d["batch_size"]}, lr = {d["lr"]}, max_length = {HYPER.context}, '
+            f'batch_size = {d["batch_size"]}, lr = {d["lr"]}, max_length = {context}, '
             f'train_embeddings = {str(d["train_embeddings"]).lower()} }}')
 
 
@@ -98,20 +97,22 @@ DEPTH = 'stage depth: prune { method = "depth", ratio = 0.5, data = train }'
 INT8 = 'stage q: quantize { scheme = "int8" }'
 
 
-def row_stages(ratios: dict[str, float]) -> dict[str, str]:
-    """Every row's stages (``original`` and the controls have none: they are measured as trained)."""
-    half, eq = _width(ratios["half"]), _width(ratios["eq"])
+def row_stages(ratios: dict[str, float], distill: dict[str, Any] = DISTILL,
+               context: int = HYPER.context) -> dict[str, str]:
+    """Every row's stages (``original`` and the controls have none: they are measured as trained);
+    ``distill`` and ``context`` are this suite's unless another suite passes its own."""
+    half, eq, heal = _width(ratios["half"]), _width(ratios["eq"]), _distill(distill, context)
     return {
         "original": "",
         "control": "",
         "control-final-lr": "",
         "width-half": half,
-        "width-half+distill": f"{half}\n{_distill()}",
+        "width-half+distill": f"{half}\n{heal}",
         "width-eq-depth": eq,
-        "width-eq-depth+distill": f"{eq}\n{_distill()}",
+        "width-eq-depth+distill": f"{eq}\n{heal}",
         "depth-half": DEPTH,
-        "depth-half+distill": f"{DEPTH}\n{_distill()}",
-        "width-half+distill+int8": f"{half}\n{_distill()}\n{INT8}",
+        "depth-half+distill": f"{DEPTH}\n{heal}",
+        "width-half+distill+int8": f"{half}\n{heal}\n{INT8}",
     }
 
 
@@ -127,17 +128,21 @@ def predicted_params(prepared: charlm.Prepared, stages: str) -> int:
     return squeezelang.plan(_recipe("plan", prepared.model, prepared, stages)).prediction.final_params
 
 
-def width_ratios(prepared: charlm.Prepared) -> dict[str, Any]:
+def width_ratios(prepared: charlm.Prepared,
+                 allowed: Callable[[float], bool] | None = None) -> dict[str, Any]:
     """The width-pruning ratios: the least that keeps at most ``HALF`` of the parameters, and the
-    one whose parameter count is nearest depth pruning's (both from the engine's estimates)."""
+    one whose parameter count is nearest depth pruning's (both from the engine's estimates), among
+    the ratios ``allowed`` accepts (all by default)."""
     original = predicted_params(prepared, "")
     depth = predicted_params(prepared, DEPTH)
-    grid = [round(0.01 * i, 2) for i in range(1, 96)]
+    ok = allowed or (lambda r: True)
+    grid = [r for r in (round(0.01 * i, 2) for i in range(1, 96)) if ok(r)]
     counts = {r: predicted_params(prepared, _width(r)) for r in grid}
 
     def refine(pick: Any) -> float:  # to the nearest 0.001 around the grid's choice
         best = pick(grid)
-        fine = [round(best + 0.001 * i, 3) for i in range(-10, 11) if 0 < best + 0.001 * i < 0.96]
+        fine = [r for r in (round(best + 0.001 * i, 3) for i in range(-10, 11))
+                if 0 < r < 0.96 and ok(r)]
         counts.update({r: predicted_params(prepared, _width(r)) for r in fine if r not in counts})
         return pick(fine)
 
@@ -240,13 +245,18 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'row':26s} {'size MB':>8s} {'size %':>7s} {'params':>8s} {'params %':>8s} "
              f"{'lat ms':>7s} {'lat x':>6s} {'lat1 ms':>7s} {'lat1 x':>6s} {'val loss':>8s} "
              f"{'ppl':>6s} {'Δ orig':>7s} {'Δ ctrl':>7s} {'sec':>5s}"]
+
+    def cell(value: float | None, spec: str, width: int) -> str:  # "-" where not measured
+        return format(value, spec) if value is not None else f"{'-':>{width}s}"
+
     for r in rows:
         if "val_loss" not in r:
             continue
         ctrl = r.get("loss_change_vs_control")
         lines.append(f"{r['name']:26s} {r['size_mb']:8.3f} {r['size_ratio'] * 100:6.1f}% "
-                     f"{r['params']:8d} {r['params_ratio'] * 100:7.1f}% {r['latency_ms']:7.2f} "
-                     f"{r['latency_ratio']:6.2f} {r['latency1_ms']:7.2f} {r['latency1_ratio']:6.2f} "
+                     f"{r['params']:8d} {r['params_ratio'] * 100:7.1f}% "
+                     f"{cell(r.get('latency_ms'), '7.2f', 7)} {cell(r.get('latency_ratio'), '6.2f', 6)} "
+                     f"{cell(r.get('latency1_ms'), '7.2f', 7)} {cell(r.get('latency1_ratio'), '6.2f', 6)} "
                      f"{r['val_loss']:8.4f} {r['perplexity']:6.3f} {r['loss_change'] * 100:+6.2f}% "
                      + (f"{ctrl * 100:+6.2f}%" if ctrl is not None else f"{'':>7s}")
                      + f" {r['seconds']:5.0f}")
@@ -302,7 +312,8 @@ def targets(rows: list[dict[str, Any]]) -> list[Any]:
     return out
 
 
-def plot(rows: list[dict[str, Any]], path: Path, training: dict[str, Any]) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, training: dict[str, Any],
+         model: str = "character-level GPT-2") -> None:
     """Parameters against validation loss for every row, the same zoomed on the rows near the
     original, and the original's training curve."""
     plt = pyplot()
@@ -340,7 +351,7 @@ def plot(rows: list[dict[str, Any]], path: Path, training: dict[str, Any]) -> No
     curve.set_ylabel("loss (nats per character)")
     curve.set_title(f"training of the original (stopped: {training.get('stopped')})")
     curve.legend(fontsize=7)
-    fig.suptitle("character-level GPT-2 on tiny-shakespeare: width vs depth pruning, with distillation")
+    fig.suptitle(f"{model} on tiny-shakespeare: width vs depth pruning, with distillation")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

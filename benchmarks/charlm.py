@@ -1,7 +1,11 @@
-"""The character-level GPT-2 of the causal-LM benchmark: data split, tokenizer, training, cache.
+"""The character-level models of the causal-LM benchmarks: data split, tokenizer, training, cache.
 
-``prepare`` trains (once) a ``GPT2LMHeadModel`` on the first 90% of the characters of a text file
-and early-stops on the last 10%, and writes into ``benchmarks/cache/charlm/<key>/``:
+``prepare`` trains (once) a causal LM on the first 90% of the characters of a text file and
+early-stops on the last 10%, and writes into ``benchmarks/cache/charlm/<key>/``. The architecture
+is ``Hyper.arch``, a key of ``ARCHS`` (a config factory each): ``"gpt2"`` (the ``causal_lm``
+suite's) or ``"llama"`` (the ``llama_lm`` suite's: grouped-query attention with ``kv_heads``
+key/value heads, a gated SiLU MLP, RMSNorm, rotary positions, tied embeddings); everything else —
+data, tokenizer, training, control — is the same code for both. Files:
 
 - ``model/``: the best checkpoint as a plain transformers directory (``config.json``,
   ``model.safetensors``) with a character tokenizer (a ``tokenizers`` WordLevel model over the
@@ -16,7 +20,9 @@ and early-stops on the last 10%, and writes into ``benchmarks/cache/charlm/<key>
 - ``training.json``: the hyper-parameters, the data file's SHA-256, the validation curve, the steps
   and why training stopped.
 
-The key hashes the hyper-parameters, the data file's SHA-256 and ``VERSION``, so a change retrains.
+The key hashes the hyper-parameters, the data file's SHA-256 and ``VERSION``, so a change retrains
+(the fields added with the Llama model are left out at their defaults, so the GPT-2 key is the
+one it had before them).
 
 Validation loss is the token-weighted mean next-character negative log-likelihood (nats) over the
 validation windows, each window scored on its own with the first character as context only. That is
@@ -77,6 +83,16 @@ class Hyper:
     seed: int = 0
     val_fraction: float = 0.1
     train_windows: int = 16384
+    #: the architecture: a key of ``ARCHS``
+    arch: str = "gpt2"
+    #: key/value heads (grouped-query attention); 0: as many as ``heads``
+    kv_heads: int = 0
+    #: the MLP's inner width; 0: 4 × ``d_model``
+    inner: int = 0
+
+
+#: Fields added after the GPT-2 cache existed, with the defaults that leave them out of the key.
+_LATER = {"arch": "gpt2", "kv_heads": 0, "inner": 0}
 
 
 @dataclass(frozen=True)
@@ -104,7 +120,8 @@ def sha256(path: Path) -> str:
 
 
 def cache_key(hyper: Hyper, data_sha: str) -> str:
-    blob = json.dumps({"version": VERSION, "hyper": asdict(hyper), "data": data_sha}, sort_keys=True)
+    fields = {k: v for k, v in asdict(hyper).items() if k not in _LATER or _LATER[k] != v}
+    blob = json.dumps({"version": VERSION, "hyper": fields, "data": data_sha}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -167,14 +184,39 @@ def mean_nll(model: Any, windows: list[list[int]], batch_size: int = 32) -> floa
     return total / count
 
 
-def _model(hyper: Hyper, vocab: int) -> Any:
-    from transformers import GPT2Config, GPT2LMHeadModel
+def gpt2_config(hyper: Hyper, vocab: int) -> Any:
+    """GPT-2: learned positions, LayerNorm, a GELU MLP; no dropout, tied embeddings."""
+    from transformers import GPT2Config
 
-    config = GPT2Config(vocab_size=vocab, n_positions=hyper.context, n_embd=hyper.d_model,
-                        n_layer=hyper.layers, n_head=hyper.heads, n_inner=4 * hyper.d_model,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
-                        eos_token_id=None, pad_token_id=0, tie_word_embeddings=True)
-    return GPT2LMHeadModel(config)
+    return GPT2Config(vocab_size=vocab, n_positions=hyper.context, n_embd=hyper.d_model,
+                      n_layer=hyper.layers, n_head=hyper.heads, n_inner=hyper.inner or 4 * hyper.d_model,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
+                      eos_token_id=None, pad_token_id=0, tie_word_embeddings=True)
+
+
+def llama_config(hyper: Hyper, vocab: int) -> Any:
+    """Llama: grouped-query attention, a gated SiLU MLP, RMSNorm, rotary; tied embeddings."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=hyper.d_model, num_hidden_layers=hyper.layers,
+                       num_attention_heads=hyper.heads,
+                       num_key_value_heads=hyper.kv_heads or hyper.heads,
+                       head_dim=hyper.d_model // hyper.heads,
+                       intermediate_size=hyper.inner or 4 * hyper.d_model, hidden_act="silu",
+                       max_position_embeddings=hyper.context, attention_dropout=0.0,
+                       attention_bias=False, mlp_bias=False, bos_token_id=None, eos_token_id=None,
+                       pad_token_id=0, tie_word_embeddings=True)
+
+
+#: The architectures ``Hyper.arch`` names: a transformers config from the hyper-parameters and the
+#: vocabulary size.
+ARCHS: dict[str, Callable[[Hyper, int], Any]] = {"gpt2": gpt2_config, "llama": llama_config}
+
+
+def _model(hyper: Hyper, vocab: int) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(ARCHS[hyper.arch](hyper, vocab))
 
 
 def _optimizer(model: Any, hyper: Hyper) -> Any:
@@ -266,7 +308,7 @@ def prepare(data: Path, hyper: Hyper = Hyper(), log: Callable[[str], None] | Non
     train_ids = torch.tensor([index[c] for c in train_text], dtype=torch.long)
     windows = val_windows(val_text, hyper.context)
     val = [[index[c] for c in w] for w in windows]
-    log(f"charlm: training a {hyper.layers}-layer, {hyper.d_model}-wide character GPT-2 on "
+    log(f"charlm: training a {hyper.layers}-layer, {hyper.d_model}-wide character {hyper.arch} on "
         f"{len(train_text)} characters ({len(chars)} distinct), validating on {len(val_text)} "
         f"(cached in {directory})")
     model, record = train(hyper, train_ids, val, len(tokenizer), log)
@@ -304,14 +346,14 @@ def continue_training(prepared: Prepared, steps: int, batch_size: int, lr: float
     directory of the trained copy (a plain transformers directory with the same tokenizer).
     """
     import torch
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     name = f"control-{steps}x{batch_size}-lr{lr:g}-seed{seed}-emb{int(train_embeddings)}"
     out = prepared.dir / name
     if (out / "model.safetensors").is_file():
         return out
-    model = GPT2LMHeadModel.from_pretrained(str(prepared.model), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(prepared.model), local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(prepared.model), local_files_only=True)
     rows = [list(r) for r in tokenizer(read_jsonl(prepared.train), truncation=True,
                                        max_length=prepared.hyper.context)["input_ids"]]

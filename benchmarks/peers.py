@@ -178,23 +178,31 @@ def torch_prune_l1(original_dir: Path, workdir: Path, amount: float = 0.5) -> Pe
                 "save_pretrained: zeros stored densely, so the size does not shrink", loader=load)
 
 
-def torch_pruning_mlp(original_dir: Path, workdir: Path, ratio: float = 0.5) -> Peer:
-    """Torch-Pruning: remove ``ratio`` of every layer's MLP neurons by L1 magnitude."""
+def prune_mlp_(model: Any, roots: Callable[[str], bool], ratio: float,
+               output_transform: Callable[[Any], Any]) -> None:
+    """Torch-Pruning's ``MetaPruner`` with L1 magnitude importance, the Linears whose names
+    ``roots`` accepts as the only roots (every other Linear ignored), ``ratio`` of each root's
+    output channels removed per layer; the layers the dependency graph couples to them (the next
+    Linear's inputs, a gated MLP's other input projection) follow."""
     import torch
     import torch_pruning as tp
 
+    example = {"input_ids": torch.randint(0, model.config.vocab_size, (1, 16)),
+               "attention_mask": torch.ones(1, 16, dtype=torch.long)}
+    ignored = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not roots(n)]
+    pruner = tp.pruner.MetaPruner(
+        model, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
+        global_pruning=False, ignored_layers=ignored, output_transform=output_transform)
+    pruner.step()
+
+
+def torch_pruning_mlp(original_dir: Path, workdir: Path, ratio: float = 0.5) -> Peer:
+    """Torch-Pruning: remove ``ratio`` of every layer's MLP neurons by L1 magnitude."""
     name = f"torch-pruning-mlp-{round(ratio * 100)}"
     out = _fresh(workdir / name)
     model = _load_fp32(original_dir)
-    example = {"input_ids": torch.randint(0, model.config.vocab_size, (1, 16)),
-               "attention_mask": torch.ones(1, 16, dtype=torch.long)}
-    ignored = [m for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and not n.endswith("intermediate.dense")]
-    pruner = tp.pruner.MetaPruner(
-        model, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
-        global_pruning=False, ignored_layers=ignored,
-        output_transform=lambda output: output.last_hidden_state.sum())
-    pruner.step()
+    prune_mlp_(model, lambda n: n.endswith("intermediate.dense"), ratio,
+               lambda output: output.last_hidden_state.sum())
     widths = {layer.intermediate.dense.out_features for layer in model.encoder.layer}
     if len(widths) != 1:
         raise RuntimeError(f"layers pruned to different MLP widths {sorted(widths)}: a plain "

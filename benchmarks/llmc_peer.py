@@ -1,0 +1,93 @@
+"""llm-compressor's GPTQ ``oneshot`` on a character LM, run in an interpreter that has it.
+
+llm-compressor pins transformers to an older release than the project's, so ``benchmarks.llama_lm``
+runs this module as a child process in the interpreter that has llm-compressor (see
+``llama_lm.llmc_python``) and reads the one JSON line it prints::
+
+    python -m benchmarks.llmc_peer MODEL TRAIN VAL OUT --group-size 128 --samples 128 --context 128
+
+What it does, as llm-compressor's documentation shows for a W4A16 checkpoint:
+``oneshot(model, dataset, recipe=GPTQModifier(targets="Linear", scheme="W4A16",
+ignore=["lm_head"]))`` on the first ``samples`` windows of ``TRAIN`` (the engine's GPTQ
+calibrates on the same windows), then ``save_pretrained(OUT, save_compressed=True)``
+(compressed-tensors ``pack-quantized``). At another group size than the preset's 128 the scheme is
+W4A16's (symmetric 4-bit integer weights, group strategy, activations untouched) with that
+``group_size``. The model and tokenizer come from the local directory; nothing is downloaded.
+
+Then it loads ``OUT`` back with plain transformers (which decompresses it through
+compressed-tensors) and scores ``VAL`` with ``charlm.mean_nll``: the same windows and tokens as
+the engine's ``perplexity`` on ``val.jsonl``. Printed: ``version``, ``params`` (the weights of the
+model it quantized, tied ones once: the engine's count), ``val_loss``, ``seconds`` (``oneshot``
+and the save) and ``note``; the caller measures the size itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from benchmarks import charlm
+
+
+def recipe(group_size: int) -> Any:
+    """GPTQ at W4A16: the preset at group 128, the same fields at another group size."""
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    if group_size == 128:
+        return GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+               "group_size": group_size}
+    return GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
+                        ignore=["lm_head"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.llmc_peer", description=__doc__)
+    for name in ("model", "train", "val", "out"):
+        parser.add_argument(name)
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
+                                                 dtype=torch.float32)
+    params = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+    texts = [t for t in charlm.read_jsonl(Path(args.train)) if t.strip()][:args.samples]
+    encoded = tokenizer(texts, truncation=True, max_length=args.context)
+    dataset = Dataset.from_dict({"input_ids": encoded["input_ids"],
+                                 "attention_mask": encoded["attention_mask"]})
+    started = time.perf_counter()
+    oneshot(model=model, dataset=dataset, recipe=recipe(args.group_size),
+            max_seq_length=args.context, num_calibration_samples=len(texts))
+    model.save_pretrained(args.out, save_compressed=True)
+    seconds = time.perf_counter() - started
+    tokenizer.save_pretrained(args.out)
+
+    reloaded = AutoModelForCausalLM.from_pretrained(args.out, local_files_only=True)
+    windows = [list(ids) for ids in tokenizer(charlm.read_jsonl(Path(args.val)))["input_ids"]]
+    val_loss = charlm.mean_nll(reloaded, windows)
+    print(json.dumps({
+        "version": version("llmcompressor"), "params": params, "val_loss": val_loss,
+        "seconds": seconds,
+        "note": f"llm-compressor {version('llmcompressor')} oneshot GPTQModifier W4A16 "
+                f"(group {args.group_size}, lm_head ignored) on {len(texts)} train windows, "
+                f"save_compressed (compressed-tensors {version('compressed-tensors')}); reloaded "
+                f"with transformers {version('transformers')}"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
