@@ -10,10 +10,10 @@ same code as the stage itself (``vocab_trim.collect_ids``). ``tests/plugins/test
 and ``test_vocab_trim_bpe.py`` check that both give the same ids.
 
 Where the files say something transformers would act on and this does not model (a model family
-whose config defaults it does not know, tokens added outside ``tokenizer.json``, a special token
-it cannot find, a BPE tokenizer whose class rebuilds its pipeline from the vocabulary and merges
-rather than reading ``tokenizer.json`` as it is), it answers ``None`` and the caller loads the
-tokenizer through transformers.
+whose token-id defaults its ``ModelFamily.config_defaults`` do not give, tokens added outside
+``tokenizer.json``, a special token it cannot find, a BPE tokenizer whose class rebuilds its
+pipeline from the vocabulary and merges rather than reading ``tokenizer.json`` as it is), it
+answers ``None`` and the caller loads the tokenizer through transformers.
 """
 from __future__ import annotations
 
@@ -21,15 +21,9 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-#: The token-id defaults of the config classes of the families this knows (others: ``None``).
-CONFIG_DEFAULTS: dict[str, dict[str, int | None]] = {
-    "bert": {"pad_token_id": 0, "bos_token_id": None, "eos_token_id": None},
-    "gpt2": {"pad_token_id": None, "bos_token_id": 50256, "eos_token_id": 50256},
-    "llama": {"pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2},
-    "mistral": {"pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2},
-    "qwen2": {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None},
-    "qwen3": {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None},
-}
+#: The config's token ids that transformers keeps; their defaults are the family's
+#: ``config_defaults`` (a family that does not give all three: ``None``).
+TOKEN_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id")
 #: Tokenizer classes that use ``tokenizer.json`` as it is (others may rebuild a BPE pipeline).
 AS_SAVED = (None, "PreTrainedTokenizerFast", "TokenizersBackend")
 #: ``tokenizer_config.json`` keys that name one special token each.
@@ -69,6 +63,19 @@ def _special_tokens(config: dict[str, Any]) -> list[str] | None:
     return tokens
 
 
+def _token_defaults(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The token ids the config class of ``config``'s family fills in, or ``None`` if not known."""
+    from squeezelang.plugin import SqueezeError, family_of
+
+    try:
+        known = family_of(config).config_defaults
+    except SqueezeError:  # no registered family
+        return None
+    if not all(key in known for key in TOKEN_KEYS):
+        return None
+    return {key: known[key] for key in TOKEN_KEYS}
+
+
 def direct_kept_ids(directory: Path, texts: Iterable[str], keep_frequent: int,
                     keep: Iterable[str]) -> list[int] | None:
     """``vocab_trim.kept_ids`` of the model in ``directory`` without transformers, or ``None``."""
@@ -83,7 +90,7 @@ def direct_kept_ids(directory: Path, texts: Iterable[str], keep_frequent: int,
         generation = _read(directory / "generation_config.json")
     except (OSError, ValueError):
         return None
-    defaults = CONFIG_DEFAULTS.get(config.get("model_type")) if isinstance(config, dict) else None
+    defaults = _token_defaults(config) if isinstance(config, dict) else None
     files = (doc, tokenizer_config, special_map, generation)
     kind = (doc.get("model") or {}).get("type") if isinstance(doc, dict) else None
     if (defaults is None or not all(isinstance(d, dict) for d in files) or kind not in SUPPORTED_MODELS

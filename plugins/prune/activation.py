@@ -54,7 +54,8 @@ def new_sizes(config: dict[str, Any], targets: list[str], ratio: float) -> dict[
             out["hidden"] = out["heads"] * cur["head_dim"]
     if "embedding" in targets:
         want = (1.0 - ratio) * out["hidden"]
-        if fam.tied_head_dim:  # a multiple of the head count: each head's dimension shrinks
+        if fam.tied_head_dim or fam.hidden_per_head:  # a multiple of the head count: each
+            # head's dimension shrinks, or the config class requires it
             out["hidden"] = max(1, int(round(want / out["heads"]))) * out["heads"]
         else:  # heads and head dimension stay; only the residual stream narrows
             out["hidden"] = max(1, int(round(want)))

@@ -64,11 +64,14 @@ def apply_stage(stage: StagePlan, handle: ModelHandle, registries: Registries, c
     """Run one stage's technique on ``handle``, turning any failure into an ``ExecutionError``."""
     import torch
 
+    from squeezelang.hooks.family import families_in_use
+
     tech = registries.techniques.get(stage.technique)
     torch.manual_seed(seed)
     ctx.stage = stage.name
     try:
-        tech.apply_(handle, dict(stage.params), ctx)
+        with families_in_use(registries):  # a --plugin family is the one surgery finds
+            tech.apply_(handle, dict(stage.params), ctx)
     except SqueezeError as exc:
         raise ExecutionError(str(exc), stage=stage.name, plugin=stage.plugin) from exc
     except MemoryError as exc:

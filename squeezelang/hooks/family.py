@@ -12,12 +12,22 @@ Module names are templates relative to a block (``self_attn.q_proj``) or to the 
 so the same family serves every task head (``LlamaModel`` inside ``LlamaForCausalLM`` or
 ``LlamaForSequenceClassification``).
 
+A family may also describe its *layout* (``Layout``): the order of its modules, their classes,
+which projections have biases and the modules of each task head. ``models.layout_meta`` then
+computes the meta-data of a model (every tensor's name, shape and dtype) from ``config.json``
+without importing torch; a family without one is built on torch's meta device instead.
+
+The family of a config is looked up in the registries of the plan or run in progress
+(``families_in_use``), so a family that a ``--plugin`` module registers is seen by every technique.
+
 This module is imported by ``squeeze check``: it must not import torch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from squeezelang.errors import PluginError, SqueezeError
 from squeezelang.hooks.registry import Registry
@@ -27,6 +37,79 @@ if TYPE_CHECKING:
 
 NORM_KINDS = ("layernorm", "rmsnorm", "rmsnorm_one_plus")
 """``layernorm`` (weight and bias), ``rmsnorm`` (weight), ``rmsnorm_one_plus`` (Gemma: ``x · (1 + w)``)."""
+
+LAYOUT_TASKS = ("embedding", "causal-lm", "masked-lm", "classification")
+"""The tasks a ``Layout`` may describe (``embedding`` is the base model itself)."""
+
+
+# ---------------------------------------------------------------------------- layouts
+@dataclass(frozen=True, eq=False)
+class LayoutModule:
+    """A module of a task head: its name relative to the task model (``{base}`` stands for the
+    base model's prefix with its dot, empty for the base model itself), its class name, and its
+    tensors as ``(suffix, shape)`` pairs whose dimensions are *size names*: ``hidden``, ``inner``,
+    ``heads``, ``kv_heads``, ``head_dim``, ``layers`` (the family's sizes), ``vocab`` (the config's
+    ``vocab_size``), ``labels`` (``id2label``/``num_labels``), or any other config key."""
+
+    name: str
+    kind: str
+    tensors: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+def linear(name: str, out_features: str, in_features: str, bias: bool = True) -> LayoutModule:
+    """A ``torch.nn.Linear`` head module (weight ``[out, in]``, bias ``[out]``)."""
+    weight = (("weight", (out_features, in_features)),)
+    return LayoutModule(name, "Linear", weight + ((("bias", (out_features,)),) if bias else ()))
+
+
+@dataclass(frozen=True, eq=False)
+class TaskLayout:
+    """What a task model adds to the base model.
+
+    ``modules``: the head's modules, in registration order. ``ties``: pairs of tensor names (with
+    ``{base}``) that are one tensor when the config's ``tie_word_embeddings`` is true (the output
+    layer and the token embedding); a tied tensor belongs to the module that comes first.
+    ``head_first``: the head is registered before the base model (XLM-RoBERTa's task classes).
+    """
+
+    modules: tuple[LayoutModule, ...] = ()
+    ties: tuple[tuple[str, str], ...] = ()
+    head_first: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class Layout:
+    """How the tensors of a family's models are laid out, in state-dict order.
+
+    ``prefix``: the attribute that holds the base model in a task model (``model``, ``bert``).
+    ``base``: the base model's modules in order, base-relative; the family's ``blocks`` path
+    stands for every block. Only the family's ``embeddings``, ``embedding_norm`` and
+    ``final_norm`` may appear besides it.
+    ``block``: a block's modules in order, block-relative, each one of the family's roles (``q``,
+    ``qkv``, ``o``, ``mlp_in``, ``norms``, ``head_norms``, …); shapes follow from the roles.
+    ``tasks``: the tasks transformers has a class for, with what each adds (``TaskLayout``).
+    ``norm_class``: the class name of the family's norms (projections are ``Linear``, or
+    ``Conv1D`` with ``conv1d``; embeddings, Gemma's scaled one too, are ``Embedding``).
+    ``rows``: the config key of each embedding's row count (the token embedding: ``vocab_size``).
+    ``attention_bias`` (``q``/``k``/``v`` or ``qkv``), ``o_bias`` and ``mlp_bias``: whether those
+    projections have a bias: ``True``, ``False`` or the name of a boolean config key.
+    ``requires``: config values the layout assumes (an option that adds tensors, such as
+    cross-attention); a config with another value is not laid out here.
+
+    Non-persistent buffers (rotary frequencies, position ids, Gemma's embedding scale) are not in
+    the state dict and are not described.
+    """
+
+    prefix: str
+    base: tuple[str, ...]
+    block: tuple[str, ...]
+    tasks: Mapping[str, TaskLayout] = field(default_factory=dict)
+    norm_class: str = "LayerNorm"
+    rows: Mapping[str, str] = field(default_factory=dict)
+    attention_bias: bool | str = False
+    o_bias: bool | str = False
+    mlp_bias: bool | str = False
+    requires: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -71,12 +154,20 @@ class ModelFamily:
         ``head_dim_key``: an explicit head dimension that the modeling code honours (``None``: the
         head dimension is ``hidden / heads`` and the attention is as wide as the hidden size);
         ``inner_factor``: the MLP width when ``inner_key`` is unset (GPT-2: ``4 × hidden``);
+        ``hidden_per_head``: the config class refuses a hidden size that is not a multiple of the
+        head count even when ``head_dim`` is explicit (transformers' Llama and Gemma configs);
         ``per_layer_keys``: config lists with one entry per layer (``layer_types``), sliced when
         layers go; ``layer_index_attrs``: block-relative attributes holding the layer number
         (``self_attn.layer_idx``), renumbered when layers go.
 
+    ``config_defaults``: the values the config class gives keys a ``config.json`` may leave out
+    (sizes, ``tie_word_embeddings``, bias flags, ``pad_token_id``/``bos_token_id``/
+    ``eos_token_id``); a key absent here is one whose default is not known. ``layout``: how its
+    tensors are laid out (``Layout``), or ``None`` (meta-data then comes from building the model).
+
     ``unsupported``: ``(what, reason)`` pairs for what this family cannot do yet (``what`` as the
-    techniques name it: ``"prune:heads"``, ``"shrink"``, ``"task_prune"``, …); techniques call ``require`` at plan time so that ``squeeze check``/``plan`` refuse.
+    techniques name it: ``"prune:heads"``, ``"shrink"``, ``"task_prune"``, …); techniques call
+    ``require`` at plan time so that ``squeeze check``/``plan`` refuse.
     """
 
     name: str
@@ -105,8 +196,11 @@ class ModelFamily:
     kv_heads_key: str | None = None
     head_dim_key: str | None = None
     inner_factor: int = 4
+    hidden_per_head: bool = False
     per_layer_keys: tuple[str, ...] = ()
     layer_index_attrs: tuple[str, ...] = ()
+    config_defaults: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    layout: Layout | None = None
     unsupported: tuple[tuple[str, str], ...] = ()
 
     def validate_definition(self) -> None:
@@ -123,6 +217,33 @@ class ModelFamily:
             raise PluginError(f"norm_kind must be one of {', '.join(NORM_KINDS)}")
         if not self.embeddings:
             raise PluginError("embeddings is empty (the token embedding comes first)")
+        if self.layout is not None:
+            self._validate_layout(self.layout)
+
+    def _validate_layout(self, layout: Layout) -> None:
+        roles = set(self.block_roles())
+        wrong = [name for name in layout.block if name not in roles]
+        if wrong:
+            raise PluginError(f"layout.block names modules that are not roles: {', '.join(wrong)}")
+        outside = {self.blocks, *self.embeddings, self.embedding_norm, self.final_norm} - {None}
+        wrong = [name for name in layout.base if name not in outside]
+        if wrong or self.blocks not in layout.base:
+            what = ", ".join(wrong) or "without the blocks"
+            raise PluginError("layout.base lists the blocks path, the embeddings and the embedding "
+                              f"and final norms only (not {what})")
+        missing = [e for e in self.embeddings[1:] if e not in layout.rows]
+        if missing:
+            raise PluginError(f"layout.rows gives no row-count key for {', '.join(missing)}")
+        unknown = [task for task in layout.tasks if task not in LAYOUT_TASKS]
+        if unknown:
+            raise PluginError(f"layout.tasks: unknown task {', '.join(unknown)} (expected one of "
+                              f"{', '.join(LAYOUT_TASKS)})")
+
+    def block_roles(self) -> tuple[str, ...]:
+        """Every block-relative module name this family gives a role."""
+        names = (self.q, self.k, self.v, self.qkv, self.o, *self.mlp_in, self.mlp_fused,
+                 self.mlp_out, *self.norms, *self.head_norms)
+        return tuple(n for n in names if n)
 
     # ------------------------------------------------------------------ reading a config
     @property
@@ -190,12 +311,36 @@ class FamilyRegistry(Registry[ModelFamily]):
         return sorted(self._by_type)
 
 
-def family_of(config: Any, registries: Registries | None = None) -> ModelFamily:
-    """The registered family of a config; ``SqueezeError`` listing the known model types if none."""
-    if registries is None:
-        from squeezelang.hooks.manager import default_registries
+_IN_USE: contextvars.ContextVar[Registries | None] = contextvars.ContextVar(
+    "squeezelang_families_in_use", default=None)
 
-        registries = default_registries()
+
+@contextlib.contextmanager
+def families_in_use(registries: Registries) -> Iterator[None]:
+    """Look families up in ``registries`` inside the block (the planner and the executor wrap
+    estimates, the model source and stages in it), so that a family registered by a ``--plugin``
+    module, which the installed entry points do not know, is the one every technique sees."""
+    token = _IN_USE.set(registries)
+    try:
+        yield
+    finally:
+        _IN_USE.reset(token)
+
+
+def registries_in_use() -> Registries:
+    """The registries of the plan or run in progress, else those of the installed plugins."""
+    current = _IN_USE.get()
+    if current is not None:
+        return current
+    from squeezelang.hooks.manager import default_registries
+
+    return default_registries()
+
+
+def family_of(config: Any, registries: Registries | None = None) -> ModelFamily:
+    """The registered family of a config (in ``registries``, default ``registries_in_use()``);
+    ``SqueezeError`` listing the known model types if none."""
+    registries = registries if registries is not None else registries_in_use()
     found = registries.families.for_config(config)
     if found is None:
         raise SqueezeError(

@@ -126,6 +126,8 @@ def matches(name: str, include: Iterable[str] | None, exclude: Iterable[str] = (
 def meta_from_model(model: Any, task: str, codecs: dict[str, dict[str, Any]] | None = None,
                     states: Iterable[str] = ()) -> ModelMeta:
     """Meta-data of a torch model (real or on the meta device); tied parameters count once."""
+    from squeezelang.models.select import kind_of
+
     codecs = codecs or {}
     config = model.config.to_dict() if hasattr(model, "config") else {}
     meta = ModelMeta(task=task, config=config, states=set(states))
@@ -143,7 +145,7 @@ def meta_from_model(model: Any, task: str, codecs: dict[str, dict[str, Any]] | N
                                             codecs.get(full))
             owned.append(full)
         if owned:
-            meta.modules[mod_name] = ModuleMeta(mod_name, type(module).__name__, owned)
+            meta.modules[mod_name] = ModuleMeta(mod_name, kind_of(module), owned)
     return meta
 
 

@@ -5,9 +5,9 @@ to do it is not: about 3 s of the 3.3 s ``squeeze plan`` takes for all-MiniLM-L6
 meta-data depends only on the config, the task and the versions of the code that built it, so it
 is kept as JSON under ``$SQUEEZE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/squeezelang``, else
 ``~/.cache/squeezelang``) in ``meta/<key>.json``, where the key hashes all of those. A later plan of
-the same model reads it back without importing torch. (For the families whose layout
-``layout_meta`` knows, BERT and GPT-2, even a first plan computes the meta-data from the config and
-never reaches this cache.)
+the same model reads it back without importing torch. (For the families that describe their
+layout, every built-in one, ``layout_meta`` computes the meta-data from the config even on a first
+plan, which never reaches this cache.)
 
 The cache never decides anything a fresh build would not: an entry whose key differs is simply
 another file, an unreadable or malformed entry is rebuilt, and writes go through a temporary file
@@ -28,7 +28,7 @@ from squeezelang.models.meta import ModelMeta, ModuleMeta, TensorMeta
 T = TypeVar("T")
 
 #: Bumped whenever ``ModelMeta``'s fields or ``meta_from_model`` change what they record.
-FORMAT = 1
+FORMAT = 2
 _PACKAGES = ("squeezelang", "torch", "transformers")
 
 

@@ -19,7 +19,16 @@ LINEAR_KINDS = ("Linear", "Conv1D")
 BLOCKS = ("*.[0-9]*",)
 
 
+#: Kinds that a subclass keeps: modeling code subclasses them to change how they are called (Gemma's
+#: ``…ScaledWordEmbedding`` multiplies its rows by ``sqrt(hidden)``) while the weight is the same.
+BASE_KINDS = ("Linear", "Conv1D", "Embedding")
+
+
 def kind_of(module: Any) -> str:
+    """The kind of a module: its class name, or the name of the ``BASE_KINDS`` class it extends."""
+    for cls in type(module).__mro__:
+        if cls.__name__ in BASE_KINDS:
+            return cls.__name__
     return type(module).__name__
 
 

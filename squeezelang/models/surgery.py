@@ -7,7 +7,8 @@ rows/columns are selected, a fresh model is built from the shrunk config and loa
 the result replaces the old model's contents in place (the Python object stays the same).
 
 Which model types are known, and where each role lives, is data: the registered ``ModelFamily``
-of ``config.model_type`` (``squeezelang.hooks.family``; built-ins in ``plugins/families.py``).
+of ``config.model_type`` in the run's registries (``squeezelang.hooks.family``; built-ins in
+``plugins/families.py``).
 Nothing here branches on a family's name. What shapes the operations:
 
 * a config has one size for all layers, so heads, MLP neurons and layers are removed by the same
@@ -43,7 +44,11 @@ if TYPE_CHECKING:
 
 
 def family_of(config: Any) -> ModelFamily:
-    """The registered ``ModelFamily`` of a config (object or dict); ``SqueezeError`` if none."""
+    """The registered ``ModelFamily`` of a config (object or dict); ``SqueezeError`` if none.
+
+    It is looked up in the registries of the plan or run in progress (``families_in_use``, which
+    the planner and the executor enter), so a family from a ``--plugin`` module is found too.
+    """
     from squeezelang.hooks.family import family_of as lookup
 
     return lookup(config)
@@ -69,7 +74,10 @@ def _head_layouts(cur: dict[str, int]) -> list[tuple[int, int]]:
 
 def nearest_heads(config: Any, target: int) -> int:
     """The head count nearest ``target`` that a standard layout of this config can have."""
-    options = sorted({h for h, _ in _head_layouts(sizes(config))})
+    fam, cur = family_of(config), sizes(config)
+    options = sorted({h for h, _ in _head_layouts(cur)})
+    if fam.hidden_per_head and not fam.tied_head_dim:  # the config class checks hidden % heads
+        options = [h for h in options if cur["hidden"] % h == 0] or options
     return min(options, key=lambda h: (abs(h - target), -h))
 
 
@@ -126,6 +134,10 @@ def shrunk_config(config: dict[str, Any], layers: int | None = None, heads: int 
     new["kv_heads"] = kv_heads or kv_heads_for(cur, new["heads"])
     if new["heads"] % new["kv_heads"]:
         raise SqueezeError(f"{new['heads']} heads cannot share {new['kv_heads']} key/value groups")
+    if fam.hidden_per_head and not fam.tied_head_dim and new["hidden"] % new["heads"]:
+        raise SqueezeError(f"the hidden size ({new['hidden']}) must be a multiple of the number of "
+                           f"heads ({new['heads']}): the {fam.name} config class refuses it "
+                           "otherwise, even with an explicit head_dim")
     if fam.tied_head_dim:
         if new["hidden"] % new["heads"]:
             raise SqueezeError(f"the hidden size ({new['hidden']}) must be a multiple of the number "
@@ -157,15 +169,22 @@ def changed_keys(fam: ModelFamily) -> tuple[str, ...]:
     return tuple(k for k in keys if k)
 
 
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
 def resized_meta(meta: ModelMeta, layers: int | None = None, heads: int | None = None,
                  hidden: int | None = None, inner: int | None = None) -> ModelMeta:
     """The meta-data of the model after surgery to the given sizes (built on the meta device)."""
     config = shrunk_config(meta.config, layers, heads, hidden, inner)
     out = config_meta(config, meta.task)
+    # the shrunk model is built in its weights' dtype (``_build_like``), whatever the config says
+    dtype = next((t.dtype for t in meta.tensors.values() if t.dtype in _FLOAT_DTYPES), None)
     for name, t in out.tensors.items():
         old = meta.tensors.get(name)
         if old is not None:
             t.codec = copy.deepcopy(old.codec)
+        if dtype is not None and t.dtype in _FLOAT_DTYPES:
+            t.dtype = dtype
     out.states = set(meta.states)
     out.overhead_bytes = meta.overhead_bytes
     out.notes = list(meta.notes)

@@ -7,6 +7,7 @@ from typing import Any
 
 from squeezelang.errors import PlanError, SqueezeError
 from squeezelang.hooks.context import Context
+from squeezelang.hooks.family import families_in_use
 from squeezelang.hooks.registry import Registries
 from squeezelang.models.meta import ModelMeta
 from squeezelang.planner.constraints import Verdict, evaluate
@@ -77,7 +78,8 @@ def _model_meta(plan: Plan, registries: Registries) -> tuple[ModelMeta, Path | N
     if source is None:
         raise PlanError(f"model source '{plan.model.source}' is not installed")
     try:
-        return source.meta(plan.model.args), source.locate(plan.model.args)
+        with families_in_use(registries):  # the layout of a --plugin family too
+            return source.meta(plan.model.args), source.locate(plan.model.args)
     except SqueezeError:
         raise
     except Exception as exc:
@@ -92,7 +94,8 @@ def run_estimates(meta: ModelMeta, stages: tuple[StagePlan, ...] | list[StagePla
     for stage in stages:
         tech = registries.techniques.get(stage.technique)
         try:
-            meta = tech.estimate_with(meta.copy(), dict(stage.params), ctx)
+            with families_in_use(registries):  # techniques look families up in the run's plugins
+                meta = tech.estimate_with(meta.copy(), dict(stage.params), ctx)
         except NotImplementedError:
             raise PlanError(f"stage '{stage.name}': technique '{stage.technique}' cannot estimate "
                             "its effect") from None

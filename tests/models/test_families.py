@@ -12,8 +12,8 @@ import torch
 
 import squeezelang
 from squeezelang.errors import PluginError, SqueezeError
-from squeezelang.executor.context import Context, DataStore
-from squeezelang.hooks.family import ModelFamily
+from squeezelang.hooks.context import Context, DataStore
+from squeezelang.hooks.family import Layout, ModelFamily, TaskLayout
 from squeezelang.hooks.manager import build_registries, plugin_manager
 from squeezelang.models import surgery
 from squeezelang.models.handle import ModelHandle
@@ -21,7 +21,7 @@ from squeezelang.models.meta import meta_from_model
 from squeezelang.models.save import save_model
 from squeezelang.models.size import artifact_bytes
 
-from tests.conftest import SENTENCES, _gpt2_tokenizer
+from conftest import SENTENCES, _gpt2_tokenizer
 
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64)
@@ -198,6 +198,44 @@ def test_register_model_families_third_party_and_refusals():
                                         entry_points=False))
 
 
+@pytest.mark.parametrize("layout,message", [
+    (dict(block=("attn.q", "attn.x")), "layout.block names modules that are not roles: attn.x"),
+    (dict(base=("tok", "pos")), "layout.base lists the blocks path"),
+    (dict(base=("tok", "blocks", "norm")), "not norm"),
+    (dict(rows={}), "no row-count key for pos"),
+    (dict(tasks={"translation": TaskLayout()}), "unknown task translation"),
+], ids=["block", "no blocks", "base", "rows", "task"])
+def test_a_layout_is_checked_at_registration(layout, message):
+    good = dict(prefix="model", base=("tok", "pos", "blocks"), block=("attn.q", "attn.k", "attn.v"),
+                rows={"pos": "n_positions"}, tasks={"embedding": TaskLayout()})
+    mine = ModelFamily(name="tinyformer", model_types=("tinyformer",), blocks="blocks",
+                       q="attn.q", k="attn.k", v="attn.v", o="attn.o", mlp_in=("ff.up",),
+                       mlp_out="ff.down", embeddings=("tok", "pos"), layers_key="n_layers",
+                       hidden_key="d_model", heads_key="n_heads", inner_key="d_ff")
+    build_registries(plugin_manager([_plugin(ModelFamily(**{**mine.__dict__,
+                                                            "layout": Layout(**good)}))],
+                                    entry_points=False))
+    bad = ModelFamily(**{**mine.__dict__, "layout": Layout(**{**good, **layout})})
+    with pytest.raises(PluginError, match=f"model family 'tinyformer': .*{message}"):
+        build_registries(plugin_manager([_plugin(bad)], entry_points=False))
+
+
+def test_every_built_in_family_has_a_layout_and_its_token_defaults(registries):
+    """What ``layout_meta`` and ``vocab_count`` read from a family (no per-family tables there)."""
+    import transformers
+
+    for fam in registries.families:
+        if registries.families.owner(fam.name) != "builtin_families":
+            continue
+        assert fam.layout is not None, fam.name
+        for model_type in fam.model_types:
+            defaults = transformers.CONFIG_MAPPING[model_type]().to_dict()
+            for key, value in fam.config_defaults.items():
+                assert defaults.get(key) == value, (model_type, key)
+            for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+                assert key in fam.config_defaults, (model_type, key)
+
+
 def test_unsupported_is_refused_at_plan_time(registries):
     from transformers import T5Config
 
@@ -207,3 +245,30 @@ def test_unsupported_is_refused_at_plan_time(registries):
                          "unsupported": (("shrink", "no reason"),)})
     with pytest.raises(SqueezeError, match="shrink is not supported on model family 'llama'"):
         fam.require("shrink")
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("target, ratio", [("embedding", 0.01), ("embedding", 0.1), ("heads", 0.25),
+                                           (["heads", "embedding"], 0.3)])
+def test_pruned_sizes_are_ones_the_config_class_accepts(name, target, ratio):
+    """Llama's and Gemma's config classes refuse a hidden size that the head count does not divide,
+    even with an explicit head_dim: the sizes a ratio rounds to must be ones they accept."""
+    import transformers
+
+    from squeezelang_plugins.prune.activation import new_sizes
+
+    from squeezelang.models.surgery import shrunk_config
+
+    config = _handle(name).model.config.to_dict()
+    sizes = new_sizes(config, [target] if isinstance(target, str) else target, ratio)
+    shrunk = shrunk_config(config, heads=sizes["heads"], hidden=sizes["hidden"], inner=sizes["inner"])
+    transformers.AutoConfig.for_model(**shrunk)  # the family's config class takes it
+
+
+def test_shrink_to_a_hidden_size_the_heads_do_not_divide_is_refused_clearly():
+    from squeezelang.errors import SqueezeError
+    from squeezelang.models.surgery import shrunk_config
+
+    config = _handle("llama").model.config.to_dict()
+    with pytest.raises(SqueezeError, match=r"hidden size \(62\) must be a multiple .* llama"):
+        shrunk_config(config, hidden=62)

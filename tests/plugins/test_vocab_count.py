@@ -58,7 +58,7 @@ def _edited(source: Path, tmp_path: Path, name: str, edit) -> Path:
 
 
 @pytest.mark.parametrize("name,edit", [
-    ("config.json", lambda c: c.update(model_type="roberta")),
+    ("config.json", lambda c: c.update(model_type="t5")),
     ("tokenizer_config.json", lambda c: c.setdefault("added_tokens_decoder", {}).update(
         {"9999": {"content": "<new>", "special": True}})),
     ("tokenizer_config.json", lambda c: c.update(cls_token="<not in the vocabulary>")),

@@ -1,0 +1,109 @@
+"""A model family that a ``--plugin`` module registers (not an installed entry point) is the one
+the planner and the structured techniques use: ``families_in_use`` carries the run's registries.
+
+The architecture is a renamed Llama: a config subclass with its own ``model_type``, registered with
+transformers' ``AutoConfig``/``AutoModelForCausalLM`` inside the test, and a plugin module whose
+family is a renamed copy of the built-in ``llama`` family.
+"""
+from __future__ import annotations
+
+import types
+
+import pytest
+
+import squeezelang
+from squeezelang.errors import SqueezeError
+from squeezelang.hooks.family import ModelFamily, families_in_use, family_of, registries_in_use
+from squeezelang.hooks.manager import build_registries, default_registries, plugin_manager
+from squeezelang.models import layout_meta
+
+from conftest import _gpt2_tokenizer
+
+MODEL_TYPE = "squeeze-test-tinyllama"
+
+
+@pytest.fixture(scope="module")
+def tinyllama():
+    """``MODEL_TYPE`` registered with transformers for the module's tests, then removed."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    class TinyLlamaConfig(LlamaConfig):
+        model_type = MODEL_TYPE
+
+    class TinyLlamaForCausalLM(LlamaForCausalLM):
+        config_class = TinyLlamaConfig
+
+    AutoConfig.register(MODEL_TYPE, TinyLlamaConfig)
+    AutoModelForCausalLM.register(TinyLlamaConfig, TinyLlamaForCausalLM)
+    yield TinyLlamaConfig, TinyLlamaForCausalLM
+    transformers.CONFIG_MAPPING._extra_content.pop(MODEL_TYPE, None)
+    AutoModelForCausalLM._model_mapping._extra_content.pop(TinyLlamaConfig, None)
+
+
+@pytest.fixture(scope="module")
+def plugin_module():
+    """A plugin module registering a renamed copy of the ``llama`` family (layout included)."""
+    llama = default_registries().families.get("llama")
+    family = ModelFamily(**{**llama.__dict__, "name": "tinyllama", "model_types": (MODEL_TYPE,)})
+    module = types.ModuleType("squeeze_test_tinyllama_family")
+
+    @squeezelang.hookimpl
+    def register_model_families(registry):
+        registry.add(family)
+
+    module.register_model_families = register_model_families
+    return module
+
+
+@pytest.fixture(scope="module")
+def model_dir(tinyllama, tmp_path_factory):
+    import torch
+
+    config_cls, model_cls = tinyllama
+    directory = tmp_path_factory.mktemp("tinyllama")
+    tokenizer = _gpt2_tokenizer()
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
+    model_cls(config).eval().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+RECIPE = '''recipe "plugin family"
+model = hf("{model}", task = "causal-lm")
+data calib = text("{data}")
+stage depth: prune {{ method = "depth", ratio = 0.5, data = calib, samples = 8 }}
+'''
+
+
+def test_a_plugin_family_works_end_to_end(model_dir, plugin_module, sentences_file, tmp_path):
+    recipe = tmp_path / "r.squeeze"
+    recipe.write_text(RECIPE.format(model=model_dir, data=sentences_file), encoding="utf-8")
+    with pytest.raises(SqueezeError, match=f"not '{MODEL_TYPE}'"):
+        squeezelang.plan(recipe)  # the installed plugins alone do not know it
+
+    planned = squeezelang.plan(recipe, plugins=[plugin_module])
+    result = squeezelang.run(recipe, tmp_path / "out", plugins=[plugin_module])
+    assert result.model.config.model_type == MODEL_TYPE
+    assert result.model.config.num_hidden_layers == 2
+    assert len(result.model.model.layers) == 2
+    predicted = planned.prediction.stages[-1]
+    assert predicted.params_count == sum(p.numel() for p in result.model.parameters())
+
+
+def test_families_in_use_is_scoped(plugin_module):
+    regs = build_registries(plugin_manager([plugin_module]))
+    config = {"model_type": MODEL_TYPE, "vocab_size": 50, "hidden_size": 32,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 48}
+    assert layout_meta.meta_of(config, "causal-lm") is None  # unknown outside the scope
+    with families_in_use(regs):
+        assert registries_in_use() is regs
+        assert family_of(config).name == "tinyllama"
+        meta = layout_meta.meta_of(config, "causal-lm")
+        assert meta is not None and "model.layers.1.mlp.down_proj.weight" in meta.tensors
+    assert registries_in_use() is default_registries()
+    with pytest.raises(SqueezeError, match="structured pruning supports model types"):
+        family_of(config)
