@@ -194,6 +194,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                               for d in regs.model_sources],
             "output_formats": [{"name": f.name, "plugin": regs.output_formats.owner(f.name)}
                                for f in regs.output_formats],
+            "model_families": [{"name": f.name, "plugin": regs.families.owner(f.name),
+                                "model_types": list(f.model_types)} for f in regs.families],
         }
         print(json.dumps(out, indent=2, default=lambda o: o.__dict__))
         return EXIT_OK
@@ -218,6 +220,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                 extra = f" ({item.dimension}, {'higher' if item.higher_is_better else 'lower'} is better" \
                         f"{', always available' if item.implicit else ''})"
             print(f"  {item.name} [{reg.owner(item.name)}]{extra}  {item.description}")
+    print("\nmodel families (what structured techniques can reshape):")
+    for fam in regs.families:
+        print(f"  {fam.name} [{regs.families.owner(fam.name)}]  model_type: {', '.join(fam.model_types)}")
     return EXIT_OK
 
 

@@ -103,6 +103,9 @@ def test_plugins_lists_schemas_and_knobs(capsys):
     data = json.loads(capsys.readouterr().out)
     prune = next(t for t in data["techniques"] if t["name"] == "prune")
     assert prune["schema"]["additionalProperties"] is False
+    families = {f["name"]: f for f in data["model_families"]}
+    assert {"bert", "gpt2", "llama", "qwen3", "gemma3_text"} <= set(families)
+    assert families["llama"]["model_types"] == ["llama"]
 
 
 def test_explain(capsys):
