@@ -86,6 +86,41 @@ def build_tiny_gpt2(directory: Path, seed: int = 0, layers: int = 2) -> Path:
     return directory
 
 
+#: Tiny configs of the Llama-style built-in families (GQA: 4 query heads over 2 key/value groups).
+FAMILY_COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=64)
+FAMILY_CONFIGS = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "phi3": ("Phi3Config", {"pad_token_id": 0}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 16}),
+    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 16, "query_pre_attn_scalar": 16,
+                                         "tie_word_embeddings": False}),
+}
+
+
+def build_family_handle(name: str, seed: int = 0):
+    """A tiny random causal LM of a Llama-style built-in family, as a ``ModelHandle``."""
+    import torch
+    import transformers
+
+    from squeezelang.models.handle import ModelHandle
+
+    cls_name, extra = FAMILY_CONFIGS[name]
+    tok = _gpt2_tokenizer()
+    config = getattr(transformers, cls_name)(vocab_size=len(tok), bos_token_id=0, eos_token_id=0,
+                                             **{**FAMILY_COMMON, **extra})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # random norms: zero-initialised Gemma norms would hide slicing mistakes
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return ModelHandle(model=model, tokenizer=tok, task="causal-lm")
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))

@@ -21,38 +21,11 @@ from squeezelang.models.meta import meta_from_model
 from squeezelang.models.save import save_model
 from squeezelang.models.size import artifact_bytes
 
-from conftest import SENTENCES, _gpt2_tokenizer
+from conftest import FAMILY_CONFIGS, SENTENCES, build_family_handle
 
-COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64)
-CONFIGS = {
-    "llama": ("LlamaConfig", {}),
-    "mistral": ("MistralConfig", {}),
-    "qwen2": ("Qwen2Config", {}),
-    "qwen3": ("Qwen3Config", {"head_dim": 16}),
-    "phi3": ("Phi3Config", {"pad_token_id": 0}),
-    "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 16}),
-    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 16, "query_pre_attn_scalar": 16,
-                                         "tie_word_embeddings": False}),
-}
-FAMILIES = list(CONFIGS)
+FAMILIES = list(FAMILY_CONFIGS)
 IDS = torch.tensor([[5, 40, 41, 42, 70, 71, 12]])
-
-
-def _handle(name: str, seed: int = 0) -> ModelHandle:
-    import transformers
-
-    cls_name, extra = CONFIGS[name]
-    tok = _gpt2_tokenizer()
-    config = getattr(transformers, cls_name)(vocab_size=len(tok), bos_token_id=0, eos_token_id=0,
-                                             **{**COMMON, **extra})
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # random norms: zero-initialised Gemma norms would hide slicing mistakes
-        for n, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    return ModelHandle(model=model, tokenizer=tok, task="causal-lm")
+_handle = build_family_handle
 
 
 def _ctx() -> Context:
