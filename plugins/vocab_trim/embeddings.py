@@ -27,30 +27,29 @@ def trim_embeddings_(model: Any, ids: list[int]) -> list[str]:
     out = model.get_output_embeddings()
     old_params = {id(emb.weight)}
     with torch.no_grad():
-        padding_idx = remap.get(emb.padding_idx) if emb.padding_idx is not None else None
-        new_emb = torch.nn.Embedding(len(ids), emb.weight.shape[1], padding_idx=padding_idx,
-                                     dtype=emb.weight.dtype, device=emb.weight.device)
-        new_emb.weight.copy_(emb.weight[index])
-        new_emb.weight.requires_grad_(emb.weight.requires_grad)
-        model.set_input_embeddings(new_emb)
-        replaced = {id(emb.weight): new_emb.weight}
+        # Resized in place, never replaced: the modules keep their class (Gemma's scaled
+        # embedding multiplies its rows by sqrt(hidden) in forward; a plain nn.Embedding would not).
+        tied = out is not None and out.weight is emb.weight
+        # the old parameters stay referenced until the end: ``replaced`` is keyed by their ids,
+        # and a freed id could be reused by a new parameter
+        old = [emb.weight] + ([out.weight, out.bias] if out is not None else [])
+        replaced = {id(emb.weight): _rows(emb.weight, index)}
+        emb.weight = replaced[id(emb.weight)]
+        emb.num_embeddings = len(ids)
+        emb.padding_idx = remap.get(emb.padding_idx) if emb.padding_idx is not None else None
         if out is not None:
             if not isinstance(out, torch.nn.Linear) or out.weight.shape[0] != rows:
                 raise SqueezeError(f"vocab_trim: the output layer is a {type(out).__name__} of "
                                    f"shape {tuple(out.weight.shape)}, not a vocabulary projection")
-            new_out = torch.nn.Linear(out.in_features, len(ids), bias=out.bias is not None,
-                                      dtype=out.weight.dtype, device=out.weight.device)
-            if out.weight is emb.weight:
-                new_out.weight = new_emb.weight
-            else:
-                new_out.weight.copy_(out.weight[index])
-                replaced[id(out.weight)] = new_out.weight
+            if not tied:
+                replaced[id(out.weight)] = _rows(out.weight, index)
                 old_params.add(id(out.weight))
+            out.weight = emb.weight if tied else replaced[id(out.weight)]
             if out.bias is not None:
-                new_out.bias.copy_(out.bias[index])
-                replaced[id(out.bias)] = new_out.bias
+                replaced[id(out.bias)] = _rows(out.bias, index)
                 old_params.add(id(out.bias))
-            model.set_output_embeddings(new_out)
+                out.bias = replaced[id(out.bias)]
+            out.out_features = len(ids)
         # Parameters elsewhere that still have a row per token: shared copies, LM-head biases.
         left = []
         for mod_name, module in model.named_modules():
@@ -63,6 +62,7 @@ def trim_embeddings_(model: Any, ids: list[int]) -> list[str]:
                                                                   requires_grad=p.requires_grad))
                     else:
                         left.append(f"{mod_name}.{pname}")
+        del old
         if left:
             raise SqueezeError(f"vocab_trim: do not know how to trim {', '.join(left[:5])} "
                                f"(a row per token outside the embedding and output layer)")
@@ -73,6 +73,13 @@ def trim_embeddings_(model: Any, ids: list[int]) -> list[str]:
             if token_ids([value]):
                 setattr(cfg, key, _renumbered(value, remap, key))
     return [n for n, p in model.state_dict().items() if p.dim() >= 1 and p.shape[0] == len(ids)]
+
+
+def _rows(p: Any, index: Any) -> Any:
+    """A new parameter holding the rows ``index`` of ``p`` (same dtype, device and grad flag)."""
+    import torch
+
+    return torch.nn.Parameter(p[index].clone(), requires_grad=p.requires_grad)
 
 
 def _renumbered(value: Any, remap: dict[int, int], key: str) -> Any:

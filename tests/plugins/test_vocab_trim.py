@@ -222,3 +222,26 @@ def test_vocab_trim_minilm(minilm_dir, registries, tmp_path):
     assert float(cos.min()) > 0.9999
     back = load_model(tmp_path / "out")
     assert torch.allclose(encode(back, texts), encode(handle, texts), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gemma3_text"])
+def test_decoder_families_keep_their_embedding_module(name, registries, tmp_path):
+    """Gemma's token embedding scales its rows by sqrt(hidden) in forward: trimming resizes the
+    module in place, so the trimmed model computes what its reloaded copy does."""
+    from conftest import build_family_handle
+
+    built = build_family_handle(name)
+    src = tmp_path / "src"
+    save_model(built, src)
+    kind = type(built.model.get_input_embeddings())
+    original, handle, _, _, _ = _trim(src, registries, tmp_path / "out")
+    assert type(handle.model.get_input_embeddings()) is kind
+    ids = handle.tokenizer(["the cat sits on the mat"], return_tensors="pt")["input_ids"]
+    back = load_model(tmp_path / "out")
+    with torch.no_grad():
+        mine, theirs = handle.model(input_ids=ids).logits, back.model(input_ids=ids).logits
+        kept = [original.tokenizer.convert_tokens_to_ids(t)
+                for t in handle.tokenizer.convert_ids_to_tokens(list(range(len(handle.tokenizer))))]
+        before = original.model(input_ids=torch.tensor([[kept[i] for i in ids[0].tolist()]])).logits
+    assert torch.equal(mine, theirs)
+    assert torch.allclose(mine, before[..., kept], atol=1e-5)
