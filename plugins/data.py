@@ -14,9 +14,7 @@ import json
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-from squeezelang import hookimpl
-from squeezelang.errors import SqueezeError
-from squeezelang.hooks.sources import DataSource
+from squeezelang.plugin import DataSource, SqueezeError, hookimpl
 
 _PATH = {"type": "string", "description": "the file (relative to the recipe)"}
 _LIMIT = {"type": "integer", "minimum": 1, "description": "read at most this many examples"}

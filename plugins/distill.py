@@ -31,16 +31,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from squeezelang import hookimpl
-from squeezelang.errors import SqueezeError
-from squeezelang.hooks.technique import Candidate, Technique
+from squeezelang.plugin import Candidate, SqueezeError, Technique, hookimpl
 
 if TYPE_CHECKING:
     import torch
 
-    from squeezelang.hooks.context import StageContext
-    from squeezelang.models.handle import ModelHandle
-    from squeezelang.models.meta import ModelMeta
+    from squeezelang.plugin import ModelHandle, ModelMeta, StageContext
 
 LOSSES = ("auto", "cosine", "mse", "kl")
 
@@ -48,7 +44,7 @@ LOSSES = ("auto", "cosine", "mse", "kl")
 def _teacher(handle: ModelHandle, teacher: str, ctx: StageContext) -> ModelHandle:
     if teacher == "original":
         return ctx.original()
-    from squeezelang.models.load import load_model
+    from squeezelang.plugin import load_model
 
     path = Path(teacher)
     if not path.is_dir():
@@ -95,7 +91,7 @@ class _Batcher:
 
     def __init__(self, handle: ModelHandle, texts: list[str], batch_size: int, max_length: int,
                  seed: int) -> None:
-        from squeezelang.models.forward import length_limit, pad_id
+        from squeezelang.plugin import length_limit, pad_id
 
         limit = length_limit(handle, max_length)
         kwargs: dict[str, Any] = {"truncation": limit is not None}
@@ -221,7 +217,7 @@ class Distill(Technique):
     def apply_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:
         import torch
 
-        from squeezelang.models.forward import mean_pool
+        from squeezelang.plugin import mean_pool
 
         if "quantized" in handle.states or any((s or {}).get("quant") for s in handle.codecs.values()):
             raise SqueezeError("distill cannot train a quantized model; put distill before quantize")

@@ -1,7 +1,7 @@
 """The built-in ``factorize`` technique: replace linear layers by truncated-SVD low-rank pairs.
 
 A ``[out, in]`` weight becomes ``second @ first`` with ``first`` ``[r, in]`` and ``second``
-``[out, r]`` (``squeezelang.models.layers.LowRankLinear``), fewer parameters whenever
+``[out, r]`` (``squeezelang.plugin.LowRankLinear``), fewer parameters whenever
 ``r * (in + out) < in * out``; layers where that does not hold are left alone. The change is
 structural, so the saved model records an edit that ``rebuild_`` replays when loading.
 
@@ -15,16 +15,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from squeezelang import hookimpl
-from squeezelang.errors import SqueezeError
-from squeezelang.hooks.technique import Candidate, Knob, Technique
-from squeezelang.models.meta import ModuleMeta, TensorMeta
-from squeezelang.models.select import BLOCKS, LINEAR_KINDS
+from squeezelang.plugin import (BLOCKS, LINEAR_KINDS, Candidate, Knob, ModuleMeta, SqueezeError,
+                                Technique, TensorMeta, hookimpl)
 
 if TYPE_CHECKING:
-    from squeezelang.hooks.context import StageContext
-    from squeezelang.models.handle import ModelHandle
-    from squeezelang.models.meta import ModelMeta
+    from squeezelang.plugin import ModelHandle, ModelMeta, StageContext
 
 
 def target_rank(rank: float, full: int) -> int:
@@ -158,8 +153,7 @@ class Factorize(Technique):
     def apply_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:
         import torch
 
-        from squeezelang.models.layers import LowRankLinear, linear_weight
-        from squeezelang.models.select import select_modules, set_module
+        from squeezelang.plugin import LowRankLinear, linear_weight, select_modules, set_module
 
         params = self._resolved(params)
         targets = select_modules(handle.model, LINEAR_KINDS, params.get("include"),
@@ -169,8 +163,7 @@ class Factorize(Technique):
         done: dict[str, int] = {}
         scale: dict[str, Any] = {}
         if params["method"] == "asvd":
-            from squeezelang.models.calibrate import calibration_texts
-            from squeezelang.models.linear_stats import input_stats
+            from squeezelang.plugin import calibration_texts, input_stats
 
             texts = calibration_texts(ctx, params.get("data"), int(params.get("samples", 128)),
                                       "factorize asvd")
@@ -212,8 +205,7 @@ class Factorize(Technique):
         ctx.log(f"factorized {len(done)} of {len(targets)} layers")
 
     def rebuild_(self, model: Any, record: dict[str, Any]) -> Any:
-        from squeezelang.models.layers import LowRankLinear
-        from squeezelang.models.select import get_module, kind_of, set_module
+        from squeezelang.plugin import LowRankLinear, get_module, kind_of, set_module
 
         for name, rank in record.get("modules", {}).items():
             module = get_module(model, name)

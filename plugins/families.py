@@ -1,6 +1,6 @@
 """The built-in model families: BERT-layout encoders, GPT-2, and Llama-style decoders.
 
-Each is a ``ModelFamily`` (``squeezelang.hooks.family``) registered through
+Each is a ``ModelFamily`` (``squeezelang.plugin``) registered through
 ``register_model_families``, exactly as a third-party plugin would add one. Module names, layouts
 and config defaults follow the transformers modeling and configuration code of each
 ``model_type``; ``tests/models/test_families.py`` builds a tiny model of every family and checks
@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from squeezelang import hookimpl
-from squeezelang.hooks.family import Layout, LayoutModule, ModelFamily, TaskLayout, linear
+from squeezelang.plugin import Layout, LayoutModule, ModelFamily, TaskLayout, hookimpl, linear
 
 # ---------------------------------------------------------------------------- BERT-layout encoders
 _ENCODER: dict[str, Any] = dict(

@@ -4,12 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from squeezelang import hookimpl
-from squeezelang.errors import SqueezeError
-from squeezelang.hooks.sources import OutputFormat
+from squeezelang.plugin import OutputFormat, SqueezeError, hookimpl
 
 if TYPE_CHECKING:
-    from squeezelang.models.handle import ModelHandle
+    from squeezelang.plugin import ModelHandle
 
 
 class SqueezeFormat(OutputFormat):
@@ -20,7 +18,7 @@ class SqueezeFormat(OutputFormat):
                    "codecs or edits is a plain transformers checkpoint.")
 
     def save(self, handle: ModelHandle, directory: Path) -> list[str]:
-        from squeezelang.models.save import save_model
+        from squeezelang.plugin import save_model
 
         return save_model(handle, directory)
 
@@ -33,10 +31,7 @@ class DenseFormat(OutputFormat):
                    "architecture (factorize).")
 
     def save(self, handle: ModelHandle, directory: Path) -> list[str]:
-        from squeezelang.models.handle import ModelHandle as Handle
-        from squeezelang.models.hf import from_config
-        from squeezelang.models.load import AFTER_LOAD
-        from squeezelang.models.save import save_model
+        from squeezelang.plugin import AFTER_LOAD, ModelHandle as Handle, from_config, save_model
 
         structural = sorted({r["technique"] for r in handle.edits if r.get("when") != AFTER_LOAD})
         if structural:

@@ -31,16 +31,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from squeezelang import hookimpl
-from squeezelang.errors import SqueezeError
-from squeezelang.hooks.technique import Candidate, Knob, Technique
-from squeezelang.models.codec import merge, stored_bytes
-from squeezelang.models.select import LINEAR_KINDS, output_axis
+from squeezelang.plugin import (LINEAR_KINDS, Candidate, Knob, SqueezeError, Technique, hookimpl,
+                                merge, output_axis, stored_bytes)
 
 if TYPE_CHECKING:
-    from squeezelang.hooks.context import StageContext
-    from squeezelang.models.handle import ModelHandle
-    from squeezelang.models.meta import ModelMeta
+    from squeezelang.plugin import ModelHandle, ModelMeta, StageContext
 
 SCHEMES = ("int8", "int8-dynamic", "int4", "mixed")
 #: The weight-only schemes with group-wise scales.
@@ -85,7 +80,7 @@ def _code_bytes(count: int, bits: float) -> int:
 
 def _budget_bytes(shape: tuple[int, ...], dtype: str, spec: dict[str, Any], avg_bits: float) -> int:
     """The stored bytes of a tensor under ``spec`` (a ``quant`` codec) with its codes at ``avg_bits``."""
-    from squeezelang.models.codec import CODES, layout, stored_bytes
+    from squeezelang.plugin import CODES, layout, stored_bytes
 
     wide = merge(spec, {"quant": {**spec["quant"], "bits": 8}})
     count = next(math.prod(s) for n, _, s in layout("t", shape, dtype, wide) if n.endswith(CODES))
@@ -121,7 +116,7 @@ def _float32_kernels(targets: list[tuple[str, Any]]) -> None:
     """Refuse int8 kernels for a half-precision model: they take and give float32 activations."""
     import torch
 
-    from squeezelang.models.select import kind_of
+    from squeezelang.plugin import kind_of
 
     for name, module in targets:
         if kind_of(module) in LINEAR_KINDS and module.weight.dtype != torch.float32:
@@ -283,9 +278,8 @@ class Quantize(Technique):
     def apply_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:
         import torch
 
-        from squeezelang.models.codec import quantize_weight_
-        from squeezelang.models.layers import Int8DynamicLinear
-        from squeezelang.models.select import kind_of, select_modules, set_module
+        from squeezelang.plugin import (Int8DynamicLinear, kind_of, quantize_weight_,
+                                        select_modules, set_module)
 
         params = self._resolved(params)
         scheme, granularity = params["scheme"], params.get("granularity", "channel")
@@ -336,10 +330,8 @@ class Quantize(Technique):
         """Group-wise weights (4-bit, or allocated widths), rounded to nearest or with GPTQ."""
         import torch
 
-        from squeezelang.models.codec import on_grid, quantize_weight
-        from squeezelang.models.calibrate import calibration_texts
-        from squeezelang.models.linear_stats import gptq_quantize, input_stats
-        from squeezelang.models.select import kind_of
+        from squeezelang.plugin import (calibration_texts, gptq_quantize, input_stats, kind_of,
+                                        on_grid, quantize_weight)
 
         shared = _shared_weights(handle.model)
         targets = [(n, m) for n, m in targets if m.weight.ndim == 2]
@@ -387,10 +379,8 @@ class Quantize(Technique):
         nearest ``avg_bits``); its size is its stored bytes. A weight read by several
         modules (tied) is one choice.
         """
-        from squeezelang.models.allocate import allocate, describe
-        from squeezelang.models.codec import quantize_weight
-        from squeezelang.models.select import kind_of
-        from squeezelang.models.sensitivity import Candidates, costs
+        from squeezelang.plugin import (Candidates, allocate, costs, describe, kind_of,
+                                        quantize_weight)
 
         widths = sorted(set(params["bits"]))
         avg = min(float(params["avg_bits"]), widths[-1])
@@ -426,8 +416,7 @@ class Quantize(Technique):
         return chosen
 
     def rebuild_(self, model: Any, record: dict[str, Any]) -> Any:
-        from squeezelang.models.layers import Int8DynamicLinear
-        from squeezelang.models.select import get_module, kind_of, set_module
+        from squeezelang.plugin import Int8DynamicLinear, get_module, kind_of, set_module
 
         if record.get("scheme") != "int8-dynamic":
             return model

@@ -15,17 +15,12 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, Iterable
 
-from squeezelang import hookimpl
-from squeezelang.errors import SqueezeError
-from squeezelang.hooks.technique import Knob, Technique
-from squeezelang.models.select import BLOCKS, LINEAR_KINDS
+from squeezelang.plugin import BLOCKS, LINEAR_KINDS, Knob, SqueezeError, Technique, hookimpl
 
 if TYPE_CHECKING:
     import torch
 
-    from squeezelang.hooks.context import StageContext
-    from squeezelang.models.handle import ModelHandle
-    from squeezelang.models.meta import ModelMeta
+    from squeezelang.plugin import ModelHandle, ModelMeta, StageContext
 
 CLUSTER_KINDS = LINEAR_KINDS + ("Embedding",)
 #: Parameters each method reads (``method`` aside).
@@ -324,7 +319,7 @@ class Share(Technique):
     def _cluster_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:
         import torch
 
-        from squeezelang.models.select import select_modules
+        from squeezelang.plugin import select_modules
 
         bits, iterations = int(params["bits"]), int(params["iterations"])
         targets = select_modules(handle.model, CLUSTER_KINDS, params.get("include"),
@@ -416,7 +411,7 @@ class Share(Technique):
     def rebuild_(self, model: Any, record: dict[str, Any]) -> Any:
         if record.get("method") != "cross_layer":
             raise SqueezeError(f"share: no rebuild for method '{record.get('method')}'")
-        from squeezelang.models.select import get_module
+        from squeezelang.plugin import get_module
 
         prefix = record.get("blocks")
         for group in record.get("groups", []):

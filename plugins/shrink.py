@@ -13,15 +13,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from squeezelang import hookimpl
-from squeezelang.hooks.technique import Technique
+from squeezelang.plugin import Technique, hookimpl
 
 if TYPE_CHECKING:
     import torch
 
-    from squeezelang.hooks.context import StageContext
-    from squeezelang.models.handle import ModelHandle
-    from squeezelang.models.meta import ModelMeta
+    from squeezelang.plugin import ModelHandle, ModelMeta, StageContext
 
 SIZES = ("layers", "heads", "hidden", "intermediate")
 
@@ -59,7 +56,7 @@ class Shrink(Technique):
         return []
 
     def _targets(self, config: dict[str, Any], params: dict[str, Any]) -> dict[str, int]:
-        from squeezelang.models.surgery import family_of, shrunk_config
+        from squeezelang.plugin import family_of, shrunk_config
 
         fam = family_of(config)
         cur = fam.sizes(config)
@@ -76,21 +73,19 @@ class Shrink(Technique):
         return out
 
     def estimate(self, meta: ModelMeta, params: dict[str, Any]) -> ModelMeta:
-        from squeezelang.models.surgery import resized_meta
-
-        from squeezelang.models.surgery import family_of
+        from squeezelang.plugin import family_of, resized_meta
 
         family_of(meta.config).require("shrink")  # at plan time, naming the family
         return resized_meta(meta, **self._targets(meta.config, params))
 
     def apply_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:
-        from squeezelang.models.surgery import choose_heads, reshape_, sizes
+        from squeezelang.plugin import choose_heads, reshape_, sizes
 
         cur = sizes(handle.config)
         new = self._targets(handle.config.to_dict(), params)
         stats = None
         if params.get("data"):
-            from squeezelang.models.calibrate import calibration_texts, collect
+            from squeezelang.plugin import calibration_texts, collect
 
             samples = int(params.get("samples", 256))
             stats = collect(handle, calibration_texts(ctx, params["data"], samples, "shrink"), samples)
@@ -122,7 +117,7 @@ def evenly_spaced(n: int, k: int) -> list[int]:
 
 def magnitude_scores(model: Any) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """Weight-only importance: per-layer heads and neurons, and hidden channels."""
-    from squeezelang.models.surgery import family_of, get_path, layer_modules
+    from squeezelang.plugin import family_of, get_path, layer_modules
 
     fam = family_of(model.config)
     cur = fam.sizes(model.config)

@@ -4,15 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from squeezelang import hookimpl
-from squeezelang.errors import SqueezeError
-from squeezelang.hooks.sources import ModelSource
-from squeezelang.models import hf
-from squeezelang.models.handle import TASKS
+from squeezelang.plugin import (TASKS, ModelSource, SqueezeError, checkpoint_dtype, config_dtype,
+                                from_config, hookimpl, load_pretrained, load_tokenizer, read_config)
 
 if TYPE_CHECKING:
-    from squeezelang.models.handle import ModelHandle
-    from squeezelang.models.meta import ModelMeta
+    from squeezelang.plugin import ModelHandle, ModelMeta
 
 #: Weight files that are pickles (``torch.save``): a directory holding only these is refused.
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -51,7 +47,7 @@ class HfSource(ModelSource):
         except OSError as exc:  # a name too long for the file system, say
             raise SqueezeError(f"{directory}: cannot read the model directory: "
                                f"{exc.strerror or exc}") from None
-        hf.read_config(directory)  # valid JSON, checked without torch
+        read_config(directory)  # valid JSON, checked without torch
         if pickled and not safe:
             raise SqueezeError(
                 f"{directory / pickled[0]}: pickle-based weights are never read (loading a pickle can "
@@ -60,16 +56,15 @@ class HfSource(ModelSource):
         return directory
 
     def meta(self, args: dict[str, Any]) -> ModelMeta:
-        from squeezelang.models.meta import measured_overhead, meta_from_model
-        from squeezelang.models import layout_meta
-        from squeezelang.models.meta_cache import cached_meta
+        from squeezelang.plugin import (cached_meta, layout_meta_of, measured_overhead,
+                                        meta_from_model)
 
         directory = self.locate(args)
         task = args.get("task", "embedding")
 
         def build() -> ModelMeta:
             try:
-                model = hf.from_config(config, task, meta=True)
+                model = from_config(config, task, meta=True)
             except SqueezeError:
                 raise
             except Exception as exc:  # an unknown model_type or a config transformers rejects
@@ -77,28 +72,28 @@ class HfSource(ModelSource):
                                    f"{type(exc).__name__}: {exc}") from None
             return meta_from_model(model, task)
 
-        config = hf.read_config(directory)
+        config = read_config(directory)
         key = (directory / "config.json").read_bytes()
-        if hf.config_dtype(config) is None:
+        if config_dtype(config) is None:
             # a config that names no dtype loads in its weights' dtype (transformers' "auto"):
             # build the meta-data in it, and keep it apart in the cache
-            dtype = hf.checkpoint_dtype(directory, config)
+            dtype = checkpoint_dtype(directory, config)
             if dtype != "float32":
                 config = {**config, "dtype": dtype}
                 key += f"\n#dtype {dtype}".encode()
-        meta = layout_meta.meta_of(config, task)  # a known family: no torch needed
+        meta = layout_meta_of(config, task)  # a known family: no torch needed
         if meta is None:
             meta = cached_meta(key, task, build)
         meta.overhead_bytes = measured_overhead(meta, directory)
         return meta
 
     def load(self, args: dict[str, Any]) -> ModelHandle:
-        from squeezelang.models.handle import ModelHandle
+        from squeezelang.plugin import ModelHandle
 
         directory = self.locate(args)
         task = args.get("task", "embedding")
-        model = hf.load_pretrained(directory, task)
-        return ModelHandle(model=model, tokenizer=hf.load_tokenizer(directory), task=task,
+        model = load_pretrained(directory, task)
+        return ModelHandle(model=model, tokenizer=load_tokenizer(directory), task=task,
                            source_dir=directory)
 
 

@@ -14,14 +14,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from squeezelang import hookimpl
-from squeezelang.errors import SqueezeError
-from squeezelang.hooks.technique import Knob, Technique
+from squeezelang.plugin import Knob, SqueezeError, Technique, hookimpl
 
 if TYPE_CHECKING:
-    from squeezelang.hooks.context import StageContext
-    from squeezelang.models.handle import ModelHandle
-    from squeezelang.models.meta import ModelMeta
+    from squeezelang.plugin import ModelHandle, ModelMeta, StageContext
 
 
 class TaskPrune(Technique):
@@ -55,7 +51,7 @@ class TaskPrune(Technique):
         return []
 
     def _counts(self, config: dict[str, Any], params: dict[str, Any]) -> dict[str, int]:
-        from squeezelang.models.surgery import family_of, nearest_heads
+        from squeezelang.plugin import family_of, nearest_heads
 
         fam = family_of(config)
         fam.require("task_prune")
@@ -67,15 +63,15 @@ class TaskPrune(Technique):
         return {key: cur[key] - removed}
 
     def estimate(self, meta: ModelMeta, params: dict[str, Any]) -> ModelMeta:
-        from squeezelang.models.surgery import resized_meta
+        from squeezelang.plugin import resized_meta
 
         return resized_meta(meta, **self._counts(meta.config, params))
 
     def apply_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:
         import torch
 
-        from squeezelang.models.surgery import (block_module, choose_heads, family_of,
-                                                layer_modules, reshape_)
+        from squeezelang.plugin import (block_module, choose_heads, family_of, layer_modules,
+                                        reshape_)
         from squeezelang_plugins.shrink import magnitude_scores
 
         fam = family_of(handle.config)
@@ -130,7 +126,7 @@ def task_score(handle: ModelHandle, ctx: StageContext, params: dict[str, Any]) -
     """A function measuring the task score (higher = better; ``loss`` is negated)."""
     import torch
 
-    from squeezelang.models.forward import encode, lm_loss, logits
+    from squeezelang.plugin import encode, lm_loss, logits
 
     rows = ctx.data.rows(params["data"])[: int(params["samples"])]
     kind = params["score"]

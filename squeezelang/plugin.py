@@ -10,6 +10,8 @@ Groups (see docs/plugins.md for how each is used):
 
 - hooks and plugin objects: ``hookimpl``, ``Technique``, ``Knob``, ``Candidate``, ``Metric``,
   ``DataSource``, ``ModelSource``, ``OutputFormat``, ``ModelFamily``;
+- a family's torch-free layout (what ``squeeze plan`` computes tensors from): ``Layout``,
+  ``TaskLayout``, ``LayoutModule``, ``linear``;
 - errors: ``SqueezeError`` (a problem the user can fix), ``ExecutionError``;
 - what a stage or metric receives: ``StageContext``, ``MeasureContext``, ``ModelHandle``, ``TASKS``;
 - estimates: ``ModelMeta``, ``TensorMeta``, ``ModuleMeta``, ``meta_from_model``,
@@ -27,8 +29,8 @@ Groups (see docs/plugins.md for how each is used):
   ``length_limit``, ``max_positions``, ``outputs_for_fidelity``;
 - per-layer allocation: ``costs``, ``Candidates``, ``allocate``, ``describe``;
 - model directories: ``load_model``, ``save_model``, ``AFTER_LOAD``, ``read_config``,
-  ``load_tokenizer``, ``from_config``, ``cached_meta``, ``cached_json``, ``cache_key``,
-  ``layout_meta_of``.
+  ``load_tokenizer``, ``from_config``, ``load_pretrained``, ``config_dtype``, ``checkpoint_dtype``,
+  ``cached_meta``, ``cached_json``, ``cache_key``, ``layout_meta_of``.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ _export("squeezelang.errors", "SqueezeError", "ExecutionError")
 _export("squeezelang.hooks.technique", "Technique", "Knob", "Candidate")
 _export("squeezelang.hooks.metric", "Metric")
 _export("squeezelang.hooks.sources", "DataSource", "ModelSource", "OutputFormat")
-_export("squeezelang.hooks.family", "ModelFamily")
+_export("squeezelang.hooks.family", "ModelFamily", "Layout", "TaskLayout", "LayoutModule", "linear")
 _export("squeezelang.hooks.context", "StageContext", "MeasureContext")
 _export("squeezelang.models.handle", "ModelHandle", "TASKS")
 _export("squeezelang.models.meta", "ModelMeta", "TensorMeta", "ModuleMeta", "meta_from_model",
@@ -73,7 +75,8 @@ _export("squeezelang.models.sensitivity", "costs", "Candidates")
 _export("squeezelang.models.allocate", "allocate", "describe")
 _export("squeezelang.models.load", "load_model", "AFTER_LOAD")
 _export("squeezelang.models.save", "save_model")
-_export("squeezelang.models.hf", "read_config", "load_tokenizer", "from_config")
+_export("squeezelang.models.hf", "read_config", "load_tokenizer", "from_config", "load_pretrained",
+        "config_dtype", "checkpoint_dtype")
 _export("squeezelang.models.meta_cache", "cached_meta", "cached_json", "cache_key")
 _export("squeezelang.models.layout_meta", layout_meta_of="meta_of")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from squeezelang import hookimpl
+from squeezelang.plugin import hookimpl
 from squeezelang_plugins.metrics.columns import parse_columns, required_columns
 from squeezelang_plugins.metrics.model import Latency, Memory, Nonzero, Params, Size, model_tensors
 from squeezelang_plugins.metrics.quality import (Accuracy, Ece, F1, Fidelity, Perplexity,

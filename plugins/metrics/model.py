@@ -3,14 +3,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator
 
-from squeezelang.errors import ExecutionError
-from squeezelang.hooks.metric import Metric
+from squeezelang.plugin import ExecutionError, Metric
 
 if TYPE_CHECKING:
     import torch
 
-    from squeezelang.hooks.context import MeasureContext
-    from squeezelang.models.handle import ModelHandle
+    from squeezelang.plugin import MeasureContext, ModelHandle
 
 _NONE = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -72,7 +70,7 @@ class Size(Metric):
 
     def measure(self, handle: ModelHandle, ctx: MeasureContext, data: str | None,
                 args: dict[str, Any]) -> float:
-        from squeezelang.models.size import artifact_bytes
+        from squeezelang.plugin import artifact_bytes
 
         if ctx.artifact_dir is None:
             raise ExecutionError("size is measured on a saved artifact, and none was given")
@@ -158,7 +156,7 @@ class Latency(Metric):
 
         import torch
 
-        from squeezelang.models.forward import max_positions
+        from squeezelang.plugin import max_positions
 
         model = handle.model.eval()
         limit = max_positions(model)

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from squeezelang.errors import ExecutionError
-from squeezelang.hooks.metric import Metric
+from squeezelang.plugin import ExecutionError, Metric
 from squeezelang_plugins.metrics.columns import renames
 
 if TYPE_CHECKING:
     import torch
 
-    from squeezelang.hooks.context import MeasureContext
-    from squeezelang.models.handle import ModelHandle
+    from squeezelang.plugin import MeasureContext, ModelHandle
 
 
 def _rename(role: str) -> dict[str, Any]:
@@ -88,7 +86,7 @@ class Perplexity(DataMetric):
                 args: dict[str, Any]) -> float:
         import math
 
-        from squeezelang.models.forward import lm_loss
+        from squeezelang.plugin import lm_loss
 
         self.check_task(handle)
         texts = ctx.data.texts(data, renames(args))
@@ -117,7 +115,7 @@ class ClassificationMetric(DataMetric):
         """The class probabilities for every row, and the gold class ids."""
         import torch
 
-        from squeezelang.models.forward import logits
+        from squeezelang.plugin import logits
 
         self.check_task(handle)
         label = self.column(ctx, data, args, "label")
@@ -223,7 +221,7 @@ class Spearman(DataMetric):
         import torch
         from scipy.stats import spearmanr
 
-        from squeezelang.models.forward import encode
+        from squeezelang.plugin import encode
 
         a, b, score = (self.column(ctx, data, args, role) for role in ("a", "b", "score"))
         rows = ctx.data.rows(data)
@@ -258,7 +256,7 @@ class Fidelity(DataMetric):
                 args: dict[str, Any]) -> float:
         import torch
 
-        from squeezelang.models.forward import outputs_for_fidelity
+        from squeezelang.plugin import outputs_for_fidelity
 
         original = ctx.original()
         if handle is original or handle.model is original.model:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from squeezelang import hookimpl
-from squeezelang.hooks.technique import Candidate, Knob, Technique
+from squeezelang.plugin import Candidate, Knob, Technique, hookimpl
 from squeezelang_plugins.prune.base import COMMON, PruneMethod
 from squeezelang_plugins.prune.activation import Activation
 from squeezelang_plugins.prune.depth import Depth

@@ -19,9 +19,7 @@ from typing import TYPE_CHECKING, Any
 from squeezelang_plugins.prune.base import PruneMethod
 
 if TYPE_CHECKING:
-    from squeezelang.hooks.context import StageContext
-    from squeezelang.models.handle import ModelHandle
-    from squeezelang.models.meta import ModelMeta
+    from squeezelang.plugin import ModelHandle, ModelMeta, StageContext
 
 TARGETS = ("heads", "mlp", "embedding")
 
@@ -39,7 +37,7 @@ def targets_of(params: dict[str, Any]) -> list[str]:
 
 def new_sizes(config: dict[str, Any], targets: list[str], ratio: float) -> dict[str, int]:
     """Sizes after removing ``ratio`` of each target, rounded to counts the config can express."""
-    from squeezelang.models.surgery import family_of, nearest_heads
+    from squeezelang.plugin import family_of, nearest_heads
 
     fam = family_of(config)
     for target in targets:
@@ -85,14 +83,13 @@ class Activation(PruneMethod):
         return []
 
     def estimate(self, meta: ModelMeta, params: dict[str, Any]) -> ModelMeta:
-        from squeezelang.models.surgery import resized_meta
+        from squeezelang.plugin import resized_meta
 
         new = new_sizes(meta.config, targets_of(params), float(params["ratio"]))
         return resized_meta(meta, heads=new["heads"], hidden=new["hidden"], inner=new["inner"])
 
     def apply_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:
-        from squeezelang.models.calibrate import calibration_texts, collect
-        from squeezelang.models.surgery import choose_heads, reshape_, sizes
+        from squeezelang.plugin import calibration_texts, choose_heads, collect, reshape_, sizes
 
         targets = targets_of(params)
         cur = sizes(handle.config)

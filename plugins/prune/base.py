@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from squeezelang.models.select import BLOCKS
+from squeezelang.plugin import BLOCKS
 
 #: Properties every method accepts.
 COMMON: dict[str, Any] = {

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from squeezelang.errors import SqueezeError
+from squeezelang.plugin import SqueezeError
 from squeezelang_plugins.prune.activation import DATA, SAMPLES
 from squeezelang_plugins.prune.base import PruneMethod
 
 if TYPE_CHECKING:
-    from squeezelang.hooks.context import StageContext
-    from squeezelang.models.handle import ModelHandle
-    from squeezelang.models.meta import ModelMeta
+    from squeezelang.plugin import ModelHandle, ModelMeta, StageContext
 
 
 def dropped_count(n_layers: int, params: dict[str, Any]) -> int:
@@ -54,13 +52,13 @@ class Depth(PruneMethod):
         return n_layers - drop
 
     def estimate(self, meta: ModelMeta, params: dict[str, Any]) -> ModelMeta:
-        from squeezelang.models.surgery import family_of, resized_meta, sizes
+        from squeezelang.plugin import family_of, resized_meta, sizes
 
         family_of(meta.config).require("prune:depth")
         return resized_meta(meta, layers=self._keep(sizes(meta.config)["layers"], params))
 
     def apply_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:
-        from squeezelang.models.surgery import drop_layers_, sizes
+        from squeezelang.plugin import drop_layers_, sizes
 
         n = sizes(handle.config)["layers"]
         keep_n = self._keep(n, params)
@@ -78,7 +76,7 @@ class Depth(PruneMethod):
 
 def block_importance(handle: ModelHandle, ctx: StageContext, params: dict[str, Any]) -> list[float]:
     """Importance of each layer on the calibration data (lower = less important)."""
-    from squeezelang.models.calibrate import calibration_texts, collect
+    from squeezelang.plugin import calibration_texts, collect
 
     texts = calibration_texts(ctx, params.get("data"), int(params["samples"]), "prune depth")
     if params.get("importance", "cosine") == "cosine":
@@ -90,8 +88,7 @@ def skip_one_importance(handle: ModelHandle, texts: list[str]) -> list[float]:
     """1 - cosine between the full model's pooled outputs and those with one layer skipped."""
     import torch
 
-    from squeezelang.models.forward import outputs_for_fidelity
-    from squeezelang.models.surgery import layer_modules
+    from squeezelang.plugin import layer_modules, outputs_for_fidelity
 
     reference = outputs_for_fidelity(handle, texts)
     scores = []

@@ -14,18 +14,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from squeezelang.errors import SqueezeError
-from squeezelang.models.codec import merge
-from squeezelang.models.select import LINEAR_KINDS
+from squeezelang.plugin import LINEAR_KINDS, SqueezeError, merge
 from squeezelang_plugins.prune.activation import DATA, SAMPLES
 from squeezelang_plugins.prune.base import PruneMethod
 
 if TYPE_CHECKING:
     import torch
 
-    from squeezelang.hooks.context import StageContext
-    from squeezelang.models.handle import ModelHandle
-    from squeezelang.models.meta import ModelMeta
+    from squeezelang.plugin import ModelHandle, ModelMeta, StageContext
 
 #: The sparsities a layer may get with ``scope = "allocated"``: these within ``BAND`` of ``ratio``,
 #: and ``ratio`` itself. The costs are a first-order expansion around the uniform setting
@@ -110,7 +106,7 @@ class Magnitude(PruneMethod):
     def apply_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:
         import torch
 
-        from squeezelang.models.select import select_modules
+        from squeezelang.plugin import select_modules
 
         targets = select_modules(handle.model, LINEAR_KINDS, params.get("include"),
                                  params.get("exclude", ()))
@@ -164,9 +160,7 @@ def allocated_counts(handle: ModelHandle, targets: list[tuple[str, Any]], scores
     """
     import torch
 
-    from squeezelang.models.allocate import allocate, describe
-    from squeezelang.models.calibrate import calibration_texts
-    from squeezelang.models.sensitivity import Candidates, costs
+    from squeezelang.plugin import Candidates, allocate, calibration_texts, costs, describe
 
     ratio = float(params["ratio"])
     texts = calibration_texts(ctx, params.get("data"), int(params["samples"]),

@@ -10,17 +10,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from squeezelang.errors import SqueezeError
-from squeezelang.models.codec import NM_MAX_M
-from squeezelang.models.select import LINEAR_KINDS
+from squeezelang.plugin import LINEAR_KINDS, NM_MAX_M, SqueezeError
 from squeezelang_plugins.prune.base import PruneMethod
 
 if TYPE_CHECKING:
     import torch
 
-    from squeezelang.hooks.context import StageContext
-    from squeezelang.models.handle import ModelHandle
-    from squeezelang.models.meta import ModelMeta
+    from squeezelang.plugin import ModelHandle, ModelMeta, StageContext
 
 
 def input_axis(kind: str) -> int:
@@ -84,7 +80,7 @@ class NM(PruneMethod):
     def apply_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:
         import torch
 
-        from squeezelang.models.select import kind_of, select_modules
+        from squeezelang.plugin import kind_of, select_modules
 
         problems = self.check(params)
         if problems:

@@ -25,17 +25,13 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from squeezelang import hookimpl
-from squeezelang.errors import SqueezeError
-from squeezelang.hooks.technique import Candidate, Technique
+from squeezelang.plugin import Candidate, SqueezeError, Technique, hookimpl
 from squeezelang_plugins.vocab_trim.embeddings import trim_embeddings_
 from squeezelang_plugins.vocab_trim.ids import CONFIG_TOKEN_IDS, collect_ids, config_values, kept_ids
 from squeezelang_plugins.vocab_trim.tokenizer import SUPPORTED_MODELS, check_same_split, trimmed_tokenizer
 
 if TYPE_CHECKING:
-    from squeezelang.hooks.context import StageContext
-    from squeezelang.models.handle import ModelHandle
-    from squeezelang.models.meta import ModelMeta
+    from squeezelang.plugin import ModelHandle, ModelMeta, StageContext
 
 __all__ = ["CONFIG_TOKEN_IDS", "SUPPORTED_MODELS", "VocabTrim", "check_same_split", "collect_ids",
            "config_values", "kept_ids", "register_techniques", "trim_embeddings_", "trimmed_tokenizer"]
@@ -108,10 +104,10 @@ class VocabTrim(Technique):
         """How many tokens ``apply_`` keeps, kept in the planner's disk cache under the bytes of
         the model's tokenizer and config files, the texts and the parameters (a later plan then
         neither imports transformers nor tokenizes)."""
-        from squeezelang.models.meta_cache import cache_key, cached_json
+        from squeezelang.plugin import cache_key, cached_json
 
         def count() -> int:
-            from squeezelang.models.hf import load_tokenizer, read_config
+            from squeezelang.plugin import load_tokenizer, read_config
             from squeezelang_plugins.vocab_count import direct_kept_ids
 
             direct = direct_kept_ids(model_dir, texts, keep_frequent, keep)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from squeezelang.errors import SqueezeError
+from squeezelang.plugin import SqueezeError
 from squeezelang_plugins.vocab_trim.ids import CONFIG_TOKEN_IDS, token_ids
 
 

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from squeezelang.errors import SqueezeError
+from squeezelang.plugin import SqueezeError
 from squeezelang_plugins.vocab_trim.bpe import bpe_merges, byte_level
 
 #: Tokenizer models whose vocabulary can be cut without changing how kept text is split.

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from squeezelang import hookimpl
-from squeezelang.hooks.technique import Knob, Technique
+from squeezelang.plugin import Knob, Technique, hookimpl
 
 
 class Stripe(Technique):
@@ -29,7 +28,7 @@ class Stripe(Technique):
     example = 'stage s: stripe { period = 4, include = ["encoder.layer.*"] }'
 
     def estimate(self, meta: Any, params: dict[str, Any]) -> Any:
-        from squeezelang.models.codec import merge
+        from squeezelang.plugin import merge
 
         density = 1.0 - 1.0 / params["period"]
         for module in meta.select(("Linear",), params["include"], params["exclude"]):
@@ -41,8 +40,7 @@ class Stripe(Technique):
     def apply_(self, handle: Any, params: dict[str, Any], ctx: Any) -> None:
         import torch
 
-        from squeezelang.models.codec import merge
-        from squeezelang.models.select import select_modules
+        from squeezelang.plugin import merge, select_modules
 
         chosen = select_modules(handle.model, include=params["include"], exclude=params["exclude"])
         with torch.no_grad():
