@@ -214,7 +214,8 @@ class Factorize(Technique):
                 raise SqueezeError(f"factorize: module '{name}' is a {kind}, not a linear layer")
             n_in, n_out = _in_out(tuple(module.weight.shape), kind)
             set_module(model, name, LowRankLinear(n_in, n_out, int(rank),
-                                                  getattr(module, "bias", None) is not None))
+                                                  getattr(module, "bias", None) is not None
+                                                  ).to(module.weight.dtype))
         return model
 
 

@@ -67,7 +67,8 @@ def cluster_weight_(weight: torch.Tensor, bits: int, iterations: int = 15) -> to
     """Replace ``weight``'s values in place by their nearest of ``2**bits`` k-means centroids."""
     import torch
 
-    centroids = kmeans_1d(weight, 2 ** bits, iterations)
+    # on the weight's own grid (bf16, fp16): the stored float32 codebook then decodes exactly
+    centroids = torch.unique(kmeans_1d(weight, 2 ** bits, iterations).to(weight.dtype)).to(weight.dtype)
     mids = ((centroids[1:].double() + centroids[:-1].double()) / 2)
     flat = weight.data.view(-1) if weight.is_contiguous() else None
     with torch.no_grad():
@@ -331,9 +332,6 @@ class Share(Technique):
             weight = getattr(module, "weight", None)
             if not isinstance(weight, torch.Tensor) or id(weight) in names:
                 continue  # a weight tied to one already selected is clustered once
-            if weight.dtype != torch.float32:
-                raise SqueezeError(f"share cluster: '{name}.weight' is {weight.dtype}; clustering "
-                                   "supports float32 weights")
             _cluster_codec_allowed(f"{name}.weight", handle.codecs.get(f"{name}.weight"))
             names[id(weight)] = (name, weight)
         for name, weight in ctx.progress(list(names.values()), desc="cluster"):

@@ -34,7 +34,7 @@ class LowRankLinear(nn.Module):
     def from_factors(cls, first: torch.Tensor, second: torch.Tensor,
                      bias: torch.Tensor | None) -> LowRankLinear:
         rank, in_features = first.shape
-        module = cls(in_features, second.shape[0], rank, bias is not None)
+        module = cls(in_features, second.shape[0], rank, bias is not None).to(first.dtype)
         with torch.no_grad():
             module.first.weight.copy_(first)
             module.second.weight.copy_(second)

@@ -29,6 +29,8 @@ STAGES = {
     "int8-tensor": [("quantize", {"scheme": "int8", "granularity": "tensor"})],
     "int4": [("quantize", {"scheme": "int4", "group_size": 16})],
     "depth": [("prune", {"method": "depth", "layers": [1]})],  # surgery builds the model anew
+    "cluster": [("share", {"method": "cluster", "bits": 4})],
+    "svd": [("factorize", {"rank": 0.25})],
     "prune+int4": [("prune", {"method": "magnitude", "ratio": 0.5}),
                    ("quantize", {"scheme": "int4", "group_size": 16})],
 }
@@ -141,9 +143,11 @@ def test_half_precision_through_a_stage(half_dirs, registries, tmp_path, family,
     for name, stored_dtype in stored.items():
         suffix = next((s for s in codec.SUFFIXES if name.endswith(s)), None)
         expected = {None: dtype, codec.VALUES: dtype, codec.SCALES: "float32",
-                    codec.MASK: "U8", codec.INDEX: "U8"}.get(suffix)
+                    codec.CODEBOOK: "float32", codec.MASK: "U8", codec.INDEX: "U8"}.get(suffix)
         if suffix == codec.CODES:
             expected = "I8" if "int8" in stage else "U8"
+        if stage == "cluster" and suffix == codec.CODES:
+            expected = "U8"  # 4-bit indices, packed
         assert stored_dtype == expected, (name, stored_dtype)
     quantized = {k for k, v in handle.codecs.items() if "quant" in (v or {})}
     if "int" in stage:  # norms, biases and positions are not quantized, and stay half precision
