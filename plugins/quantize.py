@@ -330,8 +330,8 @@ class Quantize(Technique):
         """Group-wise weights (4-bit, or allocated widths), rounded to nearest or with GPTQ."""
         import torch
 
-        from squeezelang.plugin import (calibration_texts, gptq_quantize, input_stats, kind_of,
-                                        on_grid, quantize_weight)
+        from squeezelang.plugin import (by_block, calibration_texts, gptq_quantize, input_stats,
+                                        kind_of, on_grid, quantize_weight)
 
         shared = _shared_weights(handle.model)
         targets = [(n, m) for n, m in targets if m.weight.ndim == 2]
@@ -341,30 +341,42 @@ class Quantize(Technique):
         texts = calibration_texts(ctx, params.get("data"), int(params["samples"]),
                                   "quantize mixed" if mixed else "quantize gptq") if mixed or gptq else []
         widths = self._widths(handle, targets, texts, params, ctx) if mixed else {}
-        stats = input_stats(handle, texts, [(n, m) for n, m in targets if n in calibrated],
-                            gram=True) if calibrated else {}
         group = int(params["group_size"])
         seen: set[int] = set()
+
+        def quantize_(name: str, module: Any, gram: Any = None) -> None:
+            weight = module.weight
+            if id(weight) in seen:
+                return
+            seen.add(id(weight))
+            kind = kind_of(module)
+            key = f"{name}.weight"
+            old = handle.codecs.get(key) or {}
+            bits = widths.get(key, 4)
+            if gram is not None:
+                transposed = kind == "Conv1D"
+                w = weight.detach().t() if transposed else weight.detach()
+                keep = (w != 0) if (old.get("sparse") or old.get("nm")) else None
+                q = on_grid(gptq_quantize(w.float(), gram, bits, group, keep),
+                            weight.dtype, bits, 0, group)
+                weight.copy_(q.t() if transposed else q)
+            else:
+                weight.copy_(quantize_weight(weight.detach(), bits, output_axis(kind), group))
+            handle.codecs[key] = merge(old, {"quant": _spec(kind, params, bits)})
+
+        # Rounded to nearest first (embeddings, tied heads), then GPTQ block by block, in order:
+        # a block's inputs are captured with everything before it already quantized, so each
+        # block corrects the error the earlier ones left, and only one block's input statistics
+        # are held at a time.
+        blocks = by_block(handle.model, [(n, m) for n, m in targets if n in calibrated])
         with torch.no_grad():
             for name, module in ctx.progress(targets, desc=params["method"]):
-                weight = module.weight
-                if id(weight) in seen:
-                    continue
-                seen.add(id(weight))
-                kind = kind_of(module)
-                key = f"{name}.weight"
-                old = handle.codecs.get(key) or {}
-                bits = widths.get(key, 4)
-                if name in calibrated:
-                    transposed = kind == "Conv1D"
-                    w = weight.detach().t() if transposed else weight.detach()
-                    keep = (w != 0) if (old.get("sparse") or old.get("nm")) else None
-                    q = on_grid(gptq_quantize(w.float(), stats[name].gram, bits, group, keep),
-                                weight.dtype, bits, 0, group)
-                    weight.copy_(q.t() if transposed else q)
-                else:
-                    weight.copy_(quantize_weight(weight.detach(), bits, output_axis(kind), group))
-                handle.codecs[key] = merge(old, {"quant": _spec(kind, params, bits)})
+                if name not in calibrated:
+                    quantize_(name, module)
+            for block, members in ctx.progress(blocks, desc="gptq") if blocks else ():
+                stats = input_stats(handle, texts, members, gram=True, stop_after=block)
+                for name, module in members:
+                    quantize_(name, module, stats[name].gram)
         handle.states.add("quantized")
         what = "mixed widths" if mixed else "int4"
         ctx.log(f"quantized {len(seen)} weights to {what} ({params['method']}, groups of {group}"

@@ -25,7 +25,7 @@ Groups (see docs/plugins.md for how each is used):
   ``reshape_``, ``drop_layers_``, ``choose_heads``, ``nearest_heads``, ``layer_modules``,
   ``block_module``, ``get_path``;
 - calibration and forward passes: ``calibration_texts``, ``collect``, ``input_stats``,
-  ``gptq_quantize``, ``encode``, ``logits``, ``lm_loss``, ``mean_pool``, ``pad_id``,
+  ``gptq_quantize``, ``by_block``, ``encode``, ``logits``, ``lm_loss``, ``mean_pool``, ``pad_id``,
   ``length_limit``, ``max_positions``, ``outputs_for_fidelity``;
 - per-layer allocation: ``costs``, ``Candidates``, ``allocate``, ``describe``;
 - model directories: ``load_model``, ``save_model``, ``AFTER_LOAD``, ``read_config``,
@@ -68,7 +68,7 @@ _export("squeezelang.models.surgery", "family_of", "sizes", "shrunk_config", "re
         "reshape_", "drop_layers_", "choose_heads", "nearest_heads", "layer_modules",
         "block_module", "get_path")
 _export("squeezelang.models.calibrate", "calibration_texts", "collect")
-_export("squeezelang.models.linear_stats", "input_stats", "gptq_quantize")
+_export("squeezelang.models.linear_stats", "input_stats", "gptq_quantize", "by_block")
 _export("squeezelang.models.forward", "encode", "logits", "lm_loss", "max_positions",
         "outputs_for_fidelity", "mean_pool", "pad_id", "length_limit")
 _export("squeezelang.models.sensitivity", "costs", "Candidates")

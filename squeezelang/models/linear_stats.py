@@ -30,10 +30,18 @@ class InputStats:
     gram: torch.Tensor | None = None
 
 
+class _Stop(Exception):
+    """Raised by a hook to end a calibration forward pass once the layers of interest have run."""
+
+
 def input_stats(handle: ModelHandle, texts: Sequence[str], modules: Sequence[tuple[str, Any]],
-                gram: bool = False, batch_size: int = 16,
-                max_length: int = 128) -> dict[str, InputStats]:
-    """Statistics of the inputs of ``modules`` (``[(name, module)]``) over the texts' tokens."""
+                gram: bool = False, batch_size: int = 16, max_length: int = 128,
+                stop_after: Any = None) -> dict[str, InputStats]:
+    """Statistics of the inputs of ``modules`` (``[(name, module)]``) over the texts' tokens.
+
+    ``stop_after``: a module (a block) after which each forward pass is cut short, when every
+    module of interest lies in it or before it.
+    """
     import torch
 
     from squeezelang.models.forward import _batches
@@ -66,13 +74,21 @@ def input_stats(handle: ModelHandle, texts: Sequence[str], modules: Sequence[tup
                 acc[3] = g.clone() if acc[3] is None else acc[3] + g
         return hook
 
+    def stop(*_: Any) -> None:
+        raise _Stop
+
     hooks = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules]
+    if stop_after is not None:
+        hooks.append(stop_after.register_forward_hook(stop))
     try:
         with torch.inference_mode():
             for _, inputs in _batches(handle, list(texts), None, batch_size, max_length):
                 live["mask"] = inputs["attention_mask"].bool()
                 live["seen"] = {}
-                model(**inputs)
+                try:
+                    model(**inputs)
+                except _Stop:
+                    pass
     finally:
         for h in hooks:
             h.remove()
@@ -92,9 +108,13 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, bits: int, group: in
     """GPTQ-quantize a ``[out, in]`` float32 weight given ``XᵀX`` of its inputs; return the
     dequantized weight, exactly on the codec grid ``{"quant": {"bits", "axis": 0, "group"}}``.
 
+    Columns are quantized in activation order (largest ``XᵀX`` diagonal first: the inputs that
+    carry most energy are rounded while the most columns remain to absorb their error), with
+    *static* group scales chosen on the weight before any update, so a group's scale does not
+    depend on the order (GPTQ's "act-order" with static groups, as llm-compressor runs it).
     ``keep`` (bool, like ``weight``) pins pruned entries to zero, so sparsity survives. In every
-    group the entry of largest ``|w|`` when the group's scale is chosen is given the extreme code
-    ``±qmax``: then ``max|code| = qmax`` and the codec re-derives the scale from the values.
+    group the entry of largest ``|w|`` is given the extreme code ``±qmax``: then
+    ``max|code| = qmax`` and the codec re-derives the scale from the values.
     """
     import torch
 
@@ -111,6 +131,14 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, bits: int, group: in
     if keep is not None:
         W = W * keep
     H += damp * float(torch.diag(H).mean()) * torch.eye(n_in, dtype=H.dtype)
+    plans = [_group_plan(W[:, g:g + group], None if keep is None else keep[:, g:g + group], bits)
+             for g in range(0, n_in, group)]
+    scales = torch.stack([p[0] for p in plans], 1)  # [out, groups]
+    forced = torch.cat([p[1] for p in plans], 1)
+    force_to = torch.cat([p[2] for p in plans], 1)
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+    W, H, forced, force_to = W[:, perm], H[perm][:, perm], forced[:, perm], force_to[:, perm]
+    col_scale = scales[:, perm // group]
     try:
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     except RuntimeError as exc:
@@ -119,8 +147,6 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, bits: int, group: in
     Hinv = Hinv.float()
     q = codec.qmax(bits)
     codes = torch.zeros(n_out, n_in)
-    scales = torch.ones(n_out, -(-n_in // group))
-    s = forced = force_to = None
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the column loop is thousands of small ops: no thread hand-offs
     try:
@@ -131,14 +157,8 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, bits: int, group: in
             Hinv1 = Hinv[i1:i2, i1:i2]
             for i in range(i2 - i1):
                 col = i1 + i
-                if col % group == 0:
-                    s, forced, force_to = _group_plan(torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :group],
-                                                      None if keep is None else keep[:, col:col + group],
-                                                      bits)
-                    scales[:, col // group] = s
-                j = col % group
-                w = W1[:, i]
-                c = torch.where(forced[:, j], force_to[:, j], torch.round(w / s).clamp_(-q, q))
+                w, s = W1[:, i], col_scale[:, col]
+                c = torch.where(forced[:, col], force_to[:, col], torch.round(w / s).clamp_(-q, q))
                 codes[:, col] = c
                 err = (w - c * s).div_(Hinv1[i, i])
                 W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
@@ -146,6 +166,7 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, bits: int, group: in
             W[:, i2:].addmm_(err1, Hinv[i1:i2, i2:], alpha=-1)
     finally:
         torch.set_num_threads(threads)
+    codes = codes[:, torch.argsort(perm)]
     return codec.dequantize(codes.to(torch.int8), scales.reshape(-1), 0, group)
 
 
@@ -175,3 +196,23 @@ def _group_plan(ahead: torch.Tensor, keep: torch.Tensor | None,
         forced |= ~keep
         force_to[~keep] = 0
     return s, forced, force_to
+
+
+def by_block(model: Any, modules: Sequence[tuple[str, Any]]) -> list[tuple[Any, list[tuple[str, Any]]]]:
+    """``modules`` grouped by the numbered block that holds them (``model.layers.3``, ``h.0``), in
+    the order the blocks run, each with its block module; modules outside any block come last, in
+    one group whose block is ``None`` (the forward pass then runs to the end)."""
+    import re
+
+    from squeezelang.models.select import get_module
+
+    groups: dict[str | None, list[tuple[str, Any]]] = {}
+    for name, module in modules:
+        match = re.match(r"^(.*?\.\d+)(?:\.|$)", name)
+        groups.setdefault(match.group(1) if match else None, []).append((name, module))
+    def order(prefix: str | None) -> tuple[int, ...]:
+        if prefix is None:
+            return (1 << 30,)
+        return tuple(int(n) for n in re.findall(r"\.(\d+)", "." + prefix))
+    return [(None if prefix is None else get_module(model, prefix), groups[prefix])
+            for prefix in sorted(groups, key=order)]
