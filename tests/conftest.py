@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,6 +83,25 @@ def build_tiny_gpt2(directory: Path, seed: int = 0, layers: int = 2) -> Path:
     config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=layers, n_head=4,
                         n_positions=64, bos_token_id=0, eos_token_id=0)
     GPT2LMHeadModel(config).eval().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def build_tiny_llama(directory: Path, layers: int = 2, config_cls: Any = None,
+                     model_cls: Any = None) -> Path:
+    """A tiny Llama (grouped-query attention, untied head) with a character-level tokenizer, saved
+    in ``directory``; ``config_cls``/``model_cls`` swap in a renamed architecture."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config_cls, model_cls = config_cls or LlamaConfig, model_cls or LlamaForCausalLM
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = _gpt2_tokenizer()
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
+    model_cls(config).eval().save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 

@@ -17,7 +17,7 @@ from squeezelang.hooks.family import ModelFamily, families_in_use, family_of, re
 from squeezelang.hooks.manager import build_registries, default_registries, plugin_manager
 from squeezelang.models import layout_meta
 
-from conftest import _gpt2_tokenizer
+from conftest import build_tiny_llama
 
 MODEL_TYPE = "squeeze-test-tinyllama"
 
@@ -58,18 +58,9 @@ def plugin_module():
 
 @pytest.fixture(scope="module")
 def model_dir(tinyllama, tmp_path_factory):
-    import torch
-
     config_cls, model_cls = tinyllama
-    directory = tmp_path_factory.mktemp("tinyllama")
-    tokenizer = _gpt2_tokenizer()
-    torch.manual_seed(0)
-    config = config_cls(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
-                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                        max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
-    model_cls(config).eval().save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return build_tiny_llama(tmp_path_factory.mktemp("tinyllama"), layers=4, config_cls=config_cls,
+                            model_cls=model_cls)
 
 
 RECIPE = '''recipe "plugin family"

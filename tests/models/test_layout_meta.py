@@ -160,20 +160,9 @@ def _plan(recipe: Path, computed: bool) -> tuple[dict, list[str]]:
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A tiny Llama (grouped-query attention, untied head) with a character-level tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import build_tiny_llama
 
-    from conftest import _gpt2_tokenizer
-
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = _gpt2_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
-    LlamaForCausalLM(config).eval().save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.mark.parametrize("model,task", [("tiny_bert_dir", "embedding"),
