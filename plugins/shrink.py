@@ -72,10 +72,14 @@ class Shrink(Technique):
         shrunk_config(config, **out)  # raises SqueezeError for sizes the family cannot express
         return out
 
+    def family_needs(self, params: dict[str, Any]) -> list[str]:
+        return ["shrink"]
+
     def estimate(self, meta: ModelMeta, params: dict[str, Any]) -> ModelMeta:
         from squeezelang.plugin import family_of, resized_meta
 
-        family_of(meta.config).require("shrink")  # at plan time, naming the family
+        for need in self.family_needs(params):  # at plan time too, naming the family
+            family_of(meta.config).require(need)
         return resized_meta(meta, **self._targets(meta.config, params))
 
     def apply_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:

@@ -55,6 +55,9 @@ class HfSource(ModelSource):
                 "transformers and save_pretrained(..., safe_serialization=True)")
         return directory
 
+    def config(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        return read_config(self.locate(args))
+
     def meta(self, args: dict[str, Any]) -> ModelMeta:
         from squeezelang.plugin import (cached_meta, layout_meta_of, measured_overhead,
                                         meta_from_model)

@@ -50,11 +50,15 @@ class TaskPrune(Technique):
             return [(None, "task_prune needs data = <a declared data set> to score the task on")]
         return []
 
+    def family_needs(self, params: dict[str, Any]) -> list[str]:
+        return ["task_prune"]
+
     def _counts(self, config: dict[str, Any], params: dict[str, Any]) -> dict[str, int]:
         from squeezelang.plugin import family_of, nearest_heads
 
         fam = family_of(config)
-        fam.require("task_prune")
+        for need in self.family_needs(params):
+            fam.require(need)
         cur = fam.sizes(config)
         key = "heads" if params["target"] == "heads" else "layers"
         removed = min(cur[key] - 1, int(round(float(params["ratio"]) * cur[key])))

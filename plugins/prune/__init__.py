@@ -85,6 +85,9 @@ class Prune(Technique):
                   for key in params if key not in used]
         return errors + method.check(params)
 
+    def family_needs(self, params: dict[str, Any]) -> list[str]:
+        return self._method(params).family_needs(params)
+
     def estimate(self, meta: Any, params: dict[str, Any]) -> Any:
         return self._method(params).estimate(meta, self.resolve_defaults(params))
 

@@ -76,6 +76,9 @@ class Activation(PruneMethod):
         "samples": SAMPLES,
     }
 
+    def family_needs(self, params: dict[str, Any]) -> list[str]:
+        return [f"prune:{target}" for target in targets_of(params)]
+
     def check(self, params: dict[str, Any]) -> list[tuple[str | None, str]]:
         if not params.get("data"):
             return [(None, "prune method 'activation' needs calibration data: "

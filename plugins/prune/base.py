@@ -34,6 +34,10 @@ class PruneMethod:
         property only some settings read gets its default only when it applies)."""
         return {"method", *self.common, *self.properties}
 
+    def family_needs(self, params: dict[str, Any]) -> list[str]:
+        """What this method needs from the model's family (``Technique.family_needs``)."""
+        return []
+
     def check(self, params: dict[str, Any]) -> list[tuple[str | None, str]]:
         return []
 

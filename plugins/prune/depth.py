@@ -51,10 +51,14 @@ class Depth(PruneMethod):
             raise SqueezeError(f"prune depth would drop all {n_layers} layers")
         return n_layers - drop
 
+    def family_needs(self, params: dict[str, Any]) -> list[str]:
+        return ["prune:depth"]
+
     def estimate(self, meta: ModelMeta, params: dict[str, Any]) -> ModelMeta:
         from squeezelang.plugin import family_of, resized_meta, sizes
 
-        family_of(meta.config).require("prune:depth")
+        for need in self.family_needs(params):
+            family_of(meta.config).require(need)
         return resized_meta(meta, layers=self._keep(sizes(meta.config)["layers"], params))
 
     def apply_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:

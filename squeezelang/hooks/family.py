@@ -267,12 +267,18 @@ class ModelFamily:
                 "inner": int(inner) if inner is not None else self.inner_factor * hidden,
                 "head_dim": int(head_dim) if head_dim is not None else hidden // heads}
 
-    def require(self, technique: str) -> None:
-        """Raise ``SqueezeError`` naming the family and technique if it cannot be done yet."""
+    def refusal(self, technique: str) -> str | None:
+        """Why ``technique`` cannot be done on this family yet (naming both), or ``None``."""
         for name, reason in self.unsupported:
             if name == technique:
-                raise SqueezeError(f"{technique} is not supported on model family '{self.name}' "
-                                   f"yet: {reason}")
+                return f"{technique} is not supported on model family '{self.name}' yet: {reason}"
+        return None
+
+    def require(self, technique: str) -> None:
+        """Raise ``SqueezeError`` naming the family and technique if it cannot be done yet."""
+        refusal = self.refusal(technique)
+        if refusal is not None:
+            raise SqueezeError(refusal)
 
 
 def _get(config: Any, key: str) -> Any:

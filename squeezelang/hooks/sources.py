@@ -59,6 +59,11 @@ class ModelSource:
         """Meta-data (shapes, dtypes, module kinds) without loading weights."""
         raise NotImplementedError
 
+    def config(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        """The model's ``config.json`` as a dict, read without torch (``squeeze check`` looks its
+        family up in it), or ``None`` when the source cannot tell before loading."""
+        return None
+
     def load(self, args: dict[str, Any]) -> ModelHandle:
         """The model with its tokenizer, ready to run."""
         raise NotImplementedError

@@ -118,6 +118,12 @@ class Technique:
         """Cross-parameter checks the schema cannot express: ``[(key or None, message)]``."""
         return []
 
+    def family_needs(self, params: dict[str, Any]) -> list[str]:
+        """What the stage needs from the model's family, as the names a ``ModelFamily`` may list
+        in ``unsupported`` (``"prune:heads"``, ``"shrink"``); ``squeeze check`` refuses the stage,
+        at its position, on a family that cannot do one of them yet. None by default."""
+        return []
+
     def candidates(self, task: str) -> list[Candidate]:
         """The ways this technique may be used when the planner composes a pipeline for a model of
         ``task`` (``compose { … }``); none by default, so a technique is only ever composed when

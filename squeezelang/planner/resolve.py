@@ -105,6 +105,8 @@ class _Resolver:
         self.data_columns: dict[str, list[str] | None] = {}
         self.data_files: dict[str, str] = {}  # data set -> the file(s) it is read from
         self.task = "embedding"
+        #: the model source and its arguments, once located (``family`` reads its config)
+        self.model_source: tuple[Any, dict[str, Any]] | None = None
         # While a data set or stage is resolved: its kind and name, and the names of that kind it
         # cannot refer to (itself and those declared after it, which would make a cycle).
         self.declaring: tuple[str, str] | None = None
@@ -232,6 +234,7 @@ class _Resolver:
         if ok:
             try:
                 source.locate(args)
+                self.model_source = (source, args)
             except SqueezeError as exc:
                 first = call.args[0].value if call.args else call
                 self.error(str(exc), _span_of(first))
@@ -377,8 +380,28 @@ class _Resolver:
         for key, message in tech.check(params):
             span = spans[key][1] if key in spans else decl.technique_span
             self.error(message, span)
+        family = self.family()
+        for need in tech.family_needs(params) if family is not None else ():
+            refusal = family.refusal(need)
+            if refusal is not None:
+                self.error(f"stage '{decl.name}': {refusal}", decl.technique_span)
         return StagePlan(decl.name, tech.name, self.regs.techniques.owner(tech.name),
                          params.get("method"), params, autos, decl.span)
+
+    def family(self) -> Any:
+        """The model's family, from its config read without torch (``None``: unknown, or a source
+        that cannot tell before loading); looked up once."""
+        if not hasattr(self, "_family"):
+            self._family = None
+            if self.model_source is not None:
+                source, args = self.model_source
+                try:
+                    config = source.config(args)
+                except SqueezeError:
+                    config = None  # the model's own problem is reported where it is declared
+                if config:
+                    self._family = self.regs.families.for_config(config)
+        return self._family
 
     def stage_values(self, decl: ast.StageDecl, tech: Any, owner: str
                      ) -> tuple[dict[str, Any], dict[str, tuple[float, float]], set[str]]:

@@ -12,7 +12,7 @@ import types
 import pytest
 
 import squeezelang
-from squeezelang.errors import SqueezeError
+from squeezelang.errors import RecipeErrors, SqueezeError
 from squeezelang.hooks.family import ModelFamily, families_in_use, family_of, registries_in_use
 from squeezelang.hooks.manager import build_registries, default_registries, plugin_manager
 from squeezelang.models import layout_meta
@@ -98,3 +98,30 @@ def test_families_in_use_is_scoped(plugin_module):
     assert registries_in_use() is default_registries()
     with pytest.raises(SqueezeError, match="structured pruning supports model types"):
         family_of(config)
+
+
+def test_what_a_family_cannot_do_is_refused_by_check_at_the_stage(model_dir, sentences_file,
+                                                                   tmp_path):
+    """A family's ``unsupported`` entries stop ``squeeze check`` itself, at the stage that needs
+    them, naming the family — before any plan or run, and without torch."""
+    llama = default_registries().families.get("llama")
+    limited = ModelFamily(**{**llama.__dict__, "name": "tinyllama", "model_types": (MODEL_TYPE,),
+                             "unsupported": (("prune:heads", "no grouped heads here"),)})
+    module = types.ModuleType("squeeze_test_limited_family")
+
+    @squeezelang.hookimpl
+    def register_model_families(registry):
+        registry.add(limited)
+
+    module.register_model_families = register_model_families
+    recipe = tmp_path / "r.squeeze"
+    recipe.write_text(RECIPE.format(model=model_dir, data=sentences_file)
+                      + 'stage heads: prune { method = "activation", target = "heads", ratio = 0.5, '
+                        'data = calib }\n', encoding="utf-8")
+    with pytest.raises(RecipeErrors) as info:
+        squeezelang.check(recipe, plugins=[module])
+    errors = [(e.span.line, e.span.column, e.message) for e in info.value.errors]
+    assert errors == [(5, 14, "stage 'heads': prune:heads is not supported on model family "
+                              "'tinyllama' yet: no grouped heads here")]
+    recipe.write_text(recipe.read_text(encoding="utf-8").replace('"heads"', '"mlp"'), encoding="utf-8")
+    assert squeezelang.check(recipe, plugins=[module]).stages[-1].params["target"] == "mlp"
