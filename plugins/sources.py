@@ -56,7 +56,8 @@ class HfSource(ModelSource):
         return directory
 
     def config(self, args: dict[str, Any]) -> dict[str, Any] | None:
-        return read_config(self.locate(args))
+        # only asked once ``locate`` accepted the directory: no need to look it over again
+        return read_config(Path(args["path"]).expanduser())
 
     def meta(self, args: dict[str, Any]) -> ModelMeta:
         from squeezelang.plugin import (cached_meta, layout_meta_of, measured_overhead,

@@ -106,6 +106,15 @@ def build_tiny_llama(directory: Path, layers: int = 2, config_cls: Any = None,
     return directory
 
 
+def calib_context():
+    """A quiet stage context whose data set ``calib`` holds ``SENTENCES`` twice (as texts)."""
+    from squeezelang.hooks.context import Context, DataStore
+
+    data = DataStore()
+    data.add("calib", [{"text": s} for s in SENTENCES * 2])
+    return Context(data=data, quiet=True)
+
+
 #: Tiny configs of the Llama-style built-in families (GQA: 4 query heads over 2 key/value groups).
 FAMILY_COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=64)

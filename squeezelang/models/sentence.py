@@ -9,10 +9,11 @@ then puts the model that ``load_model`` decoded in place of the transformer modu
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from squeezelang.errors import SqueezeError
 
@@ -70,21 +71,17 @@ def _set_transformer(st: Any, model: Any, directory: Path) -> None:
     raise SqueezeError(f"{directory}: modules.json names no transformer module")
 
 
-class _quiet:
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
     """transformers' missing-weights warning and progress bars off (the weights come after)."""
+    from transformers.utils import logging
 
-    def __enter__(self) -> None:
-        from transformers.utils import logging
+    from squeezelang.models.hf import no_progress_bars
 
-        from squeezelang.models.hf import no_progress_bars
-
-        self._level = logging.get_verbosity()
-        logging.set_verbosity_error()
-        self._bars = no_progress_bars()
-        self._bars.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        from transformers.utils import logging
-
-        self._bars.__exit__(*exc)
-        logging.set_verbosity(self._level)
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        with no_progress_bars():
+            yield
+    finally:
+        logging.set_verbosity(level)

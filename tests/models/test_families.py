@@ -12,7 +12,6 @@ import torch
 
 import squeezelang
 from squeezelang.errors import PluginError, SqueezeError
-from squeezelang.hooks.context import Context, DataStore
 from squeezelang.hooks.family import Layout, ModelFamily, TaskLayout
 from squeezelang.hooks.manager import build_registries, plugin_manager
 from squeezelang.models import surgery
@@ -21,17 +20,11 @@ from squeezelang.models.meta import meta_from_model
 from squeezelang.models.save import save_model
 from squeezelang.models.size import artifact_bytes
 
-from conftest import FAMILY_CONFIGS, SENTENCES, build_family_handle
+from conftest import FAMILY_CONFIGS, build_family_handle, calib_context
 
 FAMILIES = list(FAMILY_CONFIGS)
 IDS = torch.tensor([[5, 40, 41, 42, 70, 71, 12]])
-_handle = build_family_handle
 
-
-def _ctx() -> Context:
-    data = DataStore()
-    data.add("calib", [{"text": s} for s in SENTENCES * 2])
-    return Context(data=data, quiet=True)
 
 
 def _logits(model, ids=IDS):
@@ -60,7 +53,7 @@ def _check_saved(handle: ModelHandle, estimate, tmp_path) -> None:
 
 def test_every_role_names_a_module(registries):
     for name in FAMILIES:
-        model = _handle(name).model
+        model = build_family_handle(name).model
         fam = registries.families.for_config(model.config)
         assert fam is not None and fam.name == name
         base = model.base_model
@@ -89,7 +82,7 @@ STAGES = [
                          "-".join(str(x) for x in v.values() if not isinstance(x, float)))
 @pytest.mark.parametrize("name", FAMILIES)
 def test_structured_techniques(name, technique, params, registries, tmp_path):
-    handle = _handle(name)
+    handle = build_family_handle(name)
     before = surgery.sizes(handle.config)
     tech = registries.techniques.get(technique)
     params = {**params, "data": "calib", "samples": 8}
@@ -98,7 +91,7 @@ def test_structured_techniques(name, technique, params, registries, tmp_path):
     assert tech.check(params) == []
     meta = meta_from_model(handle.model, handle.task)
     estimate = tech.estimate(meta, params)
-    tech.apply_(handle, params, _ctx())
+    tech.apply_(handle, params, calib_context())
     after = surgery.sizes(handle.config)
     assert after["head_dim"] == before["head_dim"]            # rotary pairs and q/k norms intact
     if params.get("target") == "heads":
@@ -114,7 +107,7 @@ def test_structured_techniques(name, technique, params, registries, tmp_path):
 def test_removing_silent_units_is_exact(name):
     """Neurons whose output weights are zero, and a key/value group whose output columns are zero,
     are removed without changing the function; so are layers dropped at the same time as nothing."""
-    handle = _handle(name)
+    handle = build_family_handle(name)
     model, fam = handle.model, surgery.family_of(handle.config)
     cur = surgery.sizes(model.config)
     d = cur["head_dim"]
@@ -132,7 +125,7 @@ def test_removing_silent_units_is_exact(name):
 
 
 def test_per_layer_lists_and_layer_index_follow_dropped_layers():
-    handle = _handle("gemma2")
+    handle = build_family_handle("gemma2")
     types = list(handle.config.layer_types)
     surgery.drop_layers_(handle.model, [0, 2])
     assert handle.config.layer_types == [types[0], types[2]]
@@ -140,7 +133,7 @@ def test_per_layer_lists_and_layer_index_follow_dropped_layers():
 
 
 def test_heads_must_form_a_standard_layout():
-    model = _handle("llama").model
+    model = build_family_handle("llama").model
     with pytest.raises(SqueezeError, match="same number of query heads"):
         surgery.prune_heads_(model, {i: [0, 1, 2] for i in range(3)})
     assert surgery.nearest_heads(model.config, 3) == 4 and surgery.nearest_heads(model.config, 1) == 1
@@ -232,7 +225,7 @@ def test_pruned_sizes_are_ones_the_config_class_accepts(name, target, ratio):
 
     from squeezelang.models.surgery import shrunk_config
 
-    config = _handle(name).model.config.to_dict()
+    config = build_family_handle(name).model.config.to_dict()
     sizes = new_sizes(config, [target] if isinstance(target, str) else target, ratio)
     shrunk = shrunk_config(config, heads=sizes["heads"], hidden=sizes["hidden"], inner=sizes["inner"])
     transformers.AutoConfig.for_model(**shrunk)  # the family's config class takes it
@@ -242,6 +235,6 @@ def test_shrink_to_a_hidden_size_the_heads_do_not_divide_is_refused_clearly():
     from squeezelang.errors import SqueezeError
     from squeezelang.models.surgery import shrunk_config
 
-    config = _handle("llama").model.config.to_dict()
+    config = build_family_handle("llama").model.config.to_dict()
     with pytest.raises(SqueezeError, match=r"hidden size \(62\) must be a multiple .* llama"):
         shrunk_config(config, hidden=62)

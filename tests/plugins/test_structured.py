@@ -12,22 +12,17 @@ import pytest
 import torch
 
 from squeezelang.errors import SqueezeError
-from squeezelang.hooks.context import Context, DataStore
+from squeezelang.hooks.context import Context
 from squeezelang.models import surgery
 from squeezelang.models.load import load_model
 from squeezelang.models.meta import measured_overhead, meta_from_model
 from squeezelang.models.save import save_model
 from squeezelang.models.size import artifact_bytes
 
-from conftest import SENTENCES
+from conftest import SENTENCES, calib_context
 
 IDS = torch.tensor([[2, 10, 11, 12, 13, 14, 3]])
 
-
-def _ctx() -> Context:
-    data = DataStore()
-    data.add("calib", [{"text": s} for s in SENTENCES * 2])
-    return Context(data=data, quiet=True)
 
 
 def _out(model, ids=IDS):
@@ -57,7 +52,7 @@ def _stage(src, registries, out_dir, technique="prune", ctx=None, **params):
     meta = meta_from_model(handle.model, handle.task)
     meta.overhead_bytes = measured_overhead(meta, src)
     estimate = tech.estimate(meta, params)
-    tech.apply_(handle, params, ctx or _ctx())
+    tech.apply_(handle, params, ctx or calib_context())
     save_model(handle, out_dir)
     assert not (out_dir / "squeeze.json").exists()
     return handle, estimate, artifact_bytes(out_dir), _plain(out_dir, handle.task)
@@ -186,7 +181,7 @@ def test_depth_keeps_the_most_important_layers(tmp_path, registries):
             ln.bias.zero_()
     from squeezelang_plugins.prune.depth import block_importance
 
-    scores = block_importance(handle, _ctx(), {"data": "calib", "samples": 16, "importance": "cosine"})
+    scores = block_importance(handle, calib_context(), {"data": "calib", "samples": 16, "importance": "cosine"})
     assert min(range(3), key=lambda i: scores[i]) == 1
 
 
@@ -270,8 +265,8 @@ def load_model_meta():
 
 
 # ---------------------------------------------------------------------------- task_prune
-def _task_ctx() -> Context:
-    ctx = _ctx()
+def _taskcalib_context() -> Context:
+    ctx = calib_context()
     pairs = [(SENTENCES[i], SENTENCES[(i + k) % len(SENTENCES)], float(5 - k)) for i in range(8)
              for k in (0, 1, 3)]
     ctx.data.add("sts", [{"a": a, "b": b, "score": s} for a, b, s in pairs])
@@ -288,7 +283,7 @@ def test_task_prune(request, fixture, params, registries, tmp_path):
     src = request.getfixturevalue(fixture)
     original = load_model(src)
     handle, estimate, real, back = _stage(src, registries, tmp_path / "out", technique="task_prune",
-                                          ctx=_task_ctx(), samples=16, **params)
+                                          ctx=_taskcalib_context(), samples=16, **params)
     new, cur = surgery.sizes(handle.config), surgery.sizes(original.config)
     if params["target"] == "heads":
         assert new["heads"] == cur["heads"] - round(params["ratio"] * cur["heads"])
