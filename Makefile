@@ -9,7 +9,7 @@ $(BIN)/squeeze: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# constraints.txt pins the CPU build of torch (an unpinned torch pulls GB of CUDA packages)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[torch,minilm,test,ray,plot]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[torch,minilm,test,ray,plot,onnx,gguf,compressed-tensors]"
 	touch $(BIN)/squeeze
 
 setup: $(BIN)/squeeze

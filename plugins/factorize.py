@@ -81,6 +81,9 @@ class Factorize(Technique):
     data_params = {"data": "text|a,b"}
     example = 'stage lowrank: factorize { rank = 25%, exclude = ["*.attention.*"] }'
 
+    def stores_for(self, params: dict[str, Any]) -> frozenset[str]:
+        return frozenset({"low-rank"})
+
     def candidates(self, task: str) -> list[Candidate]:
         return [Candidate("svd", {"method": "svd", "rank": 0.5}, risk=4.0, order=45, autos=("rank",))]
 

@@ -17,7 +17,8 @@ class SqueezeFormat(OutputFormat):
                    "and rebuild changed modules. Load with squeezelang.load(dir); a model with no "
                    "codecs or edits is a plain transformers checkpoint.")
 
-    def save(self, handle: ModelHandle, directory: Path) -> list[str]:
+    def save(self, handle: ModelHandle, directory: Path,
+             options: dict[str, Any] | None = None) -> list[str]:
         from squeezelang.plugin import save_model
 
         return save_model(handle, directory)
@@ -30,7 +31,8 @@ class DenseFormat(OutputFormat):
                    "so the file is not smaller. Impossible after a stage that changes the "
                    "architecture (factorize).")
 
-    def save(self, handle: ModelHandle, directory: Path) -> list[str]:
+    def save(self, handle: ModelHandle, directory: Path,
+             options: dict[str, Any] | None = None) -> list[str]:
         from squeezelang.plugin import AFTER_LOAD, ModelHandle as Handle, from_config, save_model
 
         structural = sorted({r["technique"] for r in handle.edits if r.get("when") != AFTER_LOAD})

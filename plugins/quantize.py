@@ -196,6 +196,17 @@ class Quantize(Technique):
             Candidate("int4", {"scheme": "int4"}, risk=4.0, order=90),
         ]
 
+    def stores_for(self, params: dict[str, Any]) -> frozenset[str]:
+        """int8 codes (per channel or per tensor; int8-dynamic also swaps in int8 kernels), int4
+        codes or a width per tensor among ``bits``, with group-wise scales."""
+        scheme = params.get("scheme", "int8")
+        if scheme in GROUPED:
+            widths = [4] if scheme == "int4" else list(params.get("bits", [2, 3, 4, 5, 6, 8]))
+            return frozenset({scheme, f"group:{int(params.get('group_size', 128))}"}
+                             | {f"bits:{b}" for b in widths})
+        tags = {"int8", "bits:8"} | ({"int8-kernels"} if scheme == "int8-dynamic" else set())
+        return frozenset(tags | ({"per-tensor"} if params.get("granularity") == "tensor" else set()))
+
     def defaults_for(self, params: dict[str, Any]) -> dict[str, Any]:
         """Only the defaults of the parameters the scheme (and a grouped scheme's method) reads."""
         used = _applies(params.get("scheme", "int8"), params.get("method", "rtn"))

@@ -231,6 +231,10 @@ class Share(Technique):
         return frozenset({"cluster": {"clustered"}, "cross_layer": {"shared"}}.get(
             self._method(params), set()))
 
+    def stores_for(self, params: dict[str, Any]) -> frozenset[str]:
+        return frozenset({"cluster": {"clustered"}, "cross_layer": {"shared-layers"}}.get(
+            self._method(params), set()))
+
     def defaults_for(self, params: dict[str, Any]) -> dict[str, Any]:
         """Only the defaults of the chosen method's parameters (no `threshold` beside `groups`)."""
         method = self._method(params)

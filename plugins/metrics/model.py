@@ -45,6 +45,13 @@ def model_tensors(model: Any, buffers: bool = False) -> Iterator[torch.Tensor]:
                 yield tensor
 
 
+def _runtime_counts(model: Any) -> Any:
+    """The weight counts of a model run by another runtime (``RuntimeModel.counts``), else None."""
+    from squeezelang.plugin import RuntimeModel
+
+    return model.counts if isinstance(model, RuntimeModel) else None
+
+
 def _tensor_bytes(tensor: torch.Tensor) -> int:
     import torch
 
@@ -74,7 +81,7 @@ class Size(Metric):
 
         if ctx.artifact_dir is None:
             raise ExecutionError("size is measured on a saved artifact, and none was given")
-        return float(artifact_bytes(ctx.artifact_dir))
+        return float(artifact_bytes(ctx.artifact_dir, getattr(ctx, "artifact_files", None)))
 
 
 class Params(Metric):
@@ -88,6 +95,9 @@ class Params(Metric):
 
     def measure(self, handle: ModelHandle, ctx: MeasureContext, data: str | None,
                 args: dict[str, Any]) -> float:
+        counts = _runtime_counts(handle.model)
+        if counts is not None:
+            return float(counts.params)
         return float(sum(t.numel() for t in model_tensors(handle.model)))
 
 
@@ -102,6 +112,9 @@ class Nonzero(Metric):
                 args: dict[str, Any]) -> float:
         import torch
 
+        counts = _runtime_counts(handle.model)
+        if counts is not None:
+            return float(counts.nonzero)
         with torch.inference_mode():
             return float(sum(int((t.dequantize() if t.is_quantized else t).count_nonzero())
                              for t in model_tensors(handle.model)))
@@ -117,6 +130,9 @@ class Memory(Metric):
 
     def measure(self, handle: ModelHandle, ctx: MeasureContext, data: str | None,
                 args: dict[str, Any]) -> float:
+        counts = _runtime_counts(handle.model)
+        if counts is not None:
+            return float(counts.memory)
         return float(sum(_tensor_bytes(t) for t in model_tensors(handle.model, buffers=True)))
 
 

@@ -65,6 +65,14 @@ class Prune(Technique):
     def produces_for(self, params: dict[str, Any]) -> frozenset[str]:
         return self._method(params).produces
 
+    def stores_for(self, params: dict[str, Any]) -> frozenset[str]:
+        """Unstructured zeros (magnitude), N:M runs (nm); structured methods leave a smaller
+        standard architecture."""
+        produced = self._method(params).produces
+        if not produced:
+            return frozenset()
+        return frozenset({"n:m"}) if self._method(params).name == "nm" else frozenset({"sparse"})
+
     def defaults_for(self, params: dict[str, Any]) -> dict[str, Any]:
         """Only the defaults of the properties the chosen method uses."""
         used = self._method(params).used(self.schema["properties"], params)

@@ -91,7 +91,9 @@ def lock_recipe(plan: Plan, registries: Registries, lock_dir: Path) -> ast.Recip
                         ast.Param("trials", _num(plan.search.trials)),
                         ast.Param("timeout", ast.Num(plan.search.timeout, "s", f"{plan.search.timeout:g}")),
                         ast.Param("seed", _num(plan.search.seed))))
-    output = ast.OutputDecl(ast.Str("."), ast.Block((ast.Param("format", ast.Str(plan.output_format)),)))
+    options = tuple(ast.Param(k, _value(v)) for k, v in plan.output_options.items() if v is not None)
+    output = ast.OutputDecl(ast.Str("."), ast.Block((ast.Param("format", ast.Str(plan.output_format)),)
+                                                    + options))
     return ast.Recipe(name=plan.name, uses=tuple(ast.UseDecl(ast.Str(u)) for u in plan.uses),
                       model=ast.ModelDecl(ast.Call(plan.model.source, tuple(model_args))),
                       data=tuple(data), metrics=tuple(metrics), stages=tuple(stages),

@@ -16,11 +16,13 @@ if TYPE_CHECKING:
 
 
 def measure_all(plan: Plan, registries: Registries, handle: ModelHandle, ctx: Context,
-                artifact_dir: Path | None, label: str) -> dict[str, float]:
-    """Every metric of ``plan`` on ``handle``; file metrics read ``artifact_dir``."""
+                artifact_dir: Path | None, label: str,
+                artifact_files: tuple[str, ...] | None = None) -> dict[str, float]:
+    """Every metric of ``plan`` on ``handle``; file metrics read ``artifact_dir`` (the files
+    matching ``artifact_files``, an output format's ``model_files``; default: a model directory)."""
     results: dict[str, float] = {}
-    previous_dir, previous_stage = ctx.artifact_dir, ctx.stage
-    ctx.artifact_dir, ctx.stage = artifact_dir, None
+    previous = ctx.artifact_dir, ctx.artifact_files, ctx.stage
+    ctx.artifact_dir, ctx.artifact_files, ctx.stage = artifact_dir, artifact_files, None
     try:
         for m in ctx.progress(plan.metrics, desc=f"measuring {label}"):
             metric = registries.metrics.get(m.kind)
@@ -37,7 +39,7 @@ def measure_all(plan: Plan, registries: Registries, handle: ModelHandle, ctx: Co
                                      f"{_origin(ctx, m.data, str(exc))}") from exc
             results[m.name] = float(value)
     finally:
-        ctx.artifact_dir, ctx.stage = previous_dir, previous_stage
+        ctx.artifact_dir, ctx.artifact_files, ctx.stage = previous
     return results
 
 
@@ -46,8 +48,8 @@ PAIRED_ROUNDS = 3
 
 
 def measure_paired(plan: Plan, registries: Registries, original: ModelHandle, final: ModelHandle,
-                   ctx: Context, original_dir: Path | None, final_dir: Path | None
-                   ) -> dict[str, tuple[float, float]]:
+                   ctx: Context, original_dir: Path | None, final_dir: Path | None,
+                   final_files: tuple[str, ...] | None = None) -> dict[str, tuple[float, float]]:
     """``(original, final)`` of every ``paired`` metric (latency), measured side by side: the two
     models' calls alternate, ``PAIRED_ROUNDS`` each, in an order that swaps every round, and each
     gets the median of its calls. A load that comes and goes during the minutes a run takes then
@@ -55,14 +57,15 @@ def measure_paired(plan: Plan, registries: Registries, original: ModelHandle, fi
     paired = [m for m in plan.metrics if getattr(registries.metrics.get(m.kind), "paired", False)]
     if not paired:
         return {}
-    sides = {"original": (original, original_dir), "saved": (final, final_dir)}
+    sides = {"original": (original, original_dir, None), "saved": (final, final_dir, final_files)}
     values: dict[str, dict[str, list[float]]] = {m.name: {"original": [], "saved": []} for m in paired}
     only = replace(plan, metrics=tuple(paired))
     order = ["original", "saved"]
     for _ in range(PAIRED_ROUNDS):
         for label in order:
-            handle, directory = sides[label]
-            for name, value in measure_all(only, registries, handle, ctx, directory, label).items():
+            handle, directory, files = sides[label]
+            for name, value in measure_all(only, registries, handle, ctx, directory, label,
+                                           files).items():
                 values[name][label].append(value)
         order.reverse()
     return {name: (statistics.median(v["original"]), statistics.median(v["saved"]))

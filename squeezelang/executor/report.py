@@ -43,7 +43,10 @@ def build_report(plan: Plan, registries: Registries, original: dict[str, float],
         "status": "met" if all(v.met for v in verdicts) else "not met",
         "model": {"source": plan.model.source, "task": plan.model.task,
                   "path": plan.model.args.get("path")},
-        "output": {"dir": plan.output_dir, "format": plan.output_format, "files": sorted(files)},
+        "output": {"dir": plan.output_dir, "format": plan.output_format,
+                   "options": dict(plan.output_options),
+                   "runtime": registries.output_formats.get(plan.output_format).runtime,
+                   "files": sorted(files)},
         "metrics": metrics,
         "stages": [
             {"name": s.name, "technique": s.technique, "plugin": s.plugin, "method": s.method,
@@ -128,7 +131,9 @@ def markdown(report: dict[str, Any], plot_note: str | None = None) -> str:
     status = report["status"]
     lines.append(f"**Constraints: {'all met' if status == 'met' else 'NOT MET'}** · "
                  f"model `{report['model']['path']}` ({report['model']['task']}) · "
-                 f"output `{report['output']['dir']}` ({report['output']['format']})")
+                 f"output `{report['output']['dir']}` ({report['output']['format']}"
+                 + (f", run by {report['output']['runtime']}" if report['output'].get('runtime', 'torch') != 'torch' else "")
+                 + ")")
     if report.get("resumed_after"):
         lines.append(f"Resumed after stage '{report['resumed_after']}'.")
     lines += ["", "## Metrics (final = measured on the saved, reloaded artifact)", "",

@@ -15,6 +15,7 @@ from squeezelang.executor.guards import (check_artifact, check_finite, input_pat
                                          overlong_notes, read_inputs)
 from squeezelang.executor.measure import PAIRED_ROUNDS, measure_all, measure_paired
 from squeezelang.hooks.registry import Registries
+from squeezelang.hooks.sources import OutputFormat
 from squeezelang.planner.data import data_store
 from squeezelang.planner.constraints import Verdict, evaluate
 from squeezelang.planner.plan import Plan, StagePlan
@@ -100,7 +101,6 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
     report's total includes.
     """
     from squeezelang.executor.report import build_report, write_reports
-    from squeezelang.models.load import load_model
 
     out = Path(output or plan.output_dir).expanduser().resolve()
     # A search's final run: the search checked the output and said what --force replaces.
@@ -200,7 +200,7 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
         staged = staging_dir(out)
         fmt = registries.output_formats.get(plan.output_format)
         try:
-            files = fmt.save(current, staged)
+            files = fmt.write(current, staged, dict(plan.output_options))
         except (ExecutionError, OutputError):
             raise
         except Exception as exc:  # ours say what failed; anything else gets the format's name
@@ -211,13 +211,14 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
                        registries.output_formats.owner(plan.output_format))
         timings["save"] = time.perf_counter() - t
         t = time.perf_counter()
-        reloaded = load_model(staged, registries, task=plan.model.task)
+        reloaded = load_artifact(fmt, staged, plan, registries, threads)
         timings["reload"] = time.perf_counter() - t
         t = time.perf_counter()
-        final = measure_all(plan, registries, reloaded, ctx, staged, "saved")
+        final = measure_all(plan, registries, reloaded, ctx, staged, "saved", fmt.model_files)
         originals, pairs = dict(state.original_metrics), {}
         for name, (before, after) in measure_paired(plan, registries, original, reloaded, ctx,
-                                                    original.source_dir, staged).items():
+                                                    original.source_dir, staged,
+                                                    fmt.model_files).items():
             pairs[name] = {"original_at_start": originals[name], "final_alone": final[name],
                            "rounds": PAIRED_ROUNDS}
             originals[name], final[name] = before, after
@@ -238,6 +239,25 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
     work.remove()
     reloaded.source_dir = out
     return RunResult(plan, report, verdicts, reloaded, out, resumed_after, notes)
+
+
+def load_artifact(fmt: OutputFormat, staged: Path, plan: Plan, registries: Registries,
+                  threads: int) -> ModelHandle:
+    """The saved artifact as its format's runtime runs it (``OutputFormat.load``); a format that
+    keeps the default loader is read back with this run's plugins (their ``rebuild_``)."""
+    from squeezelang.models.load import load_model
+
+    if type(fmt).load is OutputFormat.load:
+        return load_model(staged, registries, task=plan.model.task)
+    try:
+        return fmt.load(staged, plan.model.task, dict(plan.output_options), threads)
+    except SqueezeError as exc:
+        raise ExecutionError(f"output format '{plan.output_format}' cannot load what it saved: {exc}",
+                             plugin=registries.output_formats.owner(plan.output_format)) from exc
+    except Exception as exc:
+        raise ExecutionError(f"output format '{plan.output_format}' cannot load what it saved: "
+                             f"{_describe(exc)}",
+                             plugin=registries.output_formats.owner(plan.output_format)) from exc
 
 
 def resources(wall_seconds: float) -> dict[str, Any]:

@@ -69,6 +69,9 @@ class Context:
     stage: str | None = None
     #: The saved artifact directory, for metrics measured on files (``size``).
     artifact_dir: Path | None = None
+    #: Globs of the files in ``artifact_dir`` that hold the model (its format's ``model_files``);
+    #: ``None``: a squeeze or transformers directory.
+    artifact_files: tuple[str, ...] | None = None
     #: Loads the original model (the ``original`` of a recipe) once, on first call.
     original_loader: Callable[[], ModelHandle] | None = None
     #: Values computed once per run and reused (e.g. the original's reference outputs).

@@ -70,14 +70,66 @@ class ModelSource:
 
 
 class OutputFormat:
-    """Writes a compressed model into a directory."""
+    """Writes a compressed model into a directory, and loads it back the way its runtime does.
+
+    Lifecycle: ``squeeze check`` validates the ``output { … }`` options (everything but ``format``)
+    against ``schema`` and calls ``check`` with what each stage stores (``Technique.stores_for``),
+    so that a recipe whose model the format cannot hold is refused at the stage's position before
+    anything runs. ``squeeze run`` calls ``save`` on the final model, then ``load`` on the saved
+    directory: every metric and constraint is measured on what ``load`` returns, the artifact as
+    the format's own runtime runs it (an ONNX Runtime session, llama.cpp), and ``size`` counts the
+    files that match ``model_files``.
+    """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    #: JSON Schema of the output block's options besides ``format``.
+    schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": {},
+                                        "additionalProperties": False}
+    #: Globs (relative to the artifact) of the files ``size`` counts: the model, not the tokenizer.
+    model_files: ClassVar[tuple[str, ...]] = ("config.json", "squeeze.json", "*.safetensors")
+    #: What runs the artifact in ``load`` (shown in reports): ``"torch"``, ``"onnxruntime"`` …
+    runtime: ClassVar[str] = "torch"
+    #: An example ``output`` statement for ``squeeze plugins``.
+    example: ClassVar[str] = ""
 
     def validate_definition(self) -> None:
-        pass
+        check_param_schema(self.schema)
 
-    def save(self, handle: ModelHandle, directory: Path) -> list[str]:
+    def defaults(self) -> dict[str, Any]:
+        from squeezelang.hooks.schema import schema_defaults
+
+        return schema_defaults(self.schema)
+
+    def check(self, options: dict[str, Any], stages: list[tuple[str, frozenset[str]]], task: str,
+              config: dict[str, Any] | None) -> list[tuple[str | None, str]]:
+        """What this format cannot hold, found before anything runs: ``[(stage or None, message)]``.
+
+        ``options`` are the output options with defaults filled; ``stages`` lists each stage's name
+        with what it stores (``Technique.stores_for``: ``"int8"``, ``"int4"``, ``"group:128"``,
+        ``"sparse"``, ``"n:m"``, ``"low-rank"`` …); ``config`` is the model's ``config.json``
+        (``None`` when the source cannot tell before loading). A message naming a stage is
+        reported at that stage; ``None`` reports it at the output statement. None by default.
+        """
+        return []
+
+    def save(self, handle: ModelHandle, directory: Path, options: dict[str, Any]) -> list[str]:
         """Write the model's files into ``directory``; return their relative paths."""
         raise NotImplementedError
+
+    def load(self, directory: Path, task: str, options: dict[str, Any], threads: int) -> ModelHandle:
+        """The saved artifact as its runtime runs it, for the run's measurements. The default reads
+        it back with ``squeezelang.load`` (torch); a format for another runtime returns a handle
+        whose model is a ``RuntimeModel`` driving that runtime on ``threads`` CPU threads."""
+        from squeezelang.models.load import load_model
+
+        return load_model(directory, task=task)
+
+    # ------------------------------------------------------------------ engine side
+    def write(self, handle: ModelHandle, directory: Path, options: dict[str, Any]) -> list[str]:
+        """``save``, also for a format written before options existed (``save(handle, directory)``)."""
+        import inspect
+
+        if len(inspect.signature(self.save).parameters) < 3:
+            return self.save(handle, directory)  # type: ignore[call-arg]
+        return self.save(handle, directory, options)

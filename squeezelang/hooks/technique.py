@@ -110,6 +110,17 @@ class Technique:
         """The model states this stage adds, given its parameters (a method may add none)."""
         return self.produces
 
+    def stores_for(self, params: dict[str, Any]) -> frozenset[str]:
+        """What the stage leaves in the saved model that an output format must be able to hold,
+        as tags: ``"int8"``, ``"int8-kernels"``, ``"per-tensor"`` (one scale per tensor),
+        ``"int4"``, ``"bits:N"`` (codes of N bits, one tag per width a tensor may get),
+        ``"group:G"`` (scales per run of G inputs), ``"sparse"`` (unstructured zeros, stored
+        compactly), ``"n:m"`` (N:M runs), ``"low-rank"`` (factorized layers), ``"clustered"``
+        (codebooks), ``"shared-layers"``. A structural change that leaves a smaller standard
+        architecture stores nothing special. Given the parameters, without torch; the default is
+        the states the stage produces (``produces_for``)."""
+        return self.produces_for(params)
+
     def defaults_for(self, params: dict[str, Any]) -> dict[str, Any]:
         """The defaults that apply given the parameters written (a method may use only some)."""
         return self.defaults()

@@ -111,6 +111,14 @@ def _valid(chain: tuple[tuple[Any, Candidate, StagePlan], ...], needs_speed: boo
     return not needs_speed or any(c.speeds_up for _, c, _ in chain)
 
 
+def _holds(plan: Plan, registries: Registries,
+           chain: tuple[tuple[Any, Candidate, StagePlan], ...]) -> bool:
+    """Whether the output format can hold what the chain's stages store (``OutputFormat.check``)."""
+    fmt = registries.output_formats.get(plan.output_format)
+    stored = [(stage.name, frozenset(tech.stores_for(dict(stage.params)))) for tech, _, stage in chain]
+    return not fmt.check(dict(plan.output_options), stored, plan.model.task, None)
+
+
 def pipelines(plan: Plan, registries: Registries, ctx: Context) -> list[Pipeline]:
     """Every valid composition, estimated and ranked (reachable ones first, best first)."""
     from squeezelang.planner.estimate import model_meta, most_compressed, run_estimates, size_verdicts
@@ -128,7 +136,7 @@ def pipelines(plan: Plan, registries: Registries, ctx: Context) -> list[Pipeline
     out = []
     for n in range(1, compose.stages + 1):
         for chain in itertools.combinations(offers, n):
-            if not _valid(chain, needs_speed):
+            if not _valid(chain, needs_speed) or not _holds(plan, registries, chain):
                 continue
             stages = tuple(stage for _, _, stage in chain)
             extreme = [most_compressed(s, registries) for s in stages]

@@ -105,6 +105,8 @@ class Plan:
     uses: tuple[str, ...] = ()
     #: Set when the recipe gives ``compose { … }`` instead of stages (``stages`` is then empty).
     compose: ComposePlan | None = None
+    #: The output block's options besides ``format``, defaults filled (``OutputFormat.schema``).
+    output_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def has_auto(self) -> bool:

@@ -392,16 +392,22 @@ class _Resolver:
         """The model's family, from its config read without torch (``None``: unknown, or a source
         that cannot tell before loading); looked up once."""
         if not hasattr(self, "_family"):
-            self._family = None
+            config = self.model_config()
+            self._family = self.regs.families.for_config(config) if config else None
+        return self._family
+
+    def model_config(self) -> dict[str, Any] | None:
+        """The model's ``config.json``, read once without torch (``None`` when the source cannot
+        tell before loading, or the model is at fault: that is reported where it is declared)."""
+        if not hasattr(self, "_config"):
+            self._config = None
             if self.model_source is not None:
                 source, args = self.model_source
                 try:
-                    config = source.config(args)
+                    self._config = source.config(args)
                 except SqueezeError:
-                    config = None  # the model's own problem is reported where it is declared
-                if config:
-                    self._family = self.regs.families.for_config(config)
-        return self._family
+                    self._config = None
+        return self._config
 
     def stage_values(self, decl: ast.StageDecl, tech: Any, owner: str
                      ) -> tuple[dict[str, Any], dict[str, tuple[float, float]], set[str]]:
@@ -577,27 +583,62 @@ class _Resolver:
                 allow.append(name)
         return allow
 
-    def output(self, name: str) -> tuple[str, str]:
+    def output(self, name: str, stages: tuple[StagePlan, ...]) -> tuple[str, str, dict[str, Any]]:
+        """The output directory, format and options (checked against the format's schema), and
+        the format's own check of what the stages store."""
         decl = self.recipe.output
         path = self.base_dir / Path(decl.path.value if decl else f"out/{name}").expanduser()
-        fmt = "squeeze"
-        if decl and decl.options:
-            for p in decl.options.params:
-                if p.key != "format":
-                    self.error(f"unknown output option '{p.key}'", p.key_span,
-                               hint=did_you_mean(p.key, ["format"]).strip(" —") or "output takes: format")
-                    continue
-                value = self.convert(p.value)
-                if value is None:  # reported by convert
-                    continue
-                if not isinstance(value, str) or value not in self.regs.output_formats:
-                    what = f"unknown output format {value!r}" if isinstance(value, str) else \
-                        "the output format must be a string"
-                    self.error(what, _span_of(p.value),
-                               hint="formats: " + ", ".join(self.regs.output_formats.names()))
-                    continue
-                fmt = value
-        return str(path.resolve()), fmt
+        fmt_name, fmt_param = "squeeze", None
+        params = decl.options.params if decl and decl.options else ()
+        format_param = next((p for p in params if p.key == "format"), None)
+        if format_param is not None:
+            value = self.convert(format_param.value)
+            if value is not None and (not isinstance(value, str) or value not in self.regs.output_formats):
+                what = f"unknown output format {value!r}" if isinstance(value, str) else \
+                    "the output format must be a string"
+                self.error(what, _span_of(format_param.value),
+                           hint="formats: " + ", ".join(self.regs.output_formats.names()))
+                return str(path.resolve()), fmt_name, {}
+            if value is not None:
+                fmt_name, fmt_param = value, format_param
+        fmt = self.regs.output_formats.get(fmt_name)
+        owner = f"output format '{fmt_name}'"
+        values: dict[str, Any] = {}
+        failed: set[str] = set()
+        known = ["format", *fmt.schema.get("properties", {})]
+        others = []
+        for p in params:
+            if p.key not in known:
+                self.error(f"unknown output option '{p.key}'" + (f" for format '{fmt_name}'"
+                                                                  if fmt_name != "squeeze" else ""),
+                           p.key_span, hint=did_you_mean(p.key, known).strip(" —")
+                           or "output takes: " + ", ".join(known))
+            elif p.key != "format":
+                others.append(p)
+        for p in others:
+            before = len(self.errors)
+            values[p.key] = self.convert(p.value)
+            if len(self.errors) > before:
+                failed.add(p.key)
+                del values[p.key]
+        n_errors = len(self.errors)
+        fallback = fmt_param.key_span if fmt_param is not None else (decl.span if decl else None)
+        self.errors.extend(schema_errors(fmt.schema, values, owner, _spans(tuple(others)), fallback,
+                                         failed))
+        if len(self.errors) > n_errors or failed:
+            return str(path.resolve()), fmt_name, values
+        options = {**fmt.defaults(), **values}
+        stored = [(s.name, frozenset(self.regs.techniques.get(s.technique).stores_for(dict(s.params))))
+                  for s in stages]
+        config = self.model_config()
+        spans = {s.name: s.span for s in stages}
+        techniques = {d.name: d.technique_span for d in self.recipe.stages}
+        for stage_name, message in fmt.check(dict(options), stored, self.task, config):
+            span = techniques.get(stage_name) or spans.get(stage_name) if stage_name else None
+            where = f"stage '{stage_name}': " if stage_name else ""
+            self.error(f"{where}{owner} cannot hold this: {message}",
+                       span or (_span_of(fmt_param.value) if fmt_param is not None else fallback))
+        return str(path.resolve()), fmt_name, options
 
     def run(self) -> Plan | None:
         recipe = self.recipe
@@ -611,12 +652,12 @@ class _Resolver:
         self.task = model.task if model is not None else "embedding"
         compose = self.compose(constraints)
         search = self.search()
-        output_dir, output_format = self.output(name)
+        output_dir, output_format, output_options = self.output(name, stages)
         if self.errors or model is None:
             return None
         return Plan(name, str(Path(recipe.file).resolve()) if recipe.file else None, str(self.base_dir),
                     model, data, metrics, stages, constraints, search, output_dir, output_format, uses,
-                    compose)
+                    compose, output_options)
 
 
 def resolve(recipe: ast.Recipe, registries: Registries | None = None) -> Plan:
