@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from squeezelang.plugin import OutputFormat, SqueezeError, hookimpl
+from squeezelang.plugin import OutputFormat, hookimpl
 
 if TYPE_CHECKING:
     from squeezelang.plugin import ModelHandle
@@ -33,18 +33,9 @@ class DenseFormat(OutputFormat):
 
     def save(self, handle: ModelHandle, directory: Path,
              options: dict[str, Any] | None = None) -> list[str]:
-        from squeezelang.plugin import AFTER_LOAD, ModelHandle as Handle, from_config, save_model
+        from squeezelang.plugin import ModelHandle as Handle, save_model, standard_model
 
-        structural = sorted({r["technique"] for r in handle.edits if r.get("when") != AFTER_LOAD})
-        if structural:
-            raise SqueezeError(
-                f"output format 'dense' cannot hold a model changed by {', '.join(structural)} "
-                "(its modules are not a standard transformers architecture); use format = \"squeeze\"")
-        model = handle.model
-        if handle.edits:  # runtime-only swaps (int8 kernels): back to the standard modules
-            model = from_config(handle.model.config, handle.task)
-            model.load_state_dict(handle.model.state_dict(), strict=True)
-            model.eval()
+        model = standard_model(handle, self.name)
         plain = Handle(model=model, tokenizer=handle.tokenizer, task=handle.task,
                        source_dir=handle.source_dir, tokenizer_changed=handle.tokenizer_changed)
         return save_model(plain, directory)

@@ -132,7 +132,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"  … and {len(reachable) - 10} more")
     for note in pred.notes:
         print(f"\nnote: {note}")
-    print(f"\noutput: {plan.output_dir} (format {plan.output_format})")
+    options = "".join(f", {k} = {json.dumps(v)}" for k, v in plan.output_options.items())
+    print(f"\noutput: {plan.output_dir} (format {plan.output_format}{options})")
+    runtime = regs.output_formats.get(plan.output_format).runtime
+    if runtime != "torch":
+        print(f"  sizes above are predicted for the squeeze format; the run measures the "
+              f"{plan.output_format} file's size, and every metric on it as {runtime} runs it")
     return EXIT_OK
 
 
@@ -192,7 +197,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                              for d in regs.data_sources],
             "model_sources": [{"name": d.name, "plugin": regs.model_sources.owner(d.name), "schema": d.schema}
                               for d in regs.model_sources],
-            "output_formats": [{"name": f.name, "plugin": regs.output_formats.owner(f.name)}
+            "output_formats": [{"name": f.name, "plugin": regs.output_formats.owner(f.name),
+                                "runtime": f.runtime, "schema": f.schema, "description": f.description}
                                for f in regs.output_formats],
             "model_families": [{"name": f.name, "plugin": regs.families.owner(f.name),
                                 "model_types": list(f.model_types)} for f in regs.families],
@@ -220,6 +226,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                 extra = f" ({item.dimension}, {'higher' if item.higher_is_better else 'lower'} is better" \
                         f"{', always available' if item.implicit else ''})"
             print(f"  {item.name} [{reg.owner(item.name)}]{extra}  {item.description}")
+            if title == "output formats" and item.schema.get("properties"):
+                print("    options:")
+                print("\n".join(_param_lines(item.schema)))
     print("\nmodel families (what structured techniques can reshape):")
     for fam in regs.families:
         print(f"  {fam.name} [{regs.families.owner(fam.name)}]  model_type: {', '.join(fam.model_types)}")

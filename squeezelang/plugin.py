@@ -31,7 +31,7 @@ Groups (see docs/plugins.md for how each is used):
 - other runtimes (output formats whose ``load`` runs the artifact elsewhere): ``RuntimeModel``,
   ``RuntimeOutput``, ``RuntimeCounts``; the engine's own codes of quantized weights:
   ``quantized_weights``, ``QuantizedWeight``;
-- model directories: ``load_model``, ``save_model``, ``AFTER_LOAD``, ``read_config``,
+- model directories: ``load_model``, ``save_model``, ``copy_aux_files``, ``standard_model``, ``AFTER_LOAD``, ``read_config``,
   ``load_tokenizer``, ``from_config``, ``load_pretrained``, ``config_dtype``, ``checkpoint_dtype``,
   ``cached_meta``, ``cached_json``, ``cache_key``, ``layout_meta_of``.
 """
@@ -77,7 +77,8 @@ _export("squeezelang.models.forward", "encode", "logits", "lm_loss", "max_positi
 _export("squeezelang.models.sensitivity", "costs", "Candidates")
 _export("squeezelang.models.allocate", "allocate", "describe")
 _export("squeezelang.models.load", "load_model", "AFTER_LOAD")
-_export("squeezelang.models.save", "save_model")
+_export("squeezelang.models.save", "save_model", "copy_aux_files")
+_export("squeezelang.models.standard", "standard_model")
 _export("squeezelang.models.runtime", "RuntimeModel", "RuntimeOutput", "RuntimeCounts")
 _export("squeezelang.models.quant_view", "quantized_weights", "QuantizedWeight")
 _export("squeezelang.models.hf", "read_config", "load_tokenizer", "from_config", "load_pretrained",
