@@ -16,6 +16,7 @@ class SqueezeFormat(OutputFormat):
                    "encoded compactly in model.safetensors, squeeze.json telling how to decode them "
                    "and rebuild changed modules. Load with squeezelang.load(dir); a model with no "
                    "codecs or edits is a plain transformers checkpoint.")
+    predicts_size = True
 
     def save(self, handle: ModelHandle, directory: Path,
              options: dict[str, Any] | None = None) -> list[str]:

@@ -87,6 +87,11 @@ def run(recipe: Recipe | str | Path, output: str | Path | None = None, *, force:
         handle = ModelHandle(model.eval(), tokenizer, resolved.model.task)
     from squeezelang.search.solve import solve
 
+    if handle is None and not resolved.needs_search:  # fixed settings known to miss a size bound
+        from squeezelang.planner.estimate import planning_context
+        from squeezelang.planner.levels import refuse_fixed_unreachable
+
+        refuse_fixed_unreachable(resolved, regs, planning_context(resolved, regs))
     return solve(resolved, regs, output=output, force=force, handle=handle, quiet=quiet) \
         if resolved.needs_search else execute(resolved, regs, output=output, force=force, handle=handle,
                                            quiet=quiet)

@@ -66,7 +66,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from squeezelang.lang.units import fmt_value
 
     from squeezelang.planner.estimate import planning_context
-    from squeezelang.planner.levels import solved_floor
+    from squeezelang.planner.levels import refuse_fixed_unreachable, solved_floor
 
     regs = _registries(args)
     plan = resolve(_load(args.recipe), regs)
@@ -85,6 +85,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if ranked is not None:
             out["composition"] = [p.to_json() for p in ranked]
         print(json.dumps(out, indent=2, default=str))
+        refuse_fixed_unreachable(plan, regs, ctx)
         return EXIT_OK
     print(f"recipe '{plan.name}': model {plan.model.args.get('path')} ({plan.model.task})")
     print(f"  original: {fmt_value(pred.original_params, 'count')} params, "
@@ -138,6 +139,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if runtime != "torch":
         print(f"  sizes above are predicted for the squeeze format; the run measures the "
               f"{plan.output_format} file's size, and every metric on it as {runtime} runs it")
+    refuse_fixed_unreachable(plan, regs, ctx)  # exit 1, after the table that shows why
     return EXIT_OK
 
 
@@ -149,6 +151,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     regs = _registries(args)
     plan = resolve(_load(args.recipe), regs)
     args.output_dir = Path(args.output or plan.output_dir).resolve()  # for the interrupt message
+    if not plan.needs_search:  # fixed settings that cannot meet a size bound: refused, nothing run
+        from squeezelang.planner.estimate import planning_context
+        from squeezelang.planner.levels import refuse_fixed_unreachable
+
+        refuse_fixed_unreachable(plan, regs, planning_context(plan, regs))
     if plan.needs_search:
         from squeezelang.search.solve import solve
         result = solve(plan, regs, output=args.output, force=args.force, quiet=args.quiet)

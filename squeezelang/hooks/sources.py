@@ -90,6 +90,9 @@ class OutputFormat:
     model_files: ClassVar[tuple[str, ...]] = ("config.json", "squeeze.json", "*.safetensors")
     #: What runs the artifact in ``load`` (shown in reports): ``"torch"``, ``"onnxruntime"`` …
     runtime: ClassVar[str] = "torch"
+    #: Whether the planner's size estimates (``Technique.estimate``) are this format's sizes; only
+    #: then are fixed settings refused before running when they cannot meet a size constraint.
+    predicts_size: ClassVar[bool] = False
     #: An example ``output`` statement for ``squeeze plugins``.
     example: ClassVar[str] = ""
 

@@ -101,3 +101,33 @@ def solved_floor(plan: Plan, registries: Registries, ctx: Context) -> dict[tuple
         raise Infeasible("; ".join(impossible))
     fixed = at_levels(plan, registries, floor)
     return {(s.name, k): f.params[k] for s, f in zip(plan.stages, fixed.stages) for k in s.autos}
+
+#: How far past a size-type bound the estimate of fixed settings must land before a run is refused
+#: (a fraction of the bound): estimates that assume something without weights may be a little off.
+REFUSE_MARGIN = 0.02
+
+
+def refuse_fixed_unreachable(plan: Plan, registries: Registries, ctx: Context) -> None:
+    """Raise ``Infeasible`` when the recipe has no ``auto`` and its fixed settings are predicted to
+    miss a size-type constraint by more than ``REFUSE_MARGIN``, naming the predicted figure and the
+    bound, so that nothing is loaded or run for a result known to fail. Only for output formats
+    whose size the estimates predict (``OutputFormat.predicts_size``)."""
+    from squeezelang.lang.units import fmt_value
+    from squeezelang.planner.estimate import predict
+
+    fmt = registries.output_formats.get(plan.output_format)
+    if plan.needs_search or not has_size_constraints(plan) or not getattr(fmt, "predicts_size", False):
+        return
+    pred = predict(plan, registries, ctx=ctx)
+    missed = []
+    for v in pred.constraints:
+        if v.met or abs(v.margin) <= REFUSE_MARGIN * abs(v.bound):
+            continue
+        dim = "bytes" if plan.metric(v.metric).kind == "size" else "count"
+        original = pred.original_size if dim == "bytes" else pred.original_params
+        share = f" ({v.value / original:.1%} of the original)" if original else ""
+        missed.append(f"{v.constraint}: the stages as written are predicted to reach "
+                      f"{fmt_value(v.value, dim)}{share}, the bound is {fmt_value(v.bound, dim)}")
+    if missed:
+        raise Infeasible("; ".join(missed) + ". Nothing was run: compress harder, or let the "
+                         "engine choose with auto(lo .. hi)")

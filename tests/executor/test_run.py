@@ -84,10 +84,12 @@ def test_run_writes_verified_artifacts(workspace: Path, tiny_bert_dir: Path):
 
 
 def test_constraint_not_met_is_reported_not_raised(workspace: Path):
-    result = squeezelang.run(write(workspace, size="1%"), output=workspace / "out")
+    recipe = write(workspace)
+    recipe.write_text(recipe.read_text().replace("faithful >= 0.5", "faithful >= 0.99999"))
+    result = squeezelang.run(recipe, output=workspace / "out")
     assert not result.ok
     failed = result.failed
-    assert [v.constraint for v in failed] == ["size <= 1%"]
+    assert [v.constraint for v in failed] == ["faithful >= 0.99999"]
     assert failed[0].margin < 0
     assert (workspace / "out" / "report.json").is_file()
     assert json.loads((workspace / "out/report.json").read_text())["status"] == "not met"
