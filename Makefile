@@ -34,7 +34,7 @@ $(LLMC)/ready: constraints.txt
 	touch $(LLMC)/ready
 
 bench: setup $(LLMC)/ready
-	# the library peers (Torch-Pruning, ONNX Runtime) are only needed here
+	# the library peers and runtimes (Torch-Pruning, ONNX Runtime, llama.cpp: builds from source, minutes) are only needed here
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
 	$(BIN)/python -m benchmarks
 

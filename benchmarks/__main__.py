@@ -1,5 +1,5 @@
 """Run benchmarks by name (default: all): ``python -m benchmarks [techniques] [causal_lm]
-[llama_lm] [overhead] [allocation] [--only ROW…] [--smoke]``. Each suite prints a table and its
+[llama_lm] [overhead] [allocation] [runtimes] [--only ROW…] [--smoke]``. Each suite prints a table and its
 targets (met / not met) and writes ``benchmarks/results/<suite>.json`` (and a PNG where it plots).
 ``--smoke`` runs ``llama_lm`` on a tiny model trained a few steps (``SQUEEZE_BENCH_SMOKE=1``): the
 code path in minutes, numbers meaningless."""
@@ -12,10 +12,10 @@ import sys
 
 # First: encoder_eval sets OMP_WAIT_POLICY before anything imports torch (see its docstring).
 importlib.import_module("benchmarks.encoder_eval")
-from benchmarks import allocation, causal_lm, llama_lm, overhead, techniques  # noqa: E402
+from benchmarks import allocation, causal_lm, llama_lm, overhead, runtimes, techniques  # noqa: E402
 
 SUITES = {"techniques": techniques.main, "causal_lm": causal_lm.main, "llama_lm": llama_lm.main,
-          "overhead": overhead.main, "allocation": allocation.main}
+          "overhead": overhead.main, "allocation": allocation.main, "runtimes": runtimes.main}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -219,6 +219,19 @@ def torch_pruning_mlp(original_dir: Path, workdir: Path, ratio: float = 0.5) -> 
                 "save_pretrained, loads with plain transformers", loader=load)
 
 
+def ort_session(model_file: Path) -> Any:
+    """An ONNX Runtime CPU session of ``model_file`` on ``ORT_THREADS`` intra-op threads."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = ORT_THREADS
+    options.inter_op_num_threads = 1
+    # Idle threads would otherwise spin after each run, taking the CPU from whatever runs next
+    # (in an interleaved latency measurement, another encoder).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+
+
 def onnxruntime_dynamic_int8(original_dir: Path, workdir: Path) -> Peer:
     """``torch.onnx.export`` then ``onnxruntime.quantization.quantize_dynamic`` (QInt8)."""
     import torch
@@ -252,14 +265,7 @@ def onnxruntime_dynamic_int8(original_dir: Path, workdir: Path) -> Peer:
     vocab = model.config.vocab_size
 
     def load() -> Encoder:
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = ORT_THREADS
-        options.inter_op_num_threads = 1
-        # Idle threads would otherwise spin after each run, taking the CPU from whatever runs
-        # next (in an interleaved latency measurement, another encoder).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = onnxruntime.InferenceSession(str(quantized), options,
-                                               providers=["CPUExecutionProvider"])
+        session = ort_session(quantized)
 
         def hidden(input_ids: Any, attention_mask: Any) -> torch.Tensor:
             feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}

@@ -20,7 +20,8 @@ def build_report(plan: Plan, registries: Registries, original: dict[str, float],
                  files: list[str], timings: dict[str, float], trials: list[dict[str, Any]],
                  resumed_after: str | None, composition: dict[str, Any] | None = None,
                  resources: dict[str, Any] | None = None,
-                 paired: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+                 paired: dict[str, dict[str, Any]] | None = None,
+                 runtime: str | None = None) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -45,7 +46,7 @@ def build_report(plan: Plan, registries: Registries, original: dict[str, float],
                   "path": plan.model.args.get("path")},
         "output": {"dir": plan.output_dir, "format": plan.output_format,
                    "options": dict(plan.output_options),
-                   "runtime": registries.output_formats.get(plan.output_format).runtime,
+                   "runtime": runtime or registries.output_formats.get(plan.output_format).runtime,
                    "files": sorted(files)},
         "metrics": metrics,
         "stages": [

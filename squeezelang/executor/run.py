@@ -229,7 +229,8 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
             timings["search"] = search_seconds
         used = resources(timings["total"])
         report = build_report(plan, registries, originals, stage_records, final, verdicts,
-                              files, timings, trials or [], resumed_after, composition, used, pairs)
+                              files, timings, trials or [], resumed_after, composition, used, pairs,
+                              runtime_of(reloaded, fmt))
         write_reports(staged, plan, report, registries, out)
         work.mark_publishing()
         publish(staged, out)
@@ -258,6 +259,15 @@ def load_artifact(fmt: OutputFormat, staged: Path, plan: Plan, registries: Regis
         raise ExecutionError(f"output format '{plan.output_format}' cannot load what it saved: "
                              f"{_describe(exc)}",
                              plugin=registries.output_formats.owner(plan.output_format)) from exc
+
+
+def runtime_of(handle: ModelHandle, fmt: OutputFormat) -> str:
+    """What ran the reloaded artifact: its ``RuntimeModel``'s own word (a loader may fall back to
+    another runtime), else the format's."""
+    from squeezelang.models.runtime import RuntimeModel
+
+    model = handle.model
+    return model.runtime if isinstance(model, RuntimeModel) and model.runtime else fmt.runtime
 
 
 def resources(wall_seconds: float) -> dict[str, Any]:

@@ -301,7 +301,7 @@ MISTAKES = [
     case("search-trails", HEAD + "search { trails = 3 }", 3, 10,
          "unknown parameter 'trails' for the search block", "did you mean 'trials'?"),
     case("output-format-tflite", HEAD + 'output "o" { format = "tflite" }', 3, 23,
-         "unknown output format 'tflite'", "formats: compressed-tensors, dense"),
+         "unknown output format 'tflite'", "formats: compressed-tensors, dense, gguf, onnx, squeeze"),
     case("output-fromat", HEAD + 'output "o" { fromat = "dense" }', 3, 14,
          "unknown output option 'fromat'", "did you mean 'format'?"),
     case("output-format-unquoted", HEAD + 'output "o" { format = dense }', 3, 23,
