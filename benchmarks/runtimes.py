@@ -2,9 +2,10 @@
 
 Three parts, each side by side in one run (ratios, not absolute times):
 
-- ``onnx``: all-MiniLM-L6-v2 on ONNX Runtime. Engine rows are the ``minilm-int8``,
-  ``minilm-fast`` and ``minilm-all`` recipes run with ``output { format = "onnx" }`` (a copy of the
-  spec beside it, so its relative paths hold). The peer is ONNX Runtime's own ``quantize_dynamic``
+- ``onnx``: all-MiniLM-L6-v2 on ONNX Runtime. Engine rows are ``specs/minilm-onnx.squeeze`` (the
+  ``minilm-int8`` recipe written for ONNX Runtime) and the ``minilm-fast`` and ``minilm-all``
+  recipes run with ``output { format = "onnx" }`` (a copy of the spec beside it, so its relative
+  paths hold). The peer is ONNX Runtime's own ``quantize_dynamic``
   of the original's export (``peers.onnxruntime_dynamic_int8``). Every ONNX row is loaded the way a
   user would (a plain ``onnxruntime.InferenceSession`` of ``model.onnx``, 2 intra-op threads, no
   spinning; the tokenizer with ``AutoTokenizer``) and measured by ``encoder_eval``: STS-B dev
@@ -13,7 +14,8 @@ Three parts, each side by side in one run (ratios, not absolute times):
   latency no worse than the peer's; ``minilm-fast`` and ``minilm-all`` at latency <= 0.15 of the
   torch original with drop <= 1.0.
 - ``gguf``: the ``llama_lm`` suite's character-level Llama (trained once, cached) in llama.cpp.
-  Engine rows: int4 GPTQ (groups of 32) written as ``Q4_0``, int8 written as ``Q8_0``. Peers:
+  Engine rows: GPTQ at 4 and at 8 bits in groups of 32 (Q4_0's and Q8_0's blocks), written as
+  ``Q4_0`` and ``Q8_0`` (the 8-bit one is ``quantize`` ``mixed`` at the single width 8). Peers:
   llama.cpp's own quantization of the original's float GGUF to the same types
   (``llama_cpp.llama_model_quantize``, the library behind ``llama-quantize``). Every GGUF is loaded
   by llama.cpp (``llama-cpp-python``) through the engine's ``gguf`` format and scored by
@@ -47,8 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "specs"
 RESULTS = ROOT / "benchmarks" / "results"
 STSB_DEV = ROOT.parent / "shared" / "data" / "stsb-en-dev.csv"
-#: The ONNX engine rows: the spec each runs with ``format = "onnx"``.
-ONNX_SPECS = {"int8-onnx": "minilm-int8", "fast-onnx": "minilm-fast", "all-onnx": "minilm-all"}
+#: The ONNX engine rows: the spec each runs with ``format = "onnx"`` (``minilm-onnx`` says so itself).
+ONNX_SPECS = {"int8-onnx": "minilm-onnx", "fast-onnx": "minilm-fast", "all-onnx": "minilm-all"}
 #: int4 group size of the GGUF rows (Q4_0 blocks are 32 wide).
 GGUF_GROUP = 32
 
@@ -80,8 +82,11 @@ def ort_encoder(model_file: Path, tokenizer_dir: Path) -> TokenEncoder:
 def spec_as(spec: str, fmt: str, out: Path, options: str = "") -> Path:
     """A copy of ``specs/<spec>.squeeze`` beside it whose output is ``out`` in format ``fmt``."""
     text = (SPECS / f"{spec}.squeeze").read_text(encoding="utf-8")
-    text = re.sub(r'^output\s+"[^"]*"(\s*\{[^}]*\})?', f'output "{out}" {{ format = "{fmt}"{options} }}',
-                  text, flags=re.M)
+    if re.search(rf'^output\s+"[^"]*"\s*\{{[^}}]*format\s*=\s*"{fmt}"', text, flags=re.M):
+        text = re.sub(r'^output\s+"[^"]*"', f'output "{out}"', text, flags=re.M)  # its own options
+    else:
+        text = re.sub(r'^output\s+"[^"]*"(\s*\{[^}]*\})?',
+                      f'output "{out}" {{ format = "{fmt}"{options} }}', text, flags=re.M)
     copy = SPECS / f".bench-{spec}-{fmt}.squeeze"
     copy.write_text(text, encoding="utf-8")
     return copy
@@ -180,6 +185,7 @@ def llama_recipe(workdir: Path, name: str, prepared: charlm.Prepared, stage: str
                  output: str) -> Path:
     """A recipe on the benchmark's Llama: its train/val windows, perplexity on val, ``stage``,
     and ``output`` (the body of the output block)."""
+    workdir.mkdir(parents=True, exist_ok=True)
     recipe = workdir / f"{name}.squeeze"
     recipe.write_text(
         f'recipe "{name}"\nmodel = hf("{prepared.model}", task = "causal-lm")\n'
@@ -228,7 +234,10 @@ def gguf_rows(only: list[str] | None, workdir: Path, prepared: charlm.Prepared,
         "gguf-f32": ("", ', type = "F32"'),
         "gptq-int4-q4_0": (f'stage q: quantize {{ scheme = "int4", method = "gptq", group_size = {group}, '
                            'data = train, samples = 128 }', ""),
-        "int8-q8_0": ('stage q: quantize { scheme = "int8" }', ""),
+        # 8-bit codes in groups of 32 (Q8_0's blocks), rounded with GPTQ: "mixed" at one width
+        "gptq-int8-q8_0": (f'stage q: quantize {{ scheme = "mixed", bits = [8], avg_bits = 8, '
+                           f'group_size = {group}, method = "gptq", data = train, samples = 128 }}',
+                           ""),
     }
     rows: list[dict[str, Any]] = []
     for name, (stage, options) in stages.items():
@@ -249,6 +258,7 @@ def gguf_rows(only: list[str] | None, workdir: Path, prepared: charlm.Prepared,
             print(f"{name}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             rows.append({"name": name, "part": "gguf", "error": f"{type(exc).__name__}: {exc}"})
     source = workdir / "gguf-f32"
+    workdir.mkdir(parents=True, exist_ok=True)
     for ftype in ("Q4_0", "Q8_0"):
         name = f"llamacpp-{ftype.lower()}"
         if only and name not in only:
@@ -270,7 +280,7 @@ def gguf_rows(only: list[str] | None, workdir: Path, prepared: charlm.Prepared,
 def gguf_targets(rows: list[dict[str, Any]]) -> list[Target]:
     got = {r["name"]: r for r in rows if r.get("part") == "gguf" and "error" not in r}
     out = []
-    for ours, peer in (("gptq-int4-q4_0", "llamacpp-q4_0"), ("int8-q8_0", "llamacpp-q8_0")):
+    for ours, peer in (("gptq-int4-q4_0", "llamacpp-q4_0"), ("gptq-int8-q8_0", "llamacpp-q8_0")):
         name = f"{ours}: lower val loss than {peer} at equal or smaller size"
         a, b = got.get(ours), got.get(peer)
         if a is None or b is None:

@@ -71,6 +71,13 @@ class OnnxFormat(OutputFormat):
                                            "codes are dequantized and multiplied in float32 "
                                            "(more exact, slower). Static activation scales are "
                                            "not offered."},
+            "float_activations": {"type": "array", "items": {"type": "string"}, "default": [],
+                                  "description": "Globs of module names whose quantized weights "
+                                                 "multiply float activations even with "
+                                                 "activations = \"dynamic\" (layers whose "
+                                                 "inputs have outliers, such as the MLP's output "
+                                                 "projection): their codes stay stored as they "
+                                                 "are, only the activations are not rounded."},
         },
     }
     model_files = ("model.onnx", "model.onnx.data")

@@ -90,7 +90,7 @@ def graph(handle: ModelHandle, options: dict[str, Any]) -> Any:
         proto = onnx.load(str(path))
     inline_identities_(proto.graph)
     roles = rewrite_(proto.graph, weights, _values(handle, weights),
-                     options.get("activations", "dynamic"))
+                     options.get("activations", "dynamic"), options.get("float_activations", []))
     dedupe_(proto.graph)
     present = {init.name for init in proto.graph.initializer}
     roles.update({name: {"role": "buffer"} for name in buffer_names(model) & present})

@@ -109,10 +109,12 @@ def matches(graph: GraphProto, weights: dict[str, QuantizedWeight],
 class IntegerRewriter:
     """Replaces the nodes reading matched initializers (see the module docstring)."""
 
-    def __init__(self, graph: GraphProto, found: dict[str, Match], activations: str) -> None:
+    def __init__(self, graph: GraphProto, found: dict[str, Match], activations: str,
+                 float_globs: list[str] | tuple[str, ...] = ()) -> None:
         self.graph = graph
         self.found = found
         self.activations = activations
+        self.float_globs = tuple(float_globs)
         self.out = Rewrite()
         self.layouts: dict[str, str] = {}
         self.stored: dict[tuple[str, str], tuple[str, ...]] = {}
@@ -273,11 +275,20 @@ class IntegerRewriter:
         if bias:
             self._node("Add", [product, bias], [out])
 
+    def float_activations(self, weight: QuantizedWeight) -> bool:
+        """Whether ``weight``'s layer multiplies float activations (``activations = "float"``,
+        or its module name matches a ``float_activations`` glob)."""
+        import fnmatch
+
+        module = weight.name.rpartition(".")[0]
+        return self.activations == "float" or any(fnmatch.fnmatchcase(module, g)
+                                                   for g in self.float_globs)
+
     def _int8_matmul(self, a: str, out: str, weight: QuantizedWeight, layout: str) -> None:
         from onnx import TensorProto
 
         codes, scale = self._int8(weight, layout, rows=False)
-        if self.activations == "float":
+        if self.float_activations(weight):
             # constant inputs only: ONNX Runtime folds them into a float weight at load
             self._node("Cast", [codes], [f"{out}/w.codes"], to=TensorProto.FLOAT)
             self._node("Mul", [f"{out}/w.codes", scale], [f"{out}/w.float"])
@@ -293,7 +304,7 @@ class IntegerRewriter:
     def _nbits(self, a: str, out: str, weight: QuantizedWeight, layout: str) -> None:
         codes, scales = self._blocks(weight, layout)
         n, k = self.out.roles[codes]["shape"]
-        level = 0 if self.activations == "float" else 4
+        level = 0 if self.float_activations(weight) else 4
         self._node("MatMulNBits", [a, codes, scales], [out], K=k, N=n, bits=weight.bits,
                    block_size=int(weight.group or 0), accuracy_level=level)
 
@@ -374,13 +385,14 @@ class IntegerRewriter:
 
 
 def rewrite_(graph: GraphProto, weights: dict[str, QuantizedWeight], values: dict[str, np.ndarray],
-             activations: str) -> dict[str, dict[str, Any]]:
+             activations: str, float_globs: list[str] | tuple[str, ...] = ()
+             ) -> dict[str, dict[str, Any]]:
     """Replace, in place, what reads each quantized weight in ``graph`` by an integer kernel and
     drop its float initializers; return the roles of the initializers added."""
     found = matches(graph, weights, values)
     if not found:
         return {}
-    result = IntegerRewriter(graph, found, activations).run()
+    result = IntegerRewriter(graph, found, activations, float_globs).run()
     del graph.node[:]
     graph.node.extend(result.nodes)
     read = {name for node in graph.node for name in node.input}

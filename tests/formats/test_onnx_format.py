@@ -122,7 +122,7 @@ def _linear_weights(handle):
 def test_the_format_is_registered_with_its_options(fmt):
     assert fmt.runtime == "onnxruntime"
     assert fmt.model_files == ("model.onnx", "model.onnx.data")
-    assert fmt.defaults() == {"opset": 18, "activations": "dynamic"}
+    assert fmt.defaults() == {"opset": 18, "activations": "dynamic", "float_activations": []}
     assert "MatMulNBits" in fmt.description and "dense" in fmt.description
 
 
@@ -271,6 +271,20 @@ def test_int8_weights_run_as_matmul_integer(fmt, registries, model_dirs, tmp_pat
     assert (stored == (codes if IN_OUT[name] else codes.T)).all()  # [K, N], the engine's codes
     errors = _error(handle, reloaded)
     assert max(errors.values()) < 0.02, errors  # int8 activations, quantized per call
+
+
+def test_float_activations_keep_the_codes_of_the_layers_they_name(fmt, registries, model_dirs,
+                                                                   tmp_path):
+    handle = _apply(load_model(model_dirs["bert"], task=TASKS["bert"]), registries, "quantize",
+                    scheme="int8")
+    _save(fmt, handle, tmp_path / "all")
+    _save(fmt, handle, tmp_path / "some", float_activations=["encoder.layer.0.intermediate.*"])
+    every, some = _graph(tmp_path / "all"), _graph(tmp_path / "some")
+    assert _ops(some)["MatMulInteger"] == _ops(every)["MatMulInteger"] - 1
+    name = "encoder.layer.0.intermediate.dense.weight"
+    weight = quantized_weights(handle)[name]
+    assert (_initializer(some, f"{name}.codes") == weight.codes.numpy().T).all()  # still int8
+    assert _float_copies(some, handle) == set()
 
 
 @pytest.mark.parametrize("name", list(TASKS))
