@@ -14,6 +14,7 @@ from squeezelang.hooks.context import Context
 from squeezelang.executor.guards import (check_artifact, check_finite, input_paths,
                                          overlong_notes, read_inputs)
 from squeezelang.executor.measure import PAIRED_ROUNDS, measure_all, measure_paired
+from squeezelang.executor.original_cache import measure_original
 from squeezelang.hooks.registry import Registries
 from squeezelang.hooks.sources import OutputFormat
 from squeezelang.planner.data import data_store
@@ -139,8 +140,7 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
                 save_model(original, tmp)
                 orig_dir = tmp
             try:
-                state.original_metrics = measure_all(plan, registries, original, ctx, orig_dir,
-                                                     "original")
+                state.original_metrics = measure_original(plan, registries, original, ctx, orig_dir)
             finally:
                 if tmp is not None:
                     import shutil
