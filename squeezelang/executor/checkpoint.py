@@ -69,10 +69,11 @@ class WorkDir:
         if not force:
             raise OutputError(
                 f"{self.path} holds an unfinished run of a different recipe (or different "
-                f"settings) for the same output directory; use --force to discard it")
+                f"settings, or input files changed since) for the same output directory; use "
+                f"--force to discard it")
         what = _summary(len(self.completed()), trials) or "an unreadable state"
         _say(f"--force: discarding {what} in {self.path} (an unfinished run of a different "
-             "recipe or settings)")
+             "recipe or settings, or of input files changed since)")
         (self.path / TRIALS).unlink(missing_ok=True)
         self.clear()
 
@@ -139,7 +140,30 @@ def fingerprint(plan_json: dict[str, Any]) -> str:
     data = {k: v for k, v in plan_json.items() if k not in ("output_dir",)}
     if not isinstance(data, dict):
         raise OutputError("bad plan")
+    data["inputs"] = input_stamps(plan_json)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def input_stamps(plan_json: dict[str, Any]) -> list[Any]:
+    """The size and modification time of every file the run reads: the model directory's and the
+    data files' (their ``path`` arguments), so that checkpoints and measured trials of a model or
+    data set that changed since are not resumed."""
+    paths = [(plan_json.get("model") or {}).get("args", {}).get("path")]
+    paths += [(d.get("args") or {}).get("path") for d in plan_json.get("data") or ()]
+    stamps: list[Any] = []
+    for item in paths:
+        if not isinstance(item, str):
+            continue
+        path = Path(item)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            try:
+                info = f.stat()
+            except OSError:
+                stamps.append([str(f), None])
+                continue
+            stamps.append([str(f), info.st_size, info.st_mtime_ns])
+    return stamps
 
 
 def saved_work(out: Path) -> str | None:

@@ -70,6 +70,30 @@ def test_interrupt_names_what_is_kept_and_the_command_that_resumes(tmp_path: Pat
     assert "resuming after stage 'sparse'" in capsys.readouterr().out
 
 
+def test_checkpoints_of_a_model_changed_since_are_not_resumed(tmp_path: Path, tiny_bert_dir: Path,
+                                                              stopper: Path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, model)
+    recipe = tmp_path / "r.squeeze"
+    recipe.write_text(f'model = hf("{model}", task = "embedding")\n'
+                      'stage sparse: prune { ratio = 0.5 }\n'
+                      f'stage halt: stop {{ dir = "{stopper}" }}\n')
+    out = tmp_path / "out"
+    argv = ["run", str(recipe), "-o", str(out), "--plugin", "stop_plugin"]
+    (stopper / "stop_at").write_text("1")
+    assert main(argv) == 130
+    capsys.readouterr()
+    config = model / "config.json"
+    config.write_text(config.read_text().replace("}", ', "note": "retrained"}', 1))
+    assert main(argv) == 2  # the checkpoints are of the old weights: refused, not resumed
+    assert "input files changed since" in capsys.readouterr().err
+    assert main([*argv, "--force"]) == 0
+    out_text = capsys.readouterr()
+    assert "resuming" not in out_text.out and "discarding 1 completed stage checkpoint" in out_text.err
+
+
 def test_interrupted_search_keeps_its_trials(tmp_path: Path, tiny_bert_dir: Path, sentences_file: Path,
                                              stopper: Path, capsys):
     recipe = tmp_path / "s.squeeze"
