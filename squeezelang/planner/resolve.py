@@ -587,58 +587,75 @@ class _Resolver:
         """The output directory, format and options (checked against the format's schema), and
         the format's own check of what the stages store."""
         decl = self.recipe.output
-        path = self.base_dir / Path(decl.path.value if decl else f"out/{name}").expanduser()
-        fmt_name, fmt_param = "squeeze", None
+        path = str((self.base_dir / Path(decl.path.value if decl else f"out/{name}").expanduser()).resolve())
         params = decl.options.params if decl and decl.options else ()
-        format_param = next((p for p in params if p.key == "format"), None)
-        if format_param is not None:
-            value = self.convert(format_param.value)
-            if value is not None and (not isinstance(value, str) or value not in self.regs.output_formats):
-                what = f"unknown output format {value!r}" if isinstance(value, str) else \
-                    "the output format must be a string"
-                self.error(what, _span_of(format_param.value),
-                           hint="formats: " + ", ".join(self.regs.output_formats.names()))
-                return str(path.resolve()), fmt_name, {}
-            if value is not None:
-                fmt_name, fmt_param = value, format_param
+        fmt_param = next((p for p in params if p.key == "format"), None)
+        fmt_name = self.output_format(fmt_param)
+        if fmt_name is None:
+            return path, "squeeze", {}
         fmt = self.regs.output_formats.get(fmt_name)
-        owner = f"output format '{fmt_name}'"
-        values: dict[str, Any] = {}
-        failed: set[str] = set()
+        n_errors = len(self.errors)
+        fallback = fmt_param.key_span if fmt_param is not None else (decl.span if decl else None)
+        values = self.output_options(fmt, params, named=fmt_param is not None, fallback=fallback)
+        if len(self.errors) > n_errors:
+            return path, fmt_name, values
+        options = {**fmt.defaults(), **values}
+        where = _span_of(fmt_param.value) if fmt_param is not None else fallback
+        self.format_check(fmt, options, stages, where)
+        return path, fmt_name, options
+
+    def output_format(self, param: ast.Param | None) -> str | None:
+        """The name of the output format ``format = …`` gives (default ``squeeze``); ``None``
+        (reported) when it names none that is installed."""
+        if param is None:
+            return "squeeze"
+        value = self.convert(param.value)
+        if value is None:  # reported by convert
+            return None
+        if not isinstance(value, str) or value not in self.regs.output_formats:
+            what = f"unknown output format {value!r}" if isinstance(value, str) else \
+                "the output format must be a string"
+            self.error(what, _span_of(param.value),
+                       hint="formats: " + ", ".join(self.regs.output_formats.names()))
+            return None
+        return value
+
+    def output_options(self, fmt: Any, params: tuple[ast.Param, ...], named: bool,
+                       fallback: ast.Span | None) -> dict[str, Any]:
+        """The output block's options besides ``format``, each checked against ``fmt.schema``
+        (an unknown key names the format when the recipe named one)."""
         known = ["format", *fmt.schema.get("properties", {})]
         others = []
         for p in params:
             if p.key not in known:
-                self.error(f"unknown output option '{p.key}'" + (f" for format '{fmt_name}'"
-                                                                  if fmt_name != "squeeze" else ""),
+                self.error(f"unknown output option '{p.key}'" + (f" for format '{fmt.name}'" if named else ""),
                            p.key_span, hint=did_you_mean(p.key, known).strip(" —")
                            or "output takes: " + ", ".join(known))
             elif p.key != "format":
                 others.append(p)
+        values: dict[str, Any] = {}
+        failed: set[str] = set()
         for p in others:
             before = len(self.errors)
             values[p.key] = self.convert(p.value)
             if len(self.errors) > before:
                 failed.add(p.key)
                 del values[p.key]
-        n_errors = len(self.errors)
-        fallback = fmt_param.key_span if fmt_param is not None else (decl.span if decl else None)
-        self.errors.extend(schema_errors(fmt.schema, values, owner, _spans(tuple(others)), fallback,
-                                         failed))
-        if len(self.errors) > n_errors or failed:
-            return str(path.resolve()), fmt_name, values
-        options = {**fmt.defaults(), **values}
+        self.errors.extend(schema_errors(fmt.schema, values, f"output format '{fmt.name}'",
+                                         _spans(tuple(others)), fallback, failed))
+        return values
+
+    def format_check(self, fmt: Any, options: dict[str, Any], stages: tuple[StagePlan, ...],
+                     where: ast.Span | None) -> None:
+        """Report what the format cannot hold (``OutputFormat.check``) at the stage that stores
+        it, else at ``where`` (the output statement's format)."""
         stored = [(s.name, frozenset(self.regs.techniques.get(s.technique).stores_for(dict(s.params))))
                   for s in stages]
-        config = self.model_config()
-        spans = {s.name: s.span for s in stages}
         techniques = {d.name: d.technique_span for d in self.recipe.stages}
-        for stage_name, message in fmt.check(dict(options), stored, self.task, config):
-            span = techniques.get(stage_name) or spans.get(stage_name) if stage_name else None
-            where = f"stage '{stage_name}': " if stage_name else ""
-            self.error(f"{where}{owner} cannot hold this: {message}",
-                       span or (_span_of(fmt_param.value) if fmt_param is not None else fallback))
-        return str(path.resolve()), fmt_name, options
+        for stage_name, message in fmt.check(dict(options), stored, self.task, self.model_config()):
+            span = techniques.get(stage_name) if stage_name else None
+            prefix = f"stage '{stage_name}': " if stage_name else ""
+            self.error(f"{prefix}output format '{fmt.name}' cannot hold this: {message}", span or where)
 
     def run(self) -> Plan | None:
         recipe = self.recipe
