@@ -9,7 +9,8 @@ import what it needs at module level and still keep ``squeeze check`` light.
 Groups (see docs/plugins.md for how each is used):
 
 - hooks and plugin objects: ``hookimpl``, ``Technique``, ``Knob``, ``Candidate``, ``Metric``,
-  ``DataSource``, ``ModelSource``, ``OutputFormat``, ``ModelFamily``;
+  ``DataSource``, ``ModelSource``, ``OutputFormat``, ``ModelFamily``; ``installed`` (whether an
+  optional runtime can be imported, without importing it);
 - a family's torch-free layout (what ``squeeze plan`` computes tensors from): ``Layout``,
   ``TaskLayout``, ``LayoutModule``, ``linear``;
 - errors: ``SqueezeError`` (a problem the user can fix), ``ExecutionError``;
@@ -55,7 +56,7 @@ _export("squeezelang", "hookimpl")
 _export("squeezelang.errors", "SqueezeError", "ExecutionError")
 _export("squeezelang.hooks.technique", "Technique", "Knob", "Candidate")
 _export("squeezelang.hooks.metric", "Metric")
-_export("squeezelang.hooks.sources", "DataSource", "ModelSource", "OutputFormat")
+_export("squeezelang.hooks.sources", "DataSource", "ModelSource", "OutputFormat", "installed")
 _export("squeezelang.hooks.family", "ModelFamily", "Layout", "TaskLayout", "LayoutModule", "linear")
 _export("squeezelang.hooks.context", "StageContext", "MeasureContext")
 _export("squeezelang.models.handle", "ModelHandle", "TASKS")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from squeezelang.plugin import OutputFormat, SqueezeError, hookimpl
 
-from .scheme import refusals, require_library
+from .scheme import refusals
 
 if TYPE_CHECKING:
     from squeezelang.plugin import ModelHandle
@@ -42,13 +42,13 @@ class CompressedTensorsFormat(OutputFormat):
         return refusals(stages, _conv1d(config))
 
     def save(self, handle: ModelHandle, directory: Path, options: dict[str, Any]) -> list[str]:
-        require_library()
+        self.require_extra("compressed-tensors", "compressed_tensors")
         from .write import save_
 
         return save_(handle, directory)
 
     def load(self, directory: Path, task: str, options: dict[str, Any], threads: int) -> ModelHandle:
-        require_library()
+        self.require_extra("compressed-tensors", "compressed_tensors")
         from .runtime import load_artifact
 
         return load_artifact(directory, task)

@@ -79,14 +79,3 @@ def quantization_config(schemes: dict[str, Scheme], ignore: list[str]) -> dict[s
     return {"quant_method": "compressed-tensors", "format": FORMAT,
             "quantization_status": "compressed", "config_groups": groups,
             "ignore": sorted(ignore), "kv_cache_scheme": None, "global_compression_ratio": None}
-
-
-def require_library() -> None:
-    """``SqueezeError`` unless the compressed-tensors package (the format's extra) is installed."""
-    import importlib.util
-
-    from squeezelang.plugin import SqueezeError
-
-    if importlib.util.find_spec("compressed_tensors") is None:
-        raise SqueezeError("output format 'compressed-tensors' needs the 'compressed-tensors' "
-                           "extra: pip install 'squeezelang[compressed-tensors]'")

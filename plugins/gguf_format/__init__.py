@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from squeezelang.plugin import OutputFormat, SqueezeError, hookimpl
+from squeezelang.plugin import OutputFormat, SqueezeError, hookimpl, installed
 
 from .names import arch_of, limits
 
@@ -124,7 +124,7 @@ class GgufFormat(OutputFormat):
         return out
 
     def save(self, handle: ModelHandle, directory: Path, options: dict[str, Any]) -> list[str]:
-        _needs("gguf", "gguf")
+        self.require_extra("gguf", "gguf")
         from .writer import GGUF_FILE, MANIFEST, write_gguf
 
         directory = Path(directory)
@@ -141,7 +141,7 @@ class GgufFormat(OutputFormat):
         return sorted(set(_files(directory)) - before | {GGUF_FILE, MANIFEST, "config.json"})
 
     def load(self, directory: Path, task: str, options: dict[str, Any], threads: int) -> ModelHandle:
-        _needs("gguf", "gguf")
+        self.require_extra("gguf", "gguf")
         from squeezelang.plugin import ModelHandle, load_tokenizer
 
         from .runtime import dequantized_model, llama_cpp_model
@@ -149,7 +149,7 @@ class GgufFormat(OutputFormat):
 
         directory = Path(directory)
         path = directory / GGUF_FILE
-        if _importable("llama_cpp"):
+        if installed("llama_cpp"):
             model: Any = llama_cpp_model(directory, path, threads)
         else:
             model = dequantized_model(directory, path, task)
@@ -159,21 +159,6 @@ class GgufFormat(OutputFormat):
 
 def _files(directory: Path) -> list[str]:
     return [p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()]
-
-
-def _importable(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _needs(module: str, extra: str) -> None:
-    if not _importable(module):
-        raise SqueezeError(f"output format 'gguf' needs the '{extra}' extra: "
-                           f"pip install 'squeezelang[{extra}]'")
 
 
 @hookimpl

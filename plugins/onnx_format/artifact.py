@@ -26,12 +26,9 @@ EXTERNAL_BYTES = 2**31 - 2**26
 def needs_runtime() -> None:
     """Raise the install hint when onnx or onnxruntime is missing, or onnxruntime too old for the
     kernels the graph uses (``GatherBlockQuantized`` on uint8 codes, 8-bit ones: 1.23)."""
-    import importlib.util
+    from squeezelang_plugins.onnx_format import OnnxFormat
 
-    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise SqueezeError(f"format onnx needs the 'onnx' extra ({', '.join(missing)} missing): "
-                           "pip install 'squeezelang[onnx]'")
+    OnnxFormat().require_extra("onnx", "onnx", "onnxruntime")
     import onnxruntime
 
     version = tuple(int(p) for p in onnxruntime.__version__.split(".")[:2] if p.isdigit())

@@ -4,11 +4,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from squeezelang.errors import SqueezeError
 from squeezelang.hooks.schema import check_param_schema
 
 if TYPE_CHECKING:
     from squeezelang.models.handle import ModelHandle
     from squeezelang.models.meta import ModelMeta
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported (found without importing it; a module blocked in
+    ``sys.modules`` counts as absent)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 class DataSource:
@@ -127,6 +139,14 @@ class OutputFormat:
         from squeezelang.models.load import load_model
 
         return load_model(directory, task=task)
+
+    def require_extra(self, extra: str, *modules: str) -> None:
+        """``SqueezeError`` naming the pip extra to install unless every one of ``modules`` (the
+        runtime this format writes or loads with) can be imported; imports none of them."""
+        missing = [m for m in modules if not installed(m)]
+        if missing:
+            raise SqueezeError(f"output format '{self.name}' needs the '{extra}' extra "
+                               f"({', '.join(missing)} missing): pip install 'squeezelang[{extra}]'")
 
     # ------------------------------------------------------------------ engine side
     def write(self, handle: ModelHandle, directory: Path, options: dict[str, Any]) -> list[str]:
