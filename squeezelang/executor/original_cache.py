@@ -69,14 +69,14 @@ def measure_original(plan: Plan, registries: Registries, original: ModelHandle, 
     module docstring), the others measured (and the cacheable ones stored)."""
     from squeezelang.models.meta_cache import cache_dir, cached_json
 
-    source = original.source_dir
-    if source is None or cache_dir() is None:
+    source, root = original.source_dir, cache_dir()
+    if source is None or root is None:
         return measure_all(plan, registries, original, ctx, artifact_dir, "original")
     model = model_digest(source)
     keys = {m.name: metric_key(plan, m, model, ctx) for m in plan.metrics if cacheable(m, registries)}
     found: dict[str, float] = {}
     for name, key in keys.items():
-        value = _read(cache_dir() / NAMESPACE / f"{key}.json")
+        value = _read(root / NAMESPACE / f"{key}.json")
         if value is not None:
             found[name] = value
     missing = tuple(m for m in plan.metrics if m.name not in found)
