@@ -18,7 +18,10 @@ neither torch nor transformers. ``plan floor`` is what a first plan of any other
 it builds the model on torch's meta device: importing torch and transformers and building MiniLM
 there. ``load`` is the machine's 1-minute load average.
 
-The runs (``RUNS``, once each) write under ``benchmarks/results/overhead/``; their report gives
+``REPEATS_OF`` recipes run twice in a row after the engine's cache of original metrics is
+emptied: the second run is what a user's repeated run costs, and its wall time is judged against
+what it cannot avoid (loading, the stages, saving, reloading and measuring the saved artifact),
+at most ``REPEAT_X`` times that. The runs (``RUNS``, once each) write under ``benchmarks/results/overhead/``; their report gives
 the seconds inside the stages (the techniques' own work), the rest by phase, and the engine's own
 peak-memory figure, on which the memory target is judged, next to the operating system's count for
 the whole command (``wait4``; that count includes this benchmark process's own peak, which Linux
@@ -51,6 +54,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 REPEATS = 5
 #: MiniLM recipes run end to end: the fastest ones (a vocabulary trim then int8; GPTQ int4).
 RUNS = ("vocab-int8", "int4-gptq")
+#: Recipes run twice in a row on an emptied cache: the second run is judged on ``REPEAT_X``.
+REPEATS_OF = ("minilm-int8",)
+#: A repeated run's wall time over what it cannot avoid (load, stages, save, reload, final metrics).
+REPEAT_X = 1.3
 #: The recipes whose first plan (no meta-data cache) is timed as well.
 COLD = ("minilm-int8", "minilm-all")
 CHECK_S, PLAN_S, RSS_BYTES = 0.3, 3.0, 3e9
@@ -188,14 +195,14 @@ def recipe_facts(path: Path) -> tuple[bool, str | None]:
     return minilm, None
 
 
-def run_row(stem: str) -> dict[str, Any]:
+def run_row(stem: str, name: str | None = None, kind: str = "run") -> dict[str, Any]:
     """One ``squeeze run`` of ``specs/<stem>.squeeze``; the report's phases and the peak memory."""
     out = RESULTS / "overhead" / stem
     argv = squeeze_command() + ["run", str(SPECS / f"{stem}.squeeze"), "-o", str(out), "--force", "-q"]
     done = timed(argv)
-    name = f"run {stem}"
+    name = name or f"run {stem}"
     if done["rc"] not in (0, 1):  # 1: a constraint is not met, the run is still complete
-        return {"name": name, "kind": "run",
+        return {"name": name, "kind": kind,
                 "error": f"exit {done['rc']}: {(done['stderr'] or done['stdout']).strip()[-600:]}"}
     rep = json.loads((out / "report.json").read_text())
     shutil.copyfile(out / "report.json", RESULTS / "overhead" / f"{stem}.report.json")
@@ -206,8 +213,11 @@ def run_row(stem: str) -> dict[str, Any]:
     known = (t.get("load", 0) + t.get("measure_original", 0) + stages + stage_measure + t.get("save", 0)
              + t.get("reload", 0) + t.get("measure_final", 0))
     wall = done["wall_s"]
+    unavoidable = (t.get("load", 0) + stages + t.get("save", 0) + t.get("reload", 0)
+                   + t.get("measure_final", 0))
     return {
-        "name": name, "kind": "run", "status": rep["status"], "wall_s": wall, "cpu_s": done["cpu_s"],
+        "name": name, "kind": kind, "status": rep["status"], "wall_s": wall, "cpu_s": done["cpu_s"],
+        "unavoidable_s": unavoidable, "over_unavoidable": wall / unavoidable if unavoidable else None,
         "stages_s": stages,
         "outside_s": wall - stages, "outside_share": (wall - stages) / wall,
         "load_s": t.get("load", 0.0), "measure_original_s": t.get("measure_original", 0.0),
@@ -222,6 +232,14 @@ def run_row(stem: str) -> dict[str, Any]:
         "stages": {s["name"]: s["seconds"] for s in rep["stages"]},
         "load_avg": os.getloadavg()[0],
     }
+
+
+def repeat_rows(stem: str) -> list[dict[str, Any]]:
+    """``specs/<stem>.squeeze`` run twice in a row, the engine's cache emptied first: the first
+    run measures the original and caches it, the second finds it there (as a user's second run,
+    or another recipe on the same model, does)."""
+    shutil.rmtree(RESULTS / "overhead" / "cache" / "original", ignore_errors=True)
+    return [run_row(stem, f"{which} run {stem}", "repeat") for which in ("first", "second")]
 
 
 def minilm_dir() -> Path:
@@ -246,7 +264,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                          f"{r['cpu_s']:6.2f} {r['startup_exit_s']:10.3f} {r['import_cli_s']:10.3f} "
                          f"{r['command_s']:8.3f} {(r.get('peak_bytes') or float('nan')) / 1e6:7.0f} {r['load_avg']:5.1f}  "
                          f"{', '.join(r['heavy_imports']) or '-'}")
-    runs = [r for r in rows if r.get("kind") == "run"]
+    runs = [r for r in rows if r.get("kind") in ("run", "repeat") and "error" not in r]
     if runs:
         lines += ["", f"{'squeeze run (once)':24s} {'wall s':>7s} {'stages':>7s} {'outside':>8s} "
                       f"{'load':>6s} {'meas.0':>6s} {'meas.st':>7s} {'ckpt+':>6s} {'save':>5s} "
@@ -259,6 +277,11 @@ def table(rows: list[dict[str, Any]]) -> str:
                 f"{r['checkpoint_other_s']:6.1f} {r['save_s']:5.1f} {r['reload_s']:6.1f} "
                 f"{r['measure_final_s']:6.1f} {r['process_other_s']:7.1f} {r['max_rss_bytes'] / 1e6:10.0f} "
                 f"{engine / 1e6 if engine else float('nan'):9.0f}")
+        for r in runs:
+            if r["kind"] == "repeat":
+                lines.append(f"{r['name']}: wall {r['wall_s']:.1f} s = x{r['over_unavoidable']:.2f} of "
+                             f"what it cannot avoid ({r['unavoidable_s']:.1f} s: load, stages, save, "
+                             "reload, final metrics)")
         lines.append("(outside = share of the wall time outside the stages; meas.0 / meas.st / meas.1 = "
                      "metrics of the original / after each stage / of the saved artifact; ckpt+ = "
                      "checkpoints and bookkeeping; process = start-up, imports, planning, reports, exit;\n"
@@ -293,6 +316,18 @@ def targets(rows: list[dict[str, Any]]) -> list[Target]:
     out.append(Target(f"first squeeze plan of MiniLM (no meta-data cache) < {PLAN_S:g} s", met, text))
     met, text = worst("run", RSS_BYTES, "GB", "engine_max_rss_bytes")
     out.append(Target(f"max RSS < {RSS_BYTES / 1e9:g} GB per MiniLM squeeze run", met, text))
+    for stem in REPEATS_OF:
+        name = f"a repeated run of {stem} takes <= {REPEAT_X:g}x what it cannot avoid"
+        row = next((r for r in rows if r.get("name") == f"second run {stem}"), None)
+        if row is None or "error" in row or row.get("over_unavoidable") is None:
+            out.append(Target(name, None, (row or {}).get("error", "not measured")))
+        else:
+            out.append(Target(name, row["over_unavoidable"] <= REPEAT_X,
+                              f"x{row['over_unavoidable']:.2f}: wall {row['wall_s']:.1f} s, "
+                              f"unavoidable {row['unavoidable_s']:.1f} s (load {row['load_s']:.1f}, "
+                              f"stages {row['stages_s']:.1f}, save {row['save_s']:.1f}, reload "
+                              f"{row['reload_s']:.1f}, final metrics {row['measure_final_s']:.1f}); "
+                              f"original measured in {row['measure_original_s']:.1f} s"))
     return out
 
 
@@ -338,6 +373,11 @@ def main(only: list[str] | None = None) -> int:
                 rows.append({"name": f"run {stem}", "kind": "run", "error": f"{type(exc).__name__}: {exc}"})
             print(table(rows[-1:]).splitlines()[-2] if "error" not in rows[-1]
                   else f"run {stem}: {rows[-1]['error']}", flush=True)
+    for stem in REPEATS_OF:
+        if wanted("repeat", stem):
+            skip = facts[SPECS / f"{stem}.squeeze"][1]
+            rows += ([{"name": f"second run {stem}", "kind": "repeat", "error": f"skipped: {skip}"}]
+                     if skip else repeat_rows(stem))
 
     path = RESULTS / "overhead.json"
     everything = rows

@@ -26,8 +26,9 @@ Groups (see docs/plugins.md for how each is used):
   ``reshape_``, ``drop_layers_``, ``choose_heads``, ``nearest_heads``, ``layer_modules``,
   ``block_module``, ``get_path``;
 - calibration and forward passes: ``calibration_texts``, ``collect``, ``input_stats``,
-  ``gptq_quantize``, ``by_block``, ``encode``, ``logits``, ``lm_loss``, ``mean_pool``, ``pad_id``,
-  ``length_limit``, ``max_positions``, ``outputs_for_fidelity``;
+  ``gptq_quantize``, ``by_block``, ``encode``, ``logits``, ``lm_loss``, ``lm_loss_counted``,
+  ``LmLoss``, ``mean_pool``, ``pad_id``, ``length_limit``, ``max_positions``,
+  ``outputs_for_fidelity``;
 - per-layer allocation: ``costs``, ``Candidates``, ``allocate``, ``describe``;
 - other runtimes (output formats whose ``load`` runs the artifact elsewhere): ``RuntimeModel``,
   ``RuntimeOutput``, ``RuntimeCounts``; the engine's own codes of quantized weights:
@@ -73,8 +74,8 @@ _export("squeezelang.models.surgery", "family_of", "sizes", "shrunk_config", "re
         "block_module", "get_path")
 _export("squeezelang.models.calibrate", "calibration_texts", "collect")
 _export("squeezelang.models.linear_stats", "input_stats", "gptq_quantize", "by_block")
-_export("squeezelang.models.forward", "encode", "logits", "lm_loss", "max_positions",
-        "outputs_for_fidelity", "mean_pool", "pad_id", "length_limit")
+_export("squeezelang.models.forward", "encode", "logits", "lm_loss", "lm_loss_counted", "LmLoss",
+        "max_positions", "outputs_for_fidelity", "mean_pool", "pad_id", "length_limit")
 _export("squeezelang.models.sensitivity", "costs", "Candidates")
 _export("squeezelang.models.allocate", "allocate", "describe")
 _export("squeezelang.models.load", "load_model", "AFTER_LOAD")

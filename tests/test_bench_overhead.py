@@ -38,3 +38,29 @@ def test_the_table_shows_command_seconds_and_the_commands_own_peak():
            "max_rss_bytes": 3.3 * GB, "peak_bytes": 34e6, "load_avg": 0.6, "heavy_imports": []}
     line = table([row]).splitlines()[1]
     assert line.split()[-4:] == ["0.125", "34", "0.6", "-"]
+
+
+def _repeat(wall: float, **phases: float) -> dict:
+    t = {"load_s": 3.0, "stages_s": 0.5, "save_s": 0.2, "reload_s": 0.5, "measure_final_s": 10.0,
+         "measure_original_s": 0.9}
+    t.update(phases)
+    unavoidable = sum(t[k] for k in ("load_s", "stages_s", "save_s", "reload_s", "measure_final_s"))
+    return {"name": "second run minilm-int8", "kind": "repeat", "wall_s": wall,
+            "unavoidable_s": unavoidable, "over_unavoidable": wall / unavoidable, **t}
+
+
+def _repeated(rows: list[dict]):
+    (target,) = [t for t in targets(rows) if "repeated run" in t.name]
+    return target
+
+
+def test_a_repeated_run_is_judged_on_its_wall_time_over_what_it_cannot_avoid():
+    assert _repeated([_repeat(15.0)]).met is True  # 14.2 s unavoidable: x1.06
+    slow = _repeated([_repeat(20.0)])  # x1.41: the original measured again, say
+    assert slow.met is False and "x1.41" in slow.measured
+
+
+def test_a_repeated_run_that_failed_or_did_not_run_is_not_judged():
+    assert _repeated([]).met is None
+    failed = _repeated([{"name": "second run minilm-int8", "kind": "repeat", "error": "exit 2: boom"}])
+    assert failed.met is None and "boom" in failed.measured

@@ -67,6 +67,7 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
 
 class Size(Metric):
     name = "size"
+    each_stage = True
     description = ("bytes on disk of the saved model: weights, config.json and squeeze.json "
                    "(not tokenizer or documentation files)")
     dimension = "bytes"
@@ -86,6 +87,7 @@ class Size(Metric):
 
 class Params(Metric):
     name = "params"
+    each_stage = True
     description = ("number of parameter elements (tied tensors once; a dynamically quantized "
                    "layer's packed weight and bias included)")
     dimension = "count"
@@ -103,6 +105,7 @@ class Params(Metric):
 
 class Nonzero(Metric):
     name = "nonzero"
+    each_stage = True
     description = "number of nonzero parameter elements (what pruning removes)"
     dimension = "count"
     higher_is_better = False
@@ -122,6 +125,7 @@ class Nonzero(Metric):
 
 class Memory(Metric):
     name = "memory"
+    each_stage = True
     description = ("bytes the model's tensors occupy in memory: parameters and persistent buffers "
                    "at their in-memory dtype (activations and the tokenizer not included)")
     dimension = "bytes"

@@ -20,6 +20,13 @@ def _rename(role: str) -> dict[str, Any]:
 _MAX_LENGTH = {"type": "integer", "minimum": 2, "default": 128,
                "description": "tokens per text; longer texts are truncated"}
 _BATCH = {"type": "integer", "minimum": 1, "default": 32}
+#: Rows a row metric evaluates at most (the data set's first ones), unless its ``max_rows`` says.
+MAX_ROWS = 10_000
+_MAX_ROWS = {"type": "integer", "minimum": 1, "default": MAX_ROWS,
+             "description": "evaluate at most this many rows, the data set's first ones; the "
+                            "report says when it cut the data"}
+#: Tokens ``perplexity`` scores at most (in text order), unless its ``max_tokens`` says.
+MAX_TOKENS = 262_144
 
 
 class DataMetric(Metric):
@@ -33,6 +40,16 @@ class DataMetric(Metric):
             raise ExecutionError(f"metric '{self.name}' needs a {' or '.join(self.tasks)} model; "
                                  f"this model's task is '{handle.task}'")
 
+    def rows(self, ctx: MeasureContext, data: str, args: dict[str, Any]) -> list[dict[str, Any]]:
+        """The rows evaluated: the first ``max_rows`` (logged, for the report, when that cuts)."""
+        rows = ctx.data.rows(data)
+        limit = int(args.get("max_rows", MAX_ROWS))
+        if len(rows) > limit:
+            ctx.log(f"evaluated the first {limit:,} of the {len(rows):,} rows of data set "
+                    f"'{data}' (max_rows = {limit})")
+            return list(rows[:limit])
+        return list(rows)
+
     def column(self, ctx: MeasureContext, data: str, args: dict[str, Any], role: str) -> str:
         """The name of the column read as ``role``, checked to exist."""
         name = renames(args).get(role, role)
@@ -44,8 +61,8 @@ class DataMetric(Metric):
 
     def texts(self, ctx: MeasureContext, data: str,
               args: dict[str, Any]) -> tuple[list[str], list[str] | None]:
-        """Per row: the ``text`` column, or the ``a`` and ``b`` columns as a pair."""
-        rows = ctx.data.rows(data)
+        """Per row evaluated: the ``text`` column, or the ``a`` and ``b`` columns as a pair."""
+        rows = self.rows(ctx, data, args)
         text = renames(args).get("text", "text")
         if text in rows[0]:
             return [str(r[text]) for r in rows], None
@@ -78,6 +95,9 @@ class Perplexity(DataMetric):
             "stride": {"type": "integer", "minimum": 1,
                        "description": "tokens a window advances (default: half a window)"},
             "batch_size": {"type": "integer", "minimum": 1, "default": 4},
+            "max_tokens": {"type": "integer", "minimum": 1, "default": MAX_TOKENS,
+                           "description": "score at most this many tokens, in text order; the "
+                                          "report says when it cut the data"},
         },
         "additionalProperties": False,
     }
@@ -86,13 +106,18 @@ class Perplexity(DataMetric):
                 args: dict[str, Any]) -> float:
         import math
 
-        from squeezelang.plugin import lm_loss
+        from squeezelang.plugin import lm_loss_counted
 
         self.check_task(handle)
         texts = ctx.data.texts(data, renames(args))
-        loss = lm_loss(handle, texts, max_length=args.get("max_length"), stride=args.get("stride"),
-                       batch_size=args.get("batch_size", 4))
-        return math.exp(min(loss, 700.0))  # exp overflows a float past ~709
+        limit = int(args.get("max_tokens", MAX_TOKENS))
+        result = lm_loss_counted(handle, texts, max_length=args.get("max_length"),
+                                 stride=args.get("stride"), batch_size=args.get("batch_size", 4),
+                                 max_tokens=limit)
+        if result.available > result.scored:
+            ctx.log(f"scored the first {result.scored:,} of the {result.available:,} tokens of "
+                    f"data set '{data}' (max_tokens = {limit})")
+        return math.exp(min(result.loss, 700.0))  # exp overflows a float past ~709
 
 
 # -- classification ---------------------------------------------------------------------------
@@ -100,7 +125,8 @@ class Perplexity(DataMetric):
 _CLASSIFY_SCHEMA = {
     "type": "object",
     "properties": {"text": _rename("text"), "a": _rename("a"), "b": _rename("b"),
-                   "label": _rename("label"), "max_length": _MAX_LENGTH, "batch_size": _BATCH},
+                   "label": _rename("label"), "max_length": _MAX_LENGTH, "batch_size": _BATCH,
+                   "max_rows": _MAX_ROWS},
     "additionalProperties": False,
 }
 
@@ -123,7 +149,7 @@ class ClassificationMetric(DataMetric):
         num_labels = int(config.num_labels)
         label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
         gold = []
-        for i, row in enumerate(ctx.data.rows(data), start=1):
+        for i, row in enumerate(self.rows(ctx, data, args), start=1):
             value = row[label]
             if isinstance(value, str) and value.strip() in label2id:
                 gold.append(label2id[value.strip()])
@@ -210,7 +236,7 @@ class Spearman(DataMetric):
     schema = {
         "type": "object",
         "properties": {"a": _rename("a"), "b": _rename("b"), "score": _rename("score"),
-                       "max_length": _MAX_LENGTH, "batch_size": _BATCH},
+                       "max_length": _MAX_LENGTH, "batch_size": _BATCH, "max_rows": _MAX_ROWS},
         "additionalProperties": False,
     }
 
@@ -224,7 +250,7 @@ class Spearman(DataMetric):
         from squeezelang.plugin import encode
 
         a, b, score = (self.column(ctx, data, args, role) for role in ("a", "b", "score"))
-        rows = ctx.data.rows(data)
+        rows = self.rows(ctx, data, args)
         gold = [_number(r[score], self.name, data, i, score) for i, r in enumerate(rows, start=1)]
         if len(set(gold)) < 2:
             raise ExecutionError(f"metric 'spearman': data set '{data}' needs at least two "
@@ -248,7 +274,7 @@ class Fidelity(DataMetric):
     schema = {
         "type": "object",
         "properties": {"text": _rename("text"), "a": _rename("a"), "b": _rename("b"),
-                       "max_length": _MAX_LENGTH, "batch_size": _BATCH},
+                       "max_length": _MAX_LENGTH, "batch_size": _BATCH, "max_rows": _MAX_ROWS},
         "additionalProperties": False,
     }
 
@@ -262,9 +288,14 @@ class Fidelity(DataMetric):
         if handle is original or handle.model is original.model:
             return 1.0
         names = renames(args)
+        limit = int(args.get("max_rows", MAX_ROWS))
         texts = ctx.data.texts(data, names)
+        if len(texts) > limit:
+            ctx.log(f"evaluated the first {limit:,} of the {len(texts):,} texts of data set "
+                    f"'{data}' (max_rows = {limit})")
+            texts = texts[:limit]
         options = {"batch_size": args.get("batch_size", 32), "max_length": args.get("max_length", 128)}
-        key = ("fidelity", data, tuple(sorted(names.items())), options["max_length"])
+        key = ("fidelity", data, tuple(sorted(names.items())), options["max_length"], limit)
         if key not in ctx.cache:
             ctx.cache[key] = outputs_for_fidelity(original, texts, **options)
         reference = ctx.cache[key]

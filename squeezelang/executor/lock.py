@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from squeezelang.hooks.metric import EACH_STAGE
 from squeezelang.hooks.registry import Registries
 from squeezelang.lang import ast
 from squeezelang.planner.plan import Plan
@@ -74,6 +75,8 @@ def lock_recipe(plan: Plan, registries: Registries, lock_dir: Path) -> ast.Recip
             continue
         args = ([ast.Arg(None, ast.Ident(m.data))] if m.data else []) + [
             ast.Arg(k, _value(v)) for k, v in m.args.items()]
+        if m.each_stage_given:
+            args.append(ast.Arg(EACH_STAGE, _value(m.each_stage)))
         metrics.append(ast.MetricDecl(m.name, ast.Call(m.kind, tuple(args))))
     stages = []
     for s in plan.stages:

@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     from squeezelang.models.handle import ModelHandle
 
 
+#: Prefix of ``Context.logs`` keys while a metric measures (no stage name contains a space).
+NOTES_KEY = "metric "
+
+
 def measure_all(plan: Plan, registries: Registries, handle: ModelHandle, ctx: Context,
                 artifact_dir: Path | None, label: str,
                 artifact_files: tuple[str, ...] | None = None) -> dict[str, float]:
@@ -26,6 +30,7 @@ def measure_all(plan: Plan, registries: Registries, handle: ModelHandle, ctx: Co
     try:
         for m in ctx.progress(plan.metrics, desc=f"measuring {label}"):
             metric = registries.metrics.get(m.kind)
+            ctx.stage = NOTES_KEY + m.name  # what the metric logs is kept as its notes
             try:
                 value = metric.measure(handle, ctx, m.data, dict(m.args))
             except SqueezeError as exc:
@@ -37,6 +42,9 @@ def measure_all(plan: Plan, registries: Registries, handle: ModelHandle, ctx: Co
                                      f"'{registries.metrics.owner(m.kind)}') failed on the {label} "
                                      f"model: {type(exc).__name__}: {exc}"
                                      f"{_origin(ctx, m.data, str(exc))}") from exc
+            finally:
+                ctx.stage = None
+                ctx.metric_notes[m.name] = ctx.logs.pop(NOTES_KEY + m.name, [])
             results[m.name] = float(value)
     finally:
         ctx.artifact_dir, ctx.artifact_files, ctx.stage = previous

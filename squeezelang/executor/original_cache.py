@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from squeezelang.executor.measure import measure_all
 from squeezelang.hooks.context import Context
 from squeezelang.hooks.registry import Registries
+from squeezelang.hooks.schema import schema_defaults
 from squeezelang.planner.plan import MetricPlan, Plan
 
 if TYPE_CHECKING:
@@ -55,11 +56,14 @@ def cacheable(metric: MetricPlan, registries: Registries) -> bool:
     return not getattr(plugin, "paired", False) and not getattr(plugin, "on_artifact", False)
 
 
-def metric_key(plan: Plan, metric: MetricPlan, model: str, ctx: Context) -> str:
+def metric_key(plan: Plan, metric: MetricPlan, model: str, ctx: Context,
+               defaults: dict[str, object] | None = None) -> str:
+    """The cache key of ``metric``; its arguments count with the schema's ``defaults`` filled,
+    so that a changed default (an evaluation bound, say) is another key."""
     from squeezelang.models.meta_cache import cache_key
 
     return cache_key(NAMESPACE, model, plan.model.task, metric.kind,
-                     json.dumps(metric.args, sort_keys=True, default=str),
+                     json.dumps({**(defaults or {}), **metric.args}, sort_keys=True, default=str),
                      _data_digest(ctx, metric.data), str(ctx.seed))
 
 
@@ -73,7 +77,9 @@ def measure_original(plan: Plan, registries: Registries, original: ModelHandle, 
     if source is None or root is None:
         return measure_all(plan, registries, original, ctx, artifact_dir, "original")
     model = model_digest(source)
-    keys = {m.name: metric_key(plan, m, model, ctx) for m in plan.metrics if cacheable(m, registries)}
+    keys = {m.name: metric_key(plan, m, model, ctx,
+                               schema_defaults(registries.metrics.get(m.kind).schema))
+            for m in plan.metrics if cacheable(m, registries)}
     found: dict[str, float] = {}
     for name, key in keys.items():
         value = _read(root / NAMESPACE / f"{key}.json")

@@ -21,7 +21,8 @@ def build_report(plan: Plan, registries: Registries, original: dict[str, float],
                  resumed_after: str | None, composition: dict[str, Any] | None = None,
                  resources: dict[str, Any] | None = None,
                  paired: dict[str, dict[str, Any]] | None = None,
-                 runtime: str | None = None) -> dict[str, Any]:
+                 runtime: str | None = None,
+                 notes: dict[str, list[str]] | None = None) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -38,6 +39,8 @@ def build_report(plan: Plan, registries: Registries, original: dict[str, float],
         }
         if paired and m.name in paired:  # measured side by side: the figures alone, for reference
             metrics[m.name]["paired"] = paired[m.name]
+        if notes and notes.get(m.name):  # what the metric said measuring the saved artifact
+            metrics[m.name]["notes"] = list(notes[m.name])
     return {
         "report_version": REPORT_VERSION,
         "recipe": {"name": plan.name, "file": plan.recipe_file},
@@ -145,6 +148,9 @@ def markdown(report: dict[str, Any], plot_note: str | None = None) -> str:
         lines.append(f"| {name} | {fmt_value(m['original'], m['dimension'])} | "
                      f"{fmt_value(m['final'], m['dimension'])} | {ratio} | {drop} |")
     for name, m in report["metrics"].items():
+        for note in m.get("notes", []):
+            lines.append(f"\n{name}: {note}")
+    for name, m in report["metrics"].items():
         if "paired" in m:
             pair = m["paired"]
             lines.append(f"\n{name}: the original and the saved artifact measured side by side "
@@ -161,6 +167,11 @@ def markdown(report: dict[str, Any], plot_note: str | None = None) -> str:
             tech = s["technique"] + (f" ({s['method']})" if s["method"] else "")
             vals = [fmt_value(s["metrics"].get(n), report["metrics"][n]["dimension"]) for n in names]
             lines.append(f"| {s['name']} | {tech} | {s['seconds']:.1f} | " + " | ".join(vals) + " |")
+        unmeasured = [n for n in names if all(n not in s["metrics"] for s in report["stages"])]
+        if unmeasured:
+            lines += ["", "— : not measured after each stage (" + ", ".join(unmeasured) + "); "
+                      "a metric is measured there when it needs no forward pass or the recipe "
+                      "asks for it: `metric q = kind(data, each_stage = true)`."]
         notes = [f"- {s['name']}: {message}" for s in report["stages"] for message in s.get("log", [])]
         if notes:
             lines += ["", "Stage log:", ""] + notes

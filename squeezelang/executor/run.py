@@ -93,13 +93,15 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
             force: bool = False, handle: ModelHandle | None = None, quiet: bool = False,
             threads: int = 2, trials: list[dict[str, Any]] | None = None,
             search_seconds: float | None = None, original_metrics: dict[str, float] | None = None,
-            measure_stages: bool = True, composition: dict[str, Any] | None = None) -> RunResult:
+            stage_metrics: str = "each_stage", composition: dict[str, Any] | None = None) -> RunResult:
     """Run ``plan`` to completion and publish the artifacts; see the module docstring.
 
-    A search passes ``original_metrics`` measured once for all its trials (the original model does
-    not change between them) and ``measure_stages=False``: a trial needs only the saved artifact's
-    metrics, not those after each stage. Its final run passes ``search_seconds``, which the
-    report's total includes.
+    After each stage, ``stage_metrics`` says what is measured: ``"each_stage"`` the metrics whose
+    ``each_stage`` holds (size and parameter counts, and those the recipe marks), ``"all"`` every
+    metric (a search that composes pipelines judges each stage), ``"none"`` nothing (a trial needs
+    only the saved artifact's metrics). A search passes ``original_metrics`` measured once for all
+    its trials (the original model does not change between them). Its final run passes
+    ``search_seconds``, which the report's total includes.
     """
     from squeezelang.executor.report import build_report, write_reports
 
@@ -152,6 +154,9 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
             work.remove()
         raise
 
+    after_stage = replace(plan, metrics=tuple(
+        m for m in plan.metrics
+        if stage_metrics == "all" or (stage_metrics == "each_stage" and m.each_stage)))
     done = {c["stage"]: c for c in state.completed}
     resumed_after = None
     current: ModelHandle | None = None
@@ -181,8 +186,8 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
         except (SqueezeError, OSError) as exc:
             raise ExecutionError(f"cannot checkpoint the model: {_describe(exc)}", stage=stage.name) from exc
         t = time.perf_counter()
-        metrics = measure_all(plan, registries, current, ctx, work.path / ckpt_name,
-                              f"stage '{stage.name}'") if measure_stages else {}
+        metrics = measure_all(after_stage, registries, current, ctx, work.path / ckpt_name,
+                              f"stage '{stage.name}'") if after_stage.metrics else {}
         record = {"stage": stage.name, "dir": ckpt_name, "metrics": metrics, "seconds": seconds,
                   "measure_seconds": time.perf_counter() - t, "log": ctx.logs.pop(stage.name, [])}
         state.completed.append(record)
@@ -215,6 +220,7 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
         timings["reload"] = time.perf_counter() - t
         t = time.perf_counter()
         final = measure_all(plan, registries, reloaded, ctx, staged, "saved", fmt.model_files)
+        said = {name: list(lines) for name, lines in ctx.metric_notes.items() if lines}
         originals, pairs = dict(state.original_metrics), {}
         for name, (before, after) in measure_paired(plan, registries, original, reloaded, ctx,
                                                     original.source_dir, staged,
@@ -230,7 +236,7 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
         used = resources(timings["total"])
         report = build_report(plan, registries, originals, stage_records, final, verdicts,
                               files, timings, trials or [], resumed_after, composition, used, pairs,
-                              runtime_of(reloaded, fmt))
+                              runtime_of(reloaded, fmt), said)
         write_reports(staged, plan, report, registries, out)
         work.mark_publishing()
         publish(staged, out)

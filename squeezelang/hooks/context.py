@@ -81,6 +81,9 @@ class Context:
     model_dir: Path | None = None
     #: What each stage said through ``log`` (stage name -> messages), for its report record.
     logs: dict[str, list[str]] = field(default_factory=dict)
+    #: What each metric said through ``log`` while it measured (metric name -> messages), from
+    #: its latest measurement: the saved artifact's, for the report.
+    metric_notes: dict[str, list[str]] = field(default_factory=dict)
     _original: ModelHandle | None = None
 
     def original(self) -> ModelHandle:

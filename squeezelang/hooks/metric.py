@@ -18,6 +18,9 @@ DIMENSIONS: dict[str, tuple[str, ...]] = {
     "score": (),
 }
 
+#: The argument every metric takes, handled by the engine: measure it after every stage as well.
+EACH_STAGE = "each_stage"
+
 
 class Metric:
     """Base class of metric plugins.
@@ -47,6 +50,10 @@ class Metric:
     #: original's, alternating calls (``executor.measure.measure_paired``), and the constraint is
     #: judged on that pair rather than on a figure of the original taken minutes earlier.
     paired: ClassVar[bool] = False
+    #: Measured after every stage as well as on the original and the saved artifact. Only for
+    #: metrics that run no forward pass (size, parameter counts): a stage's effect on the others
+    #: is measured when the recipe asks for it, ``metric q = spearman(sts, each_stage = true)``.
+    each_stage: ClassVar[bool] = False
     schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": {},
                                         "additionalProperties": False}
 

@@ -8,6 +8,7 @@ modified.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from squeezelang.errors import ExecutionError
@@ -158,9 +159,27 @@ def logits(handle: ModelHandle, texts: Sequence[str], batch_size: int = 32, max_
     return torch.cat(per_text) if per_text else torch.empty(0)
 
 
+@dataclass(frozen=True)
+class LmLoss:
+    """``lm_loss_counted``'s answer: the mean loss, the tokens it scored and those available."""
+
+    loss: float
+    scored: int
+    available: int
+
+
 def lm_loss(handle: ModelHandle, texts: Sequence[str], max_length: int | None = None,
-            stride: int | None = None, batch_size: int = 4) -> float:
-    """Return the token-weighted mean negative log-likelihood (nats) of a causal LM on ``texts``.
+            stride: int | None = None, batch_size: int = 4, max_tokens: int | None = None) -> float:
+    """Return the token-weighted mean negative log-likelihood (nats) of a causal LM on ``texts``
+    (see ``lm_loss_counted``)."""
+    return lm_loss_counted(handle, texts, max_length, stride, batch_size, max_tokens).loss
+
+
+def lm_loss_counted(handle: ModelHandle, texts: Sequence[str], max_length: int | None = None,
+                    stride: int | None = None, batch_size: int = 4,
+                    max_tokens: int | None = None) -> LmLoss:
+    """The token-weighted mean negative log-likelihood (nats) of a causal LM on ``texts``, and
+    how many tokens it scored: all of them, or the first ``max_tokens`` in text order.
 
     Each text is scored on its own, prefixed with the tokenizer's BOS token when the tokenizer does
     not add one, so that every token of the text is predicted. A text longer than ``max_length``
@@ -201,6 +220,16 @@ def lm_loss(handle: ModelHandle, texts: Sequence[str], max_length: int | None = 
             begin = min(begin + stride, end - 1)  # a token of context at least
     if not items:
         raise ExecutionError("no text has a token to predict")
+    available = sum(len(ids) - first for ids, first in items)
+    if max_tokens is not None and available > max_tokens:
+        kept, left = [], int(max_tokens)
+        for ids, first in items:
+            if left <= 0:
+                break
+            take = min(left, len(ids) - first)
+            kept.append((ids[:first + take], first))
+            left -= take
+        items = kept
 
     model = handle.model.eval()
     device = _device(model)
@@ -224,7 +253,7 @@ def lm_loss(handle: ModelHandle, texts: Sequence[str], max_length: int | None = 
             keep = (target_pos >= firsts) & (target_pos < lengths)
             total += float(nll[keep].double().sum())
             count += int(keep.sum())
-    return total / count
+    return LmLoss(total / count, count, available)
 
 
 def outputs_for_fidelity(handle: ModelHandle, texts: Sequence[str], batch_size: int = 32,

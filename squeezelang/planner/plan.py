@@ -33,6 +33,11 @@ class MetricPlan:
     dimension: str
     higher_is_better: bool
     implicit: bool = False
+    #: Measured after every stage too: the metric's own default (``Metric.each_stage``) unless
+    #: the recipe gave ``each_stage = true|false``.
+    each_stage: bool = False
+    #: The recipe gave ``each_stage`` (the lock file writes it back).
+    each_stage_given: bool = False
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from squeezelang.errors import RecipeError, RecipeErrors, SqueezeError
+from squeezelang.hooks.metric import EACH_STAGE
 from squeezelang.hooks.registry import Registries
 from squeezelang.lang import ast
 from squeezelang.lang.diagnostics import did_you_mean
@@ -326,6 +327,7 @@ class _Resolver:
                 self.error(f"metric '{call.name}' takes no other positional argument", extra.span,
                            hint="name it: key = value")
             kwargs, failed = self.convert_all({a.name: a.value for a in call.args if a.name is not None})
+            each_stage = self.each_stage(call, kwargs, metric)
             self.errors.extend(schema_errors(metric.schema, kwargs, f"metric '{call.name}'",
                                              _spans(call.args), call.span, failed))
             if data_name:
@@ -333,12 +335,29 @@ class _Resolver:
                 self.check_columns(data_name, metric.columns, renames, _span_of(positional[0].value),
                                    f"metric '{call.name}'")
             out.append(MetricPlan(decl.name, call.name, data_name, kwargs, metric.dimension,
-                                  metric.higher_is_better))
+                                  metric.higher_is_better,
+                                  each_stage=bool(metric.each_stage if each_stage is None
+                                                  else each_stage),
+                                  each_stage_given=each_stage is not None))
         for metric in self.regs.metrics:
             if metric.implicit and metric.name not in {d.name for d in declared}:
                 out.append(MetricPlan(metric.name, metric.name, None, {}, metric.dimension,
-                                      metric.higher_is_better, implicit=True))
+                                      metric.higher_is_better, implicit=True, each_stage=bool(metric.each_stage)))
         return tuple(out)
+
+    def each_stage(self, call: ast.Call, kwargs: dict[str, Any], metric: Any) -> bool | None:
+        """Pop the ``each_stage`` argument every metric takes (the engine's, not the plugin's):
+        ``True``/``False`` as given, ``None`` when absent or not a boolean (reported)."""
+        if EACH_STAGE not in kwargs:
+            return None
+        value = kwargs.pop(EACH_STAGE)
+        if isinstance(value, bool):
+            return value
+        arg = next(a for a in call.args if a.name == EACH_STAGE)
+        self.error(f"metric '{call.name}': {EACH_STAGE} must be true or false",
+                   _span_of(arg.value), hint=f"{EACH_STAGE} = true measures '{call.name}' after "
+                                             "every stage as well")
+        return None
 
     def stages(self) -> tuple[StagePlan, ...]:
         out: list[StagePlan] = []

@@ -102,7 +102,7 @@ def run_trial(job: TrialJob, registries: Registries, handle: ModelHandle | None 
     try:
         result = execute(job.plan, registries, output=job.output, force=True, handle=handle,
                          quiet=True, original_metrics=job.original_metrics,
-                         measure_stages=job.measure_stages,
+                         stage_metrics="all" if job.measure_stages else "none",
                          **extra)
     except Exception as exc:  # noqa: BLE001 - one broken trial must not end the search
         return TrialOutcome(job.index, {}, {}, False, time.perf_counter() - started, worker,
