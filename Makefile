@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup setup-gpu demo test test-fast bench clean
 
 $(BIN)/squeeze: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,13 @@ $(BIN)/squeeze: pyproject.toml constraints.txt
 	touch $(BIN)/squeeze
 
 setup: $(BIN)/squeeze
+
+# The same install with torch's CUDA build (same version, from PyTorch's CUDA index) instead of the CPU pin.
+CUDA_INDEX ?= https://download.pytorch.org/whl/cu128
+setup-gpu:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --extra-index-url $(CUDA_INDEX) -e ".[torch,minilm,test,plot,onnx,gguf,compressed-tensors]"
 
 demo: setup
 	$(BIN)/squeeze run specs/minilm-edge.squeeze --force

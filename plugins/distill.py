@@ -22,6 +22,14 @@ recorded before training and re-applied after every step. Low-rank (factorized) 
 modules and train as such. The student's tokenizer drives both models; when a ``vocab_trim`` stage
 made it a subset of the teacher's, its ids are mapped to the teacher's by token, and LM logits are
 compared on the kept tokens. Runs are deterministic for a given ``seed``.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) training is data-parallel: every rank draws the same global
+batches (same seed), computes the loss on its ``share`` of each, weighted by that share's size, and
+trains the student wrapped in ``DistributedDataParallel``, which averages the gradients; the
+teacher stays a plain model on each rank. A step is then the single-process step of the whole batch
+up to how the per-token terms are averaged (over a share's tokens, not the batch's), padding, and
+summation order; the relational loss of a narrower student compares the sentences within a share.
+With ``time``, the ranks agree at every step on whether time is up, so all stop at the same step.
 """
 from __future__ import annotations
 
@@ -36,7 +44,7 @@ from squeezelang.plugin import Candidate, SqueezeError, Technique, hookimpl
 if TYPE_CHECKING:
     import torch
 
-    from squeezelang.plugin import ModelHandle, ModelMeta, StageContext
+    from squeezelang.plugin import ModelHandle, ModelMeta, StageContext, World
 
 LOSSES = ("auto", "cosine", "mse", "kl")
 
@@ -105,6 +113,7 @@ class _Batcher:
         self.batch_size = min(batch_size, len(self.rows))
         self.rng = random.Random(seed)
         self.order: list[int] = []
+        self.device = next(iter(handle.model.parameters())).device  # the run's device
 
     def batch(self, idx: list[int]) -> dict[str, torch.Tensor]:
         import torch
@@ -116,15 +125,18 @@ class _Batcher:
         if self.types is not None:
             out["token_type_ids"] = torch.tensor(
                 [self.types[i] + [0] * (width - len(self.types[i])) for i in idx])
-        return out
+        return {k: v.to(self.device) for k, v in out.items()}
 
-    def next(self) -> dict[str, torch.Tensor]:
+    def next(self, ranks: World) -> dict[str, torch.Tensor]:
+        """This rank's share of the next batch (every rank draws the same batches)."""
+        from squeezelang.plugin import share
+
         if len(self.order) < self.batch_size:
             fresh = list(range(len(self.rows)))
             self.rng.shuffle(fresh)
             self.order += fresh
         idx, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
-        return self.batch(idx)
+        return self.batch(share(idx, ranks))
 
 
 def _similarity_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
@@ -171,7 +183,7 @@ class Distill(Technique):
             "time": {"type": "number", "exclusiveMinimum": 0,
                      "description": "Stop after this many seconds even if steps remain."},
             "batch_size": {"type": "integer", "minimum": 1, "default": 16,
-                           "description": "Texts per step."},
+                           "description": "Texts per step (all ranks together, under torchrun)."},
             "lr": {"type": "number", "exclusiveMinimum": 0, "default": 3e-4,
                    "description": "AdamW learning rate (constant after a 10% warm-up)."},
             "temperature": {"type": "number", "exclusiveMinimum": 0, "default": 2.0,
@@ -217,7 +229,7 @@ class Distill(Technique):
     def apply_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:
         import torch
 
-        from squeezelang.plugin import mean_pool
+        from squeezelang.plugin import any_rank, data_parallel, mean_pool, share, world
 
         if "quantized" in handle.states or any((s or {}).get("quant") for s in handle.codecs.values()):
             raise SqueezeError("distill cannot train a quantized model; put distill before quantize")
@@ -231,18 +243,27 @@ class Distill(Technique):
         id_map = _id_map(handle.tokenizer, teacher.tokenizer)
         batcher = _Batcher(handle, texts, int(params.get("batch_size", 16)),
                            int(params.get("max_length", 128)), seed)
+        if id_map is not None:
+            id_map = id_map.to(batcher.device)
+        ranks = world()
+        if ranks.size > batcher.batch_size:
+            raise SqueezeError(f"distill: a batch of {batcher.batch_size} texts cannot be shared by "
+                               f"{ranks.size} data-parallel ranks; raise `batch_size` (and give "
+                               "as many texts) to at least the number of ranks")
+        # The ranks' gradients are averaged: weigh each rank's mean loss by its share of the batch.
+        weight = ranks.size * len(share(range(batcher.batch_size), ranks)) / batcher.batch_size
         hidden_weight = float(params.get("hidden_weight", 0.0))
         layer_map = self._layer_map(handle, teacher, ctx) if hidden_weight > 0 else None
         temperature = float(params.get("temperature", 2.0))
 
-        def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        def loss_of(batch: dict[str, torch.Tensor], student: torch.nn.Module) -> torch.Tensor:
             t_batch = dict(batch)
             if id_map is not None:
                 t_batch["input_ids"] = id_map[batch["input_ids"]]
             want_hidden = layer_map is not None
             with torch.no_grad():
                 t_out = teacher.model(**t_batch, output_hidden_states=want_hidden)
-            s_out = handle.model(**batch, output_hidden_states=want_hidden)
+            s_out = student(**batch, output_hidden_states=want_hidden)
             mask = batch["attention_mask"].bool()
             if handle.task == "embedding":
                 s_h, t_h = s_out[0], t_out[0]
@@ -276,7 +297,7 @@ class Distill(Technique):
         masks = _sparse_masks(handle)
         probe = batcher.batch(list(range(min(len(batcher.rows), batcher.batch_size))))
         with torch.no_grad():
-            start_loss = float(loss_of(probe))
+            start_loss = float(loss_of(probe, model))
         steps = int(params.get("steps", 200))
         lr = float(params.get("lr", 3e-4))
         warmup = max(1, steps // 10)
@@ -284,16 +305,20 @@ class Distill(Technique):
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / warmup))
         deadline = time.monotonic() + float(params["time"]) if params.get("time") else math.inf
-        done = 0
+        if ranks.size > 1:
+            backend = "nccl" if batcher.device.type == "cuda" else "gloo"
+            ctx.log(f"distill: data-parallel on {ranks.size} ranks ({backend})")
+        done, student = 0, None
         try:
-            with torch.enable_grad(), ctx.progress(total=steps, desc="distill") as bar:
+            with torch.enable_grad(), data_parallel(model) as student, \
+                    ctx.progress(total=steps, desc="distill") as bar:
                 for done in range(1, steps + 1):
-                    loss = loss_of(batcher.next())
+                    loss = loss_of(batcher.next(ranks), student)
                     if not torch.isfinite(loss):
                         raise SqueezeError(f"distill: the loss became {float(loss)} at step {done}; "
                                            "lower `lr`")
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    (loss * weight).backward()
                     torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                     optimizer.step()
                     scheduler.step()
@@ -302,15 +327,16 @@ class Distill(Technique):
                             param.mul_(keep)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss.item():.4g}")
-                    if time.monotonic() >= deadline:
+                    if deadline < math.inf and any_rank(time.monotonic() >= deadline):
                         break
         finally:
+            student = None  # the data-parallel wrapper and its gradient hooks go
             optimizer.zero_grad(set_to_none=True)
             for param in frozen:
                 param.requires_grad_(True)
             model.eval()
         with torch.no_grad():
-            end_loss = float(loss_of(probe))
+            end_loss = float(loss_of(probe, model))
         stopped = " (time limit)" if done < steps else ""
         ctx.log(f"distill: {done} steps{stopped}, loss on a fixed batch {start_loss:.4g} -> "
                 f"{end_loss:.4g}")

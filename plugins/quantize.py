@@ -122,8 +122,9 @@ def _float32_kernels(targets: list[tuple[str, Any]]) -> None:
         if kind_of(module) in LINEAR_KINDS and module.weight.dtype != torch.float32:
             dtype = str(module.weight.dtype).replace("torch.", "")
             raise SqueezeError(f"quantize: scheme \"int8-dynamic\" runs float32 int8 kernels, and "
-                               f"'{name}' is {dtype} (the checkpoint's dtype); use scheme "
-                               "\"int8\" (weight-only, same file size) for a half-precision model")
+                               f"'{name}' is {dtype} (the checkpoint's dtype, or the run's "
+                               "dtype = ...); use scheme \"int8\" (weight-only, same file size) "
+                               "for a half-precision model, or run with dtype = \"float32\"")
 
 
 class Quantize(Technique):

@@ -69,17 +69,21 @@ def plan(recipe: Recipe | str | Path, plugins: Iterable[Any] = ()) -> PlanResult
 
 def run(recipe: Recipe | str | Path, output: str | Path | None = None, *, force: bool = False,
         model: Any = None, tokenizer: Any = None, plugins: Iterable[Any] = (),
-        quiet: bool = True) -> RunResult:
+        quiet: bool = True, device: str | None = None, dtype: str | None = None) -> RunResult:
     """Run a recipe; ``model`` (a transformers model, with ``tokenizer``) replaces the recipe's model.
+    ``device`` (``cpu``, ``cuda``, ``auto``) and ``dtype`` (``auto``, ``float32``, ``bfloat16``,
+    ``float16``) override the recipe's ``model = hf(…, device = …, dtype = …)``.
 
     Returns a ``RunResult`` with ``report``, ``verdicts``, ``ok`` and ``model`` (the saved artifact,
-    loaded back). Constraints not met are reported in the result, not raised.
+    loaded back). Constraints not met are reported in the result, not raised. Under ``torchrun``
+    every rank runs the stages and rank 0 alone saves and measures: on the other ranks ``rank`` is
+    nonzero, the report empty and ``model`` the unsaved result of the stages.
     """
     from squeezelang.executor.run import execute
     from squeezelang.planner.resolve import resolve
 
     regs = registries(plugins)
-    resolved = resolve(_recipe(recipe), regs)
+    resolved = resolve(_recipe(recipe), regs).placed(device, dtype)
     handle = None
     if model is not None:
         from squeezelang.models.handle import ModelHandle

@@ -149,7 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from squeezelang.executor.report import fmt_verdict, markdown
 
     regs = _registries(args)
-    plan = resolve(_load(args.recipe), regs)
+    plan = resolve(_load(args.recipe), regs).placed(args.device, args.dtype)
     args.output_dir = Path(args.output or plan.output_dir).resolve()  # for the interrupt message
     if not plan.needs_search:  # fixed settings that cannot meet a size bound: refused, nothing run
         from squeezelang.planner.estimate import planning_context
@@ -161,6 +161,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         result = solve(plan, regs, output=args.output, force=args.force, quiet=args.quiet)
     else:
         result = execute(plan, regs, output=args.output, force=args.force, quiet=args.quiet)
+    if result.rank:  # another torchrun rank: rank 0 saves and reports
+        return EXIT_OK
     if not args.quiet:
         print()
         print(markdown(result.report))
@@ -300,6 +302,8 @@ def _formatted(path: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from squeezelang.models.placement import DEVICES, DTYPES  # torch-free names
+
     parser = argparse.ArgumentParser(prog="squeeze", description="Compress language models from .squeeze recipes.",
                                      epilog="exit codes: 0 ok, 1 constraints not met, 2 bad recipe or usage, "
                                             "3 runtime failure, 130 interrupted (rerun to resume)")
@@ -319,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default: the recipe's output)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--device", choices=DEVICES,
+                   help="where stages and metrics compute (default: the recipe's, else cpu; auto: "
+                        "cuda when torch sees a GPU)")
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="dtype of the model's floating tensors during the run and as saved "
+                        "(default: the recipe's, else auto: the checkpoint's)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("plugins", help="list installed plugins, their parameters and knobs")
     p.add_argument("--json", action="store_true")

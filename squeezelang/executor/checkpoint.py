@@ -113,7 +113,7 @@ class WorkDir:
         """Save the model after stage ``index``; return the checkpoint's directory name."""
         from squeezelang.models.save import save_model
 
-        name = f"stage-{index:02d}-{stage}"
+        name = checkpoint_name(index, stage)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=self.path))
         try:
             save_model(handle, tmp)
@@ -131,6 +131,11 @@ class WorkDir:
         for name in (PUBLISHING, STATE):
             (self.path / name).unlink(missing_ok=True)
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def checkpoint_name(index: int, stage: str) -> str:
+    """The directory, in the work directory, of the checkpoint after stage ``index``."""
+    return f"stage-{index:02d}-{stage}"
 
 
 def fingerprint(plan_json: dict[str, Any]) -> str:

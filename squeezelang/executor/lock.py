@@ -14,6 +14,7 @@ from typing import Any
 from squeezelang.hooks.metric import EACH_STAGE
 from squeezelang.hooks.registry import Registries
 from squeezelang.lang import ast
+from squeezelang.models.placement import SCHEMA as PLACEMENT
 from squeezelang.planner.plan import Plan
 
 
@@ -58,6 +59,9 @@ def lock_recipe(plan: Plan, registries: Registries, lock_dir: Path) -> ast.Recip
                 model_args.insert(0, ast.Arg(None, ast.Str(_rel(value, lock_dir))))
         else:
             model_args.append(ast.Arg(key, _value(value)))
+    for key, default in ((k, v["default"]) for k, v in PLACEMENT.items()):
+        if getattr(plan.model, key) != default:  # where it ran, when not the default
+            model_args.append(ast.Arg(key, _value(getattr(plan.model, key))))
     data = []
     for d in plan.data:
         source = registries.data_sources.get(d.source)

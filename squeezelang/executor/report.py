@@ -15,6 +15,13 @@ REPORT_VERSION = 1
 SEARCH_PNG = "search.png"
 
 
+def _device(plan: Plan) -> str:
+    """The device type the run computed on (``auto`` resolved)."""
+    from squeezelang.models.placement import resolve_device
+
+    return resolve_device(plan.model.device)
+
+
 def build_report(plan: Plan, registries: Registries, original: dict[str, float],
                  stages: list[dict[str, Any]], final: dict[str, float], verdicts: list[Verdict],
                  files: list[str], timings: dict[str, float], trials: list[dict[str, Any]],
@@ -46,7 +53,8 @@ def build_report(plan: Plan, registries: Registries, original: dict[str, float],
         "recipe": {"name": plan.name, "file": plan.recipe_file},
         "status": "met" if all(v.met for v in verdicts) else "not met",
         "model": {"source": plan.model.source, "task": plan.model.task,
-                  "path": plan.model.args.get("path")},
+                  "path": plan.model.args.get("path"), "device": _device(plan),
+                  "dtype": plan.model.dtype},
         "output": {"dir": plan.output_dir, "format": plan.output_format,
                    "options": dict(plan.output_options),
                    "runtime": runtime or registries.output_formats.get(plan.output_format).runtime,

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from squeezelang.errors import ExecutionError, OutputError, SqueezeError
 from squeezelang.executor.artifacts import check_output_dir, discard_staging, publish, staging_dir
+from squeezelang.executor import ranks
 from squeezelang.executor.checkpoint import WorkDir, fingerprint
 from squeezelang.hooks.context import Context
 from squeezelang.executor.guards import (check_artifact, check_finite, input_paths,
@@ -36,6 +37,9 @@ class RunResult:
     output_dir: Path
     resumed_after: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: Under torchrun, this process's rank: on ranks other than 0 the stages ran but nothing was
+    #: saved or measured (``report`` is empty, ``handle`` the model as the stages left it).
+    rank: int = 0
 
     @property
     def ok(self) -> bool:
@@ -51,8 +55,16 @@ class RunResult:
 
 
 def load_original(plan: Plan, registries: Registries) -> ModelHandle:
+    """The recipe's model as its source loads it, on the run's device and in its dtype."""
     source = registries.model_sources.get(plan.model.source)
-    return source.load(dict(plan.model.args))
+    return placed(source.load(dict(plan.model.args)), plan)
+
+
+def placed(handle: ModelHandle, plan: Plan, dtype: bool = True) -> ModelHandle:
+    """``handle`` on the run's device (``plan.model.device``) and, with ``dtype``, in its dtype."""
+    from squeezelang.models.placement import place_, resolve_device
+
+    return place_(handle, resolve_device(plan.model.device), plan.model.dtype if dtype else "auto")
 
 
 def verify(plan: Plan, original: dict[str, float], final: dict[str, float]) -> list[Verdict]:
@@ -105,19 +117,22 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
     """
     from squeezelang.executor.report import build_report, write_reports
 
+    world = ranks.join()  # under torchrun: every rank runs the stages, rank 0 alone writes
+    quiet = quiet or not world.main
     out = Path(output or plan.output_dir).expanduser().resolve()
     # A search's final run: the search checked the output and said what --force replaces.
-    check_output_dir(out, force, input_paths(plan, registries), announce=search_seconds is None)
+    if world.main:
+        check_output_dir(out, force, input_paths(plan, registries), announce=search_seconds is None)
     if str(out) != plan.output_dir:  # -o DIR: the report and the result name where artifacts are
         plan = replace(plan, output_dir=str(out))
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    work = WorkDir(out)
+    work = ranks.work_dir(out, world)
     state = work.open(fingerprint(plan.to_json()), force)
     fresh = state.original_metrics is None and not state.completed
     ctx = Context(data=data_store(plan, registries), seed=plan.search.seed, threads=threads, quiet=quiet)
     in_memory = handle is not None
-    ctx.original_loader = (lambda: _copy_handle(handle)) if in_memory else \
+    ctx.original_loader = (lambda: placed(_copy_handle(handle), plan)) if in_memory else \
         (lambda: load_original(plan, registries))
 
     # Inputs first: the data files, then the model (its weights checked as they load), then the
@@ -133,7 +148,7 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
         if state.original_metrics is None and original_metrics is not None:
             state.original_metrics = dict(original_metrics)
             work.save(state)
-        if state.original_metrics is None:
+        if state.original_metrics is None and world.main:
             orig_dir = original.source_dir
             tmp = None
             if orig_dir is None:  # an in-memory model: measure its size on a saved copy
@@ -187,17 +202,21 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
             raise ExecutionError(f"cannot checkpoint the model: {_describe(exc)}", stage=stage.name) from exc
         t = time.perf_counter()
         metrics = measure_all(after_stage, registries, current, ctx, work.path / ckpt_name,
-                              f"stage '{stage.name}'") if after_stage.metrics else {}
+                              f"stage '{stage.name}'") if after_stage.metrics and world.main else {}
         record = {"stage": stage.name, "dir": ckpt_name, "metrics": metrics, "seconds": seconds,
                   "measure_seconds": time.perf_counter() - t, "log": ctx.logs.pop(stage.name, [])}
         state.completed.append(record)
         work.save(state)
+        ranks.barrier()  # every rank goes on (and may fail) only once rank 0 has kept the stage
         stage_records.append(record)
     if current is None:  # every stage was already done, or there are none
         if resumed_after is not None:
             current = _resume(work, done[resumed_after], len(stage_records), plan, registries, quiet)
         else:
             current = _copy_handle(original) if in_memory else load_original(plan, registries)
+
+    if not world.main:  # the stages ran; rank 0 saves, measures and reports
+        return RunResult(plan, {}, [], current, out, resumed_after, notes, rank=world.rank)
 
     # Save the final artifact into a staging directory, reload it, and verify on what was saved.
     t = time.perf_counter()
@@ -254,8 +273,8 @@ def load_artifact(fmt: OutputFormat, staged: Path, plan: Plan, registries: Regis
     keeps the default loader is read back with this run's plugins (their ``rebuild_``)."""
     from squeezelang.models.load import load_model
 
-    if type(fmt).load is OutputFormat.load:
-        return load_model(staged, registries, task=plan.model.task)
+    if type(fmt).load is OutputFormat.load:  # as saved (its dtype), on the run's device
+        return placed(load_model(staged, registries, task=plan.model.task), plan, dtype=False)
     try:
         return fmt.load(staged, plan.model.task, dict(plan.output_options), threads)
     except SqueezeError as exc:
@@ -328,7 +347,7 @@ def _resume(work: WorkDir, record: dict[str, Any], done: int, plan: Plan, regist
     if not quiet:
         print(f"resuming after stage '{record['stage']}' ({done} of {len(plan.stages)} stages "
               f"done, checkpoint {ckpt})", flush=True)
-    return load_model(ckpt, registries, task=plan.model.task)
+    return placed(load_model(ckpt, registries, task=plan.model.task), plan)
 
 
 def _describe(exc: BaseException) -> str:

@@ -15,6 +15,9 @@ class ModelPlan:
     task: str
     #: ``(module, subdir)`` when the path was written as ``package("module", "subdir")``.
     package: tuple[str, str] | None = None
+    #: Where the run computes (``models.placement``): ``cpu``, ``cuda`` or ``auto``, and the dtype.
+    device: str = "cpu"
+    dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,20 @@ class Plan:
     def needs_search(self) -> bool:
         """Whether running takes a search: auto knobs to solve or a pipeline to compose."""
         return self.has_auto or self.compose is not None
+
+    def placed(self, device: str | None = None, dtype: str | None = None) -> Plan:
+        """This plan computing on ``device`` and in ``dtype`` where given (the command line's
+        ``--device``/``--dtype`` over the recipe's); an unknown name is a ``SqueezeError``."""
+        from dataclasses import replace
+
+        from squeezelang.errors import SqueezeError
+        from squeezelang.models.placement import DEVICES, DTYPES
+
+        for value, allowed, what in ((device, DEVICES, "device"), (dtype, DTYPES, "dtype")):
+            if value is not None and value not in allowed:
+                raise SqueezeError(f"unknown {what} '{value}': use one of {', '.join(allowed)}")
+        return replace(self, model=replace(self.model, device=device or self.model.device,
+                                           dtype=dtype or self.model.dtype))
 
     def metric(self, name: str) -> MetricPlan | None:
         return next((m for m in self.metrics if m.name == name), None)

@@ -15,6 +15,7 @@ from squeezelang.hooks.registry import Registries
 from squeezelang.lang import ast
 from squeezelang.lang.diagnostics import did_you_mean
 from squeezelang.lang.units import dimension_of
+from squeezelang.models.placement import SCHEMA as PLACEMENT
 from squeezelang.planner.plan import (ComposePlan, ConstraintPlan, DataPlan, MetricPlan, ModelPlan,
                                       Plan, SearchPlan, StagePlan)
 from squeezelang.planner.validate import missing_columns, schema_errors
@@ -175,8 +176,11 @@ class _Resolver:
                 failed.add(key)
         return converted, failed
 
-    def call_args(self, call: ast.Call, plugin: Any, owner: str) -> tuple[dict[str, Any], bool]:
-        """Keyword dict of a source call (positionals mapped by the plugin); False if it failed."""
+    def call_args(self, call: ast.Call, plugin: Any, owner: str,
+                  engine: dict[str, Any] | None = None) -> tuple[dict[str, Any], bool]:
+        """Keyword dict of a source call (positionals mapped by the plugin); False if it failed.
+        Keys of ``engine`` (name -> JSON Schema) are the engine's arguments, not the plugin's: they
+        are checked against those schemas and moved into ``engine`` (defaults filled)."""
         ok = True
         values: dict[str, Any] = {}
         positional = [a for a in call.args if a.name is None]
@@ -197,7 +201,16 @@ class _Resolver:
         spans = {a.name or n: (a.name_span or a.span, _span_of(a.value))
                  for a, n in zip(call.args, names + [None] * len(call.args))}
         spans.update(_spans(call.args))
-        errs = schema_errors(plugin.schema, converted, owner, spans, call.span, failed)
+        errs = []
+        if engine is not None:
+            schemas = dict(engine)
+            given = {k: converted.pop(k) for k in list(converted) if k in schemas}
+            errs += schema_errors({"type": "object", "properties": schemas}, given, owner, spans,
+                                  call.span, failed)
+            engine.clear()
+            engine.update({k: v.get("default") for k, v in schemas.items()})
+            engine.update(given)
+        errs += schema_errors(plugin.schema, converted, owner, spans, call.span, failed)
         self.errors.extend(errs)
         return converted, ok and not errs and not failed
 
@@ -231,7 +244,8 @@ class _Resolver:
                        hint=did_you_mean(call.name, self.regs.model_sources.names()).strip(" —")
                        or "model sources: " + ", ".join(self.regs.model_sources.names()))
             return None
-        args, ok = self.call_args(call, source, f"model source '{call.name}'")
+        placement: dict[str, Any] = dict(PLACEMENT)
+        args, ok = self.call_args(call, source, f"model source '{call.name}'", placement)
         if ok:
             try:
                 source.locate(args)
@@ -244,7 +258,8 @@ class _Resolver:
         if isinstance(first, ast.Call) and first.name == "package":
             names = [v.value for v in first.positional if isinstance(v, ast.Str)] + ["", ""]
             package = (names[0], names[1])
-        return ModelPlan(call.name, args, str(args.get("task", "embedding")), package)
+        return ModelPlan(call.name, args, str(args.get("task", "embedding")), package,
+                         device=str(placement["device"]), dtype=str(placement["dtype"]))
 
     def unique(self, decls: Any, what: str, span_of: Any, hint: str = "") -> list[Any]:
         """``decls`` without repeated names; each repeat is an error pointing at the first."""

@@ -324,8 +324,10 @@ def solve(plan: Plan, registries: Registries, output: str | Path | None = None, 
     from squeezelang.executor.run import execute
     from squeezelang.planner.compose import pipelines, refuse_if_unreachable, with_pipeline
     from squeezelang.planner.estimate import planning_context
+    from squeezelang.executor.ranks import single_process
     from squeezelang.search.workers import open_backend
 
+    single_process("a search (`auto` settings or `compose`)")
     out = Path(output or plan.output_dir).expanduser().resolve()
     check_output_dir(out, force, input_paths(plan, registries))
     ctx = planning_context(plan, registries)

@@ -363,7 +363,7 @@ def test_without_llama_cpp_the_gguf_is_dequantized_and_run_in_torch(llama_dir, r
 RECIPE = '''recipe "gguf"
 model = hf("{model}", task = "{task}")
 data text = text("{data}")
-metric ppl = perplexity(text)
+metric ppl = perplexity(text, each_stage = true)
 {stages}
 output "out" {{ format = "gguf"{options} }}
 '''
