@@ -139,6 +139,44 @@ class _Batcher:
         return self.batch(share(idx, ranks))
 
 
+def _widen_float16(model: torch.nn.Module) -> dict[str, torch.dtype] | None:
+    """A float16 model's tensors cast to float32 for training (AdamW steps on float16 weights
+    overflow within a few steps); the dtypes to restore, or ``None`` when nothing is float16."""
+    import torch
+
+    dtypes = {name: t.dtype for name, t in list(model.named_parameters())
+              + list(model.named_buffers())}
+    if torch.float16 not in dtypes.values():
+        return None
+    model.float()
+    return dtypes
+
+
+def _restore_dtypes(model: torch.nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Give every parameter and buffer its dtype of before ``_widen_float16``."""
+    import torch
+
+    with torch.no_grad():
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            wanted = dtypes.get(name)
+            if wanted is not None and tensor.dtype != wanted:
+                tensor.data = tensor.data.to(wanted)
+
+
+def _as_float32(out: Any) -> Any:
+    """A model output whose floating tensors (and tuples of them) are float32."""
+    def cast(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return tuple(cast(v) for v in value)
+        return value.float() if hasattr(value, "is_floating_point") and value.is_floating_point() \
+            else value
+    if isinstance(out, tuple):
+        return cast(out)
+    for key in list(out.keys()):
+        out[key] = cast(out[key])
+    return out
+
+
 def _similarity_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
     """``cosine``: 1 - cos; ``mse``: MSE of L2-normalised rows; ``auto``: both. Rows are vectors."""
     import torch.nn.functional as F
@@ -263,6 +301,8 @@ class Distill(Technique):
             want_hidden = layer_map is not None
             with torch.no_grad():
                 t_out = teacher.model(**t_batch, output_hidden_states=want_hidden)
+                if widened is not None:  # a float16 teacher beside a float32-trained student
+                    t_out = _as_float32(t_out)
             s_out = student(**batch, output_hidden_states=want_hidden)
             mask = batch["attention_mask"].bool()
             if handle.task == "embedding":
@@ -287,6 +327,7 @@ class Distill(Technique):
         model = handle.model
         torch.manual_seed(seed)
         model.eval()  # no dropout: see the module docstring
+        widened = _widen_float16(model)  # float32 master weights for a float16 model
         frozen = [] if params.get("train_embeddings", False) else [
             p for p in (model.get_input_embeddings().weight,) if p.requires_grad]
         for param in frozen:
@@ -337,6 +378,10 @@ class Distill(Technique):
             model.eval()
         with torch.no_grad():
             end_loss = float(loss_of(probe, model))
+        if widened is not None:
+            _restore_dtypes(model, widened)
+            ctx.log("distill: trained the float16 model in float32 (master weights), saved back "
+                    "as float16")
         stopped = " (time limit)" if done < steps else ""
         ctx.log(f"distill: {done} steps{stopped}, loss on a fixed batch {start_loss:.4g} -> "
                 f"{end_loss:.4g}")

@@ -112,3 +112,12 @@ def test_place_casts_floating_tensors_only_and_names_the_dtype(tiny_bert_dir, re
     assert [b.dtype for b in handle.model.buffers() if not b.is_floating_point()] == ids_before
     assert handle.model.config.dtype == torch.float16
     assert isinstance(handle, ModelHandle)
+
+
+def test_float16_distills_on_float32_master_weights_and_saves_float16(tmp_path, tiny_bert_dir,
+                                                                      sentences_file):
+    result = squeezelang.run(write(tmp_path, tiny_bert_dir, sentences_file, ', dtype = "float16"'))
+    assert "F16" in saved_dtypes(result.output_dir) and "BF16" not in saved_dtypes(result.output_dir)
+    heal = next(s for s in result.report["stages"] if s["name"] == "heal")
+    assert any("float32 (master weights)" in line for line in heal["log"])
+    assert 0.5 < result.report["metrics"]["faithful"]["final"] <= 1.0
