@@ -60,6 +60,16 @@ def load_original(plan: Plan, registries: Registries) -> ModelHandle:
     return placed(source.load(dict(plan.model.args)), plan)
 
 
+#: Past this many bytes of weights, the loaded original is handed over to the first stage instead
+#: of loading a second copy (and loaded again, where needed, once the stages are done).
+HANDOVER_BYTES = 2**30
+
+
+def weight_bytes(handle: ModelHandle) -> int:
+    """Bytes of the model's parameters in memory."""
+    return sum(p.numel() * p.element_size() for p in handle.model.parameters())
+
+
 def placed(handle: ModelHandle, plan: Plan, dtype: bool = True) -> ModelHandle:
     """``handle`` on the run's device (``plan.model.device``) and, with ``dtype``, in its dtype."""
     from squeezelang.models.placement import place_, resolve_device
@@ -164,6 +174,11 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
                     shutil.rmtree(tmp, ignore_errors=True)
             work.save(state)
         timings["measure_original"] = time.perf_counter() - t
+        # A large model is not held twice: the first stage takes the loaded original over, and
+        # ``ctx.original()`` loads it again only where a stage (a teacher) or the end needs it.
+        handover = not in_memory and weight_bytes(original) > HANDOVER_BYTES
+        spare = ctx.release_original() if handover else None
+        original = None if handover else original
     except Exception:
         if fresh:
             work.remove()
@@ -187,14 +202,19 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
             state.completed = list(stage_records)
             work.save(state)
             if resumed_after is not None:
+                spare = None  # the checkpoint replaces the original: never both in memory
                 current = _resume(work, done[resumed_after], len(stage_records), plan, registries, quiet)
             else:
-                current = _copy_handle(original) if in_memory else load_original(plan, registries)
+                current = _copy_handle(original) if in_memory else \
+                    spare or load_original(plan, registries)
+                spare = None
         t = time.perf_counter()
         if not quiet:
             print(f"stage {index + 1}/{len(plan.stages)} '{stage.name}': {stage.technique}"
                   + (f" ({stage.method})" if stage.method else ""), flush=True)
         apply_stage(stage, current, registries, ctx, plan.search.seed + index)
+        if handover:  # a teacher the stage loaded is not kept through the next stages
+            ctx.release_original()
         seconds = time.perf_counter() - t
         try:
             ckpt_name = work.checkpoint(current, index, stage.name)
@@ -211,9 +231,11 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
         stage_records.append(record)
     if current is None:  # every stage was already done, or there are none
         if resumed_after is not None:
+            spare = None
             current = _resume(work, done[resumed_after], len(stage_records), plan, registries, quiet)
         else:
-            current = _copy_handle(original) if in_memory else load_original(plan, registries)
+            current = _copy_handle(original) if in_memory else spare or load_original(plan, registries)
+    spare = None
 
     if not world.main:  # the stages ran; rank 0 saves, measures and reports
         return RunResult(plan, {}, [], current, out, resumed_after, notes, rank=world.rank)
@@ -241,6 +263,8 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
         final = measure_all(plan, registries, reloaded, ctx, staged, "saved", fmt.model_files)
         said = {name: list(lines) for name, lines in ctx.metric_notes.items() if lines}
         originals, pairs = dict(state.original_metrics), {}
+        current = None  # saved: the artifact is what is measured from here on
+        original = original or ctx.original()
         for name, (before, after) in measure_paired(plan, registries, original, reloaded, ctx,
                                                     original.source_dir, staged,
                                                     fmt.model_files).items():

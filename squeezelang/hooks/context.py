@@ -86,6 +86,11 @@ class Context:
     metric_notes: dict[str, list[str]] = field(default_factory=dict)
     _original: ModelHandle | None = None
 
+    def release_original(self) -> ModelHandle | None:
+        """Forget the loaded original and hand it over (a later ``original()`` loads it again)."""
+        handle, self._original = self._original, None
+        return handle
+
     def original(self) -> ModelHandle:
         if self._original is None:
             if self.original_loader is None:
