@@ -256,6 +256,7 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
         check_artifact(staged, files, plan.output_format,
                        registries.output_formats.owner(plan.output_format))
         timings["save"] = time.perf_counter() - t
+        current = None  # saved: the artifact is what is measured from here on (and in memory)
         t = time.perf_counter()
         reloaded = load_artifact(fmt, staged, plan, registries, threads)
         timings["reload"] = time.perf_counter() - t
@@ -263,7 +264,6 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
         final = measure_all(plan, registries, reloaded, ctx, staged, "saved", fmt.model_files)
         said = {name: list(lines) for name, lines in ctx.metric_notes.items() if lines}
         originals, pairs = dict(state.original_metrics), {}
-        current = None  # saved: the artifact is what is measured from here on
         original = original or ctx.original()
         for name, (before, after) in measure_paired(plan, registries, original, reloaded, ctx,
                                                     original.source_dir, staged,
