@@ -80,25 +80,30 @@ def load_model(directory: Path, registries: Registries | None = None,
     task = task or doc.get("task") or task_from_config(config)
     codecs = {k: v for k, v in doc.get("codecs", {}).items() if v}
     edits = list(doc.get("edits", []))
-    model = _build(directory, task)
     before = [r for r in edits if r.get("when") != AFTER_LOAD]
     after = [r for r in edits if r.get("when") == AFTER_LOAD]
     if edits and registries is None:
         from squeezelang.hooks.manager import default_registries
 
         registries = default_registries()
-    for record in before:
-        model = _technique(registries, record, directory).rebuild_(model, record)
+    with parameters_on_meta():  # the weights come from the file: no allocation, no random init
+        model = _build(directory, task)
+        for record in before:
+            model = _technique(registries, record, directory).rebuild_(model, record)
+    tied = tied_parameters(model)
     stored = read_weights(directory)
-    state = decode_state(model, stored, codecs, directory)
+    state = decode_state(model, stored, codecs, directory, tied)
+    del stored
     for name, tensor in state.items():
         problem = nonfinite(tensor)
         if problem:
             raise SqueezeError(f"{directory / 'model.safetensors'}: tensor '{name}' holds {problem}")
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise SqueezeError(f"{directory / 'model.safetensors'}: weights do not fit the model: {exc}") from None
+    del state
+    retie_(model, tied)
     for record in after:
         model = _technique(registries, record, directory).rebuild_(model, record)
     model.eval()
@@ -185,13 +190,64 @@ def check_weight_files(directory: Path) -> None:
                                f"{type(exc).__name__}: {exc}") from None
 
 
+def parameters_on_meta() -> Any:
+    """A context in which modules create their parameters on the meta device (buffers stay real:
+    the non-persistent ones, which no file holds, keep the values their module computed)."""
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def patched() -> Any:
+        register = torch.nn.Module.register_parameter
+
+        def on_meta(module: Any, name: str, param: Any) -> None:
+            register(module, name, param)
+            if param is not None and param.device.type != "meta":
+                module._parameters[name] = torch.nn.Parameter(
+                    param.to("meta"), requires_grad=param.requires_grad)
+
+        torch.nn.Module.register_parameter = on_meta
+        try:
+            yield
+        finally:
+            torch.nn.Module.register_parameter = register
+
+    return patched()
+
+
+def tied_parameters(model: Any) -> dict[str, str]:
+    """``{alias: first name}`` of parameters registered under several names (tied weights)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
+def retie_(model: Any, tied: dict[str, str]) -> None:
+    """Make each alias the same parameter as its first name again (``assign`` loading gave each
+    name a parameter of its own)."""
+    from squeezelang.models.select import get_module
+
+    for alias, name in tied.items():
+        owner, _, attr = alias.rpartition(".")
+        source_owner, _, source_attr = name.rpartition(".")
+        source = getattr(get_module(model, source_owner) if source_owner else model, source_attr)
+        setattr(get_module(model, owner) if owner else model, attr, source)
+
+
 def decode_state(model: Any, stored: dict[str, torch.Tensor], codecs: dict[str, Any],
-                 directory: Path) -> dict[str, torch.Tensor]:
-    """The model's state dict decoded from ``stored``; tied aliases filled from their first name."""
+                 directory: Path, tied: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """The model's state dict decoded from ``stored``; tied aliases (``tied``, else those sharing
+    storage in the model) filled from their first name."""
     from squeezelang.models.save import _aliases
 
     expected = model.state_dict()
-    aliases = _aliases(expected)
+    aliases = tied if tied is not None else _aliases(expected)
     where = directory / "model.safetensors"
     unknown = sorted(set(codecs) - set(expected))
     if unknown:
