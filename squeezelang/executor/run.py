@@ -191,6 +191,16 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
     resumed_after = None
     current: ModelHandle | None = None
     stage_records: list[dict[str, Any]] = []
+
+    def first_model() -> ModelHandle:
+        """The model the first stage to run starts from: the last kept checkpoint, else a copy of
+        the original (or the original itself, handed over); never two of them in memory."""
+        nonlocal spare
+        taken, spare = spare, None
+        if resumed_after is not None:
+            return _resume(work, done[resumed_after], len(stage_records), plan, registries, quiet)
+        return _copy_handle(original) if in_memory else taken or load_original(plan, registries)
+
     for index, stage in enumerate(plan.stages):
         if stage.name in done and current is None and all(s.name in done for s in plan.stages[:index]):
             record = done[stage.name]
@@ -201,13 +211,7 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
             # Stages from here on run again: their old records (and checkpoints) no longer count.
             state.completed = list(stage_records)
             work.save(state)
-            if resumed_after is not None:
-                spare = None  # the checkpoint replaces the original: never both in memory
-                current = _resume(work, done[resumed_after], len(stage_records), plan, registries, quiet)
-            else:
-                current = _copy_handle(original) if in_memory else \
-                    spare or load_original(plan, registries)
-                spare = None
+            current = first_model()
         t = time.perf_counter()
         if not quiet:
             print(f"stage {index + 1}/{len(plan.stages)} '{stage.name}': {stage.technique}"
@@ -230,12 +234,7 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
         ranks.barrier()  # every rank goes on (and may fail) only once rank 0 has kept the stage
         stage_records.append(record)
     if current is None:  # every stage was already done, or there are none
-        if resumed_after is not None:
-            spare = None
-            current = _resume(work, done[resumed_after], len(stage_records), plan, registries, quiet)
-        else:
-            current = _copy_handle(original) if in_memory else spare or load_original(plan, registries)
-    spare = None
+        current = first_model()
 
     if not world.main:  # the stages ran; rank 0 saves, measures and reports
         return RunResult(plan, {}, [], current, out, resumed_after, notes, rank=world.rank)

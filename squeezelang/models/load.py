@@ -9,9 +9,10 @@ loaded strictly. Only safetensors are read: never ``torch.load`` or pickle.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from squeezelang.errors import SqueezeError
 from squeezelang.models import codec, hf
@@ -190,30 +191,25 @@ def check_weight_files(directory: Path) -> None:
                                f"{type(exc).__name__}: {exc}") from None
 
 
-def parameters_on_meta() -> Any:
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
     """A context in which modules create their parameters on the meta device (buffers stay real:
     the non-persistent ones, which no file holds, keep the values their module computed)."""
-    import contextlib
-
     import torch
 
-    @contextlib.contextmanager
-    def patched() -> Any:
-        register = torch.nn.Module.register_parameter
+    register = torch.nn.Module.register_parameter
 
-        def on_meta(module: Any, name: str, param: Any) -> None:
-            register(module, name, param)
-            if param is not None and param.device.type != "meta":
-                module._parameters[name] = torch.nn.Parameter(
-                    param.to("meta"), requires_grad=param.requires_grad)
+    def on_meta(module: Any, name: str, param: Any) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"),
+                                                          requires_grad=param.requires_grad)
 
-        torch.nn.Module.register_parameter = on_meta
-        try:
-            yield
-        finally:
-            torch.nn.Module.register_parameter = register
-
-    return patched()
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 def tied_parameters(model: Any) -> dict[str, str]:

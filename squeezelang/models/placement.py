@@ -72,9 +72,3 @@ def place_(handle: ModelHandle, device: str, dtype: str = DEFAULT_DTYPE) -> Mode
         model.to(device)
     return handle
 
-
-def device_of(handle: ModelHandle) -> str:
-    """The device type ``handle``'s model computes on (``cpu`` for a model without tensors)."""
-    for tensor in handle.model.parameters():
-        return tensor.device.type
-    return "cpu"

@@ -179,8 +179,7 @@ class _Resolver:
     def call_args(self, call: ast.Call, plugin: Any, owner: str,
                   engine: dict[str, Any] | None = None) -> tuple[dict[str, Any], bool]:
         """Keyword dict of a source call (positionals mapped by the plugin); False if it failed.
-        Keys of ``engine`` (name -> JSON Schema) are the engine's arguments, not the plugin's: they
-        are checked against those schemas and moved into ``engine`` (defaults filled)."""
+        ``engine`` (name -> JSON Schema) adds arguments the engine takes besides the plugin's."""
         ok = True
         values: dict[str, Any] = {}
         positional = [a for a in call.args if a.name is None]
@@ -201,16 +200,9 @@ class _Resolver:
         spans = {a.name or n: (a.name_span or a.span, _span_of(a.value))
                  for a, n in zip(call.args, names + [None] * len(call.args))}
         spans.update(_spans(call.args))
-        errs = []
-        if engine is not None:
-            schemas = dict(engine)
-            given = {k: converted.pop(k) for k in list(converted) if k in schemas}
-            errs += schema_errors({"type": "object", "properties": schemas}, given, owner, spans,
-                                  call.span, failed)
-            engine.clear()
-            engine.update({k: v.get("default") for k, v in schemas.items()})
-            engine.update(given)
-        errs += schema_errors(plugin.schema, converted, owner, spans, call.span, failed)
+        schema = plugin.schema if not engine else \
+            {**plugin.schema, "properties": {**plugin.schema.get("properties", {}), **engine}}
+        errs = schema_errors(schema, converted, owner, spans, call.span, failed)
         self.errors.extend(errs)
         return converted, ok and not errs and not failed
 
@@ -244,8 +236,8 @@ class _Resolver:
                        hint=did_you_mean(call.name, self.regs.model_sources.names()).strip(" —")
                        or "model sources: " + ", ".join(self.regs.model_sources.names()))
             return None
-        placement: dict[str, Any] = dict(PLACEMENT)
-        args, ok = self.call_args(call, source, f"model source '{call.name}'", placement)
+        args, ok = self.call_args(call, source, f"model source '{call.name}'", PLACEMENT)
+        placement = {key: args.pop(key, spec["default"]) for key, spec in PLACEMENT.items()}
         if ok:
             try:
                 source.locate(args)
