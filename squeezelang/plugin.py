@@ -26,8 +26,8 @@ Groups (see docs/plugins.md for how each is used):
   ``reshape_``, ``drop_layers_``, ``choose_heads``, ``nearest_heads``, ``layer_modules``,
   ``block_module``, ``get_path``;
 - calibration and forward passes: ``calibration_texts``, ``collect``, ``input_stats``,
-  ``gptq_quantize``, ``by_block``, ``encode``, ``logits``, ``lm_loss``, ``lm_loss_counted``,
-  ``LmLoss``, ``mean_pool``, ``pad_id``, ``length_limit``, ``max_positions``,
+  ``gptq_quantize``, ``by_block``, ``block_stats``, ``encode``, ``logits``, ``lm_loss``,
+  ``lm_loss_counted``, ``LmLoss``, ``mean_pool``, ``pad_id``, ``length_limit``, ``max_positions``,
   ``outputs_for_fidelity``;
 - per-layer allocation: ``costs``, ``Candidates``, ``allocate``, ``describe``;
 - data-parallel training under ``torchrun``: ``World``, ``world``, ``is_main``, ``barrier``,
@@ -76,6 +76,7 @@ _export("squeezelang.models.surgery", "family_of", "sizes", "shrunk_config", "re
         "block_module", "get_path")
 _export("squeezelang.models.calibrate", "calibration_texts", "collect")
 _export("squeezelang.models.linear_stats", "input_stats", "gptq_quantize", "by_block")
+_export("squeezelang.models.block_inputs", "block_stats")
 _export("squeezelang.models.forward", "encode", "logits", "lm_loss", "lm_loss_counted", "LmLoss",
         "max_positions", "outputs_for_fidelity", "mean_pool", "pad_id", "length_limit")
 _export("squeezelang.models.sensitivity", "costs", "Candidates")

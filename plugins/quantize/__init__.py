@@ -342,7 +342,7 @@ class Quantize(Technique):
         """Group-wise weights (4-bit, or allocated widths), rounded to nearest or with GPTQ."""
         import torch
 
-        from squeezelang.plugin import (by_block, calibration_texts, gptq_quantize, input_stats,
+        from squeezelang.plugin import (block_stats, by_block, calibration_texts, gptq_quantize,
                                         kind_of, on_grid, quantize_weight)
 
         shared = _shared_weights(handle.model)
@@ -385,8 +385,8 @@ class Quantize(Technique):
             for name, module in ctx.progress(targets, desc=params["method"]):
                 if name not in calibrated:
                     quantize_(name, module)
-            for block, members in ctx.progress(blocks, desc="gptq") if blocks else ():
-                stats = input_stats(handle, texts, members, gram=True, stop_after=block)
+            for _, members, stats in ctx.progress(block_stats(handle, texts, blocks, gram=True),
+                                                  total=len(blocks), desc="gptq"):
                 for name, module in members:
                     quantize_(name, module, stats[name].gram)
         handle.states.add("quantized")

@@ -9,8 +9,9 @@ factor, in blocks, with group-wise symmetric scales that land exactly on ``model
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from squeezelang.errors import SqueezeError
 
@@ -34,21 +35,13 @@ class _Stop(Exception):
     """Raised by a hook to end a calibration forward pass once the layers of interest have run."""
 
 
-def input_stats(handle: ModelHandle, texts: Sequence[str], modules: Sequence[tuple[str, Any]],
-                gram: bool = False, batch_size: int = 16, max_length: int = 128,
-                stop_after: Any = None) -> dict[str, InputStats]:
-    """Statistics of the inputs of ``modules`` (``[(name, module)]``) over the texts' tokens.
-
-    ``stop_after``: a module (a block) after which each forward pass is cut short, when every
-    module of interest lies in it or before it.
-    """
-    import torch
-
-    from squeezelang.models.forward import _batches
-
-    model = handle.model.eval()
+@contextmanager
+def accumulate(modules: Sequence[tuple[str, Any]], sums: dict[str, list[Any]],
+               gram: bool) -> Iterator[dict[str, Any]]:
+    """Forward pre-hooks on ``modules`` that add their inputs' moments into ``sums`` while the
+    block is open. The caller sets ``live["mask"]`` (the batch's attention mask) and
+    ``live["seen"] = {}`` before each batch."""
     live: dict[str, Any] = {}
-    sums: dict[str, list[Any]] = {}
 
     def moments(x: torch.Tensor) -> tuple[int, Any, Any, Any]:
         """Token count, Σ|x|, Σx², ΣxᵀX of one input, shared by layers reading the same tensor."""
@@ -74,24 +67,16 @@ def input_stats(handle: ModelHandle, texts: Sequence[str], modules: Sequence[tup
                 acc[3] = g.clone() if acc[3] is None else acc[3] + g
         return hook
 
-    def stop(*_: Any) -> None:
-        raise _Stop
-
     hooks = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules]
-    if stop_after is not None:
-        hooks.append(stop_after.register_forward_hook(stop))
     try:
-        with torch.inference_mode():
-            for _, inputs in _batches(handle, list(texts), None, batch_size, max_length):
-                live["mask"] = inputs["attention_mask"].bool()
-                live["seen"] = {}
-                try:
-                    model(**inputs)
-                except _Stop:
-                    pass
+        yield live
     finally:
         for h in hooks:
             h.remove()
+
+
+def finish(modules: Sequence[tuple[str, Any]], sums: dict[str, list[Any]]) -> dict[str, InputStats]:
+    """The accumulated sums as means per module; an error for a module that never ran."""
     out = {}
     for name, _ in modules:
         if name not in sums:
@@ -100,6 +85,49 @@ def input_stats(handle: ModelHandle, texts: Sequence[str], modules: Sequence[tup
         out[name] = InputStats(n, (a / n).clone(), (s / n).clone(),
                                None if g is None else (g / n).clone())
     return out
+
+
+def no_cache(model: Any) -> dict[str, Any]:
+    """``use_cache = False`` for a model whose forward takes it: a calibration pass needs no
+    key/value cache (and a block run twice would find its own keys there)."""
+    import inspect
+
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+
+
+def input_stats(handle: ModelHandle, texts: Sequence[str], modules: Sequence[tuple[str, Any]],
+                gram: bool = False, batch_size: int = 16, max_length: int = 128,
+                stop_after: Any = None) -> dict[str, InputStats]:
+    """Statistics of the inputs of ``modules`` (``[(name, module)]``) over the texts' tokens.
+
+    ``stop_after``: a module (a block) after which each forward pass is cut short, when every
+    module of interest lies in it or before it. (To calibrate block after block, changing each,
+    ``models.block_inputs.block_stats`` runs every block once instead of the model once per block.)
+    """
+    import torch
+
+    from squeezelang.models.forward import _batches
+
+    model = handle.model.eval()
+    sums: dict[str, list[Any]] = {}
+
+    def stop(*_: Any) -> None:
+        raise _Stop
+
+    stopper = stop_after.register_forward_hook(stop) if stop_after is not None else None
+    try:
+        with accumulate(modules, sums, gram) as live, torch.inference_mode():
+            for _, inputs in _batches(handle, list(texts), None, batch_size, max_length):
+                live["mask"] = inputs["attention_mask"].bool()
+                live["seen"] = {}
+                try:
+                    model(**inputs, **no_cache(model))
+                except _Stop:
+                    pass
+    finally:
+        if stopper is not None:
+            stopper.remove()
+    return finish(modules, sums)
 
 
 def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, bits: int, group: int | None,
