@@ -9,7 +9,7 @@ $(BIN)/squeeze: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# constraints.txt pins the CPU build of torch (an unpinned torch pulls GB of CUDA packages)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[torch,minilm,test,ray,plot,onnx,gguf,compressed-tensors]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[torch,minilm,test,ray,plot,onnx,gguf,compressed-tensors,lm-eval,mteb]"
 	touch $(BIN)/squeeze
 
 setup: $(BIN)/squeeze
@@ -19,7 +19,7 @@ CUDA_INDEX ?= https://download.pytorch.org/whl/cu128
 setup-gpu:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --extra-index-url $(CUDA_INDEX) -e ".[torch,minilm,test,plot,onnx,gguf,compressed-tensors]"
+	$(BIN)/python -m pip install --quiet --extra-index-url $(CUDA_INDEX) -e ".[torch,minilm,test,plot,onnx,gguf,compressed-tensors,lm-eval,mteb]"
 
 demo: setup
 	$(BIN)/squeeze run specs/minilm-edge.squeeze --force

@@ -1,8 +1,8 @@
 """Run benchmarks by name (default: all): ``python -m benchmarks [techniques] [causal_lm]
-[llama_lm] [overhead] [allocation] [runtimes] [scale] [--only ROW…] [--smoke]``. Each suite prints a table and its
+[llama_lm] [overhead] [allocation] [runtimes] [scale] [methods] [--only ROW…] [--smoke]``. Each suite prints a table and its
 targets (met / not met) and writes ``benchmarks/results/<suite>.json`` (and a PNG where it plots).
-``--smoke`` runs ``llama_lm`` on a tiny model trained a few steps, and ``scale`` on one tiny
-random model (``SQUEEZE_BENCH_SMOKE=1``): the code path in minutes, numbers meaningless."""
+``--smoke`` runs ``llama_lm`` and ``methods`` on a tiny model trained a few steps, and ``scale`` on
+one tiny random model (``SQUEEZE_BENCH_SMOKE=1``): the code path in minutes, numbers meaningless."""
 from __future__ import annotations
 
 import argparse
@@ -12,12 +12,12 @@ import sys
 
 # First: encoder_eval sets OMP_WAIT_POLICY before anything imports torch (see its docstring).
 importlib.import_module("benchmarks.encoder_eval")
-from benchmarks import (allocation, causal_lm, llama_lm, overhead, runtimes, scale,  # noqa: E402
-                        techniques)
+from benchmarks import (allocation, causal_lm, llama_lm, methods, overhead,  # noqa: E402
+                        runtimes, scale, techniques)
 
 SUITES = {"techniques": techniques.main, "causal_lm": causal_lm.main, "llama_lm": llama_lm.main,
           "overhead": overhead.main, "allocation": allocation.main, "runtimes": runtimes.main,
-          "scale": scale.main}
+          "scale": scale.main, "methods": methods.main}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -338,7 +338,7 @@ def continue_training(prepared: Prepared, steps: int, batch_size: int, lr: float
                       log: Callable[[str], None] | None = None) -> Path:
     """The control: the original trained ``steps`` more optimizer steps on the distillation data.
 
-    The same schedule as the engine's ``distill`` stage (``plugins/distill.py``): the windows of
+    The same schedule as the engine's ``distill`` stage (``plugins/distill/``): the windows of
     ``train.jsonl`` in the same seeded order and batches, AdamW without weight decay, a linear
     warm-up over 10% of the steps then a constant ``lr``, gradient clipping at 1.0, no dropout, the
     word embeddings frozen unless ``train_embeddings`` — only the loss differs: the next character

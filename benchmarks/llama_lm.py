@@ -212,22 +212,24 @@ def llmc_python() -> tuple[str | None, str]:
 
 
 def llmcompressor_gptq(prepared: charlm.Prepared, workdir: Path, s: Settings,
-                       threads: int = 2) -> dict:
-    """llm-compressor's GPTQ W4A16 ``oneshot`` (``benchmarks.llmc_peer``, in its interpreter)."""
+                       threads: int = 2, method: str = "gptq", name: str = PEERS[0]) -> dict:
+    """llm-compressor's GPTQ (or AWQ) W4A16 ``oneshot`` (``benchmarks.llmc_peer``, in its
+    interpreter)."""
     python, where = llmc_python()
     if python is None:
         raise RuntimeError(where)
-    out = workdir / "out" / PEERS[0]
+    out = workdir / "out" / name
     shutil.rmtree(out, ignore_errors=True)
     command = [python, "-m", "benchmarks.llmc_peer", str(prepared.model), str(prepared.train),
                str(prepared.val), str(out), "--group-size", str(s.group), "--samples",
-               str(s.samples), "--context", str(prepared.hyper.context), "--threads", str(threads)]
+               str(s.samples), "--context", str(prepared.hyper.context), "--threads", str(threads),
+               "--method", method]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise RuntimeError(f"benchmarks.llmc_peer exited {done.returncode} ({where}): {tail}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    row = peer_row(PEERS[0], out, prepared, result["params"], result["val_loss"],
+    row = peer_row(name, out, prepared, result["params"], result["val_loss"],
                    result["seconds"], f"{result['note']} ({where})", timed=False)
     shutil.rmtree(out, ignore_errors=True)
     return row

@@ -1,10 +1,11 @@
-"""llm-compressor's GPTQ ``oneshot`` on a character LM, run in an interpreter that has it.
+"""llm-compressor's GPTQ or AWQ ``oneshot`` on a character LM, run in an interpreter that has it.
 
 llm-compressor pins transformers to an older release than the project's, so ``benchmarks.llama_lm``
 runs this module as a child process in the interpreter that has llm-compressor (see
 ``llama_lm.llmc_python``) and reads the one JSON line it prints::
 
-    python -m benchmarks.llmc_peer MODEL TRAIN VAL OUT --group-size 128 --samples 128 --context 128
+    python -m benchmarks.llmc_peer MODEL TRAIN VAL OUT --group-size 128 --samples 128 --context 128 \
+        [--method gptq|awq]
 
 What it does, as llm-compressor's documentation shows for a W4A16 checkpoint:
 ``oneshot(model, dataset, recipe=GPTQModifier(targets="Linear", scheme="W4A16",
@@ -12,7 +13,8 @@ ignore=["lm_head"]))`` on the first ``samples`` windows of ``TRAIN`` (the engine
 calibrates on the same windows), then ``save_pretrained(OUT, save_compressed=True)``
 (compressed-tensors ``pack-quantized``). At another group size than the preset's 128 the scheme is
 W4A16's (symmetric 4-bit integer weights, group strategy, activations untouched) with that
-``group_size``. The model and tokenizer come from the local directory; nothing is downloaded.
+``group_size``. ``--method awq`` runs ``AWQModifier`` with the same weight scheme (symmetric, like
+the engine's codes, so the two artifacts have the same size) instead of ``GPTQModifier``. The model and tokenizer come from the local directory; nothing is downloaded.
 
 Then it loads ``OUT`` back with plain transformers (which decompresses it through
 compressed-tensors) and scores ``VAL`` with ``charlm.mean_nll``: the same windows and tokens as
@@ -33,16 +35,21 @@ from typing import Any
 from benchmarks import charlm
 
 
-def recipe(group_size: int) -> Any:
-    """GPTQ at W4A16: the preset at group 128, the same fields at another group size."""
+def recipe(group_size: int, method: str = "gptq") -> Any:
+    """GPTQ (or AWQ) at W4A16: the preset at group 128, the same fields at another group size."""
     from llmcompressor.modifiers.quantization import GPTQModifier
 
-    if group_size == 128:
-        return GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+    modifier: Any = GPTQModifier
+    if method == "awq":
+        from llmcompressor.modifiers.awq import AWQModifier
+
+        modifier = AWQModifier
+    if group_size == 128 and method == "gptq":
+        return modifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
     weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
                "group_size": group_size}
-    return GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
-                        ignore=["lm_head"])
+    return modifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
+                    ignore=["lm_head"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--method", choices=("gptq", "awq"), default="gptq")
     args = parser.parse_args(argv)
 
     import torch
@@ -70,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = Dataset.from_dict({"input_ids": encoded["input_ids"],
                                  "attention_mask": encoded["attention_mask"]})
     started = time.perf_counter()
-    oneshot(model=model, dataset=dataset, recipe=recipe(args.group_size),
+    oneshot(model=model, dataset=dataset, recipe=recipe(args.group_size, args.method),
             max_seq_length=args.context, num_calibration_samples=len(texts))
     model.save_pretrained(args.out, save_compressed=True)
     seconds = time.perf_counter() - started
@@ -82,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({
         "version": version("llmcompressor"), "params": params, "val_loss": val_loss,
         "seconds": seconds,
-        "note": f"llm-compressor {version('llmcompressor')} oneshot GPTQModifier W4A16 "
+        "note": f"llm-compressor {version('llmcompressor')} oneshot "
+                f"{'AWQModifier' if args.method == 'awq' else 'GPTQModifier'} W4A16 "
                 f"(group {args.group_size}, lm_head ignored) on {len(texts)} train windows, "
                 f"save_compressed (compressed-tensors {version('compressed-tensors')}); reloaded "
                 f"with transformers {version('transformers')}"}))

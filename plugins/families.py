@@ -14,6 +14,7 @@ from typing import Any
 from squeezelang.plugin import Layout, LayoutModule, ModelFamily, TaskLayout, hookimpl, linear
 
 # ---------------------------------------------------------------------------- BERT-layout encoders
+#: Post-norm blocks: each norm's output is also the residual stream, so no ``input_norms``.
 _ENCODER: dict[str, Any] = dict(
     blocks="encoder.layer", q="attention.self.query", k="attention.self.key",
     v="attention.self.value", o="attention.output.dense", mlp_in=("intermediate.dense",),
@@ -23,6 +24,8 @@ _ENCODER: dict[str, Any] = dict(
                 "embeddings.token_type_embeddings"),
     layers_key="num_hidden_layers", hidden_key="hidden_size", heads_key="num_attention_heads",
     inner_key="intermediate_size", layer_index_attrs=("attention.self.layer_idx",),
+    unsupported=(("rotate", "post-norm LayerNorm blocks: the norm outputs are the residual stream, "
+                            "and LayerNorm's mean subtraction does not commute with a rotation"),),
 )
 _ENCODER_SIZES = {"vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12,
                   "num_attention_heads": 12, "intermediate_size": 3072,
@@ -76,16 +79,22 @@ _DECODER: dict[str, Any] = dict(
     layers_key="num_hidden_layers", hidden_key="hidden_size", heads_key="num_attention_heads",
     inner_key="intermediate_size", kv_heads_key="num_key_value_heads", head_dim_key="head_dim",
     norms=("input_layernorm", "post_attention_layernorm"), norm_kind="rmsnorm",
+    input_norms=(("input_layernorm", "attention"), ("post_attention_layernorm", "mlp")),
     final_norm="norm", embeddings=("embed_tokens",), per_layer_keys=("layer_types",),
     layer_index_attrs=("self_attn.layer_idx",),
 )
 _QKV = dict(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj")
 _GATED = dict(mlp_in=("mlp.gate_proj", "mlp.up_proj"))
 _QK_NORMS = dict(head_norms=("self_attn.q_norm", "self_attn.k_norm"))
-#: Gemma: ``x · (1 + w)`` norms, a norm before and after the MLP too, embeddings × sqrt(hidden).
+#: Gemma: ``x · (1 + w)`` norms, a norm before and after the MLP too, embeddings × sqrt(hidden)
+#: (``post_attention_layernorm`` normalises the attention's output, before the residual add).
 _GEMMA = dict(norm_kind="rmsnorm_one_plus", embedding_scale=True,
               norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                     "post_feedforward_layernorm"))
+                     "post_feedforward_layernorm"),
+              input_norms=(("input_layernorm", "attention"), ("pre_feedforward_layernorm", "mlp")),
+              unsupported=(("rotate", "the norms after the attention and the MLP (before the "
+                                      "residual add) cannot absorb a rotation of the residual "
+                                      "stream: it would have to run online"),))
 
 _DECODER_TASKS = {
     "embedding": TaskLayout(),
@@ -142,8 +151,10 @@ FAMILIES = (
     ModelFamily(
         name="gpt2", model_types=("gpt2",), blocks="h", qkv="attn.c_attn", o="attn.c_proj",
         mlp_in=("mlp.c_fc",), mlp_out="mlp.c_proj", conv1d=True, norms=("ln_1", "ln_2"),
+        input_norms=(("ln_1", "attention"), ("ln_2", "mlp")),
         final_norm="ln_f", embeddings=("wte", "wpe"), layers_key="n_layer", hidden_key="n_embd",
         heads_key="n_head", inner_key="n_inner", layer_index_attrs=("attn.layer_idx",),
+        unsupported=(("rotate", "LayerNorm's mean subtraction does not commute with a rotation"),),
         config_defaults={"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12,
                          "n_head": 12, "n_inner": None, "tie_word_embeddings": True,
                          **_tokens(None, 50256, 50256)},

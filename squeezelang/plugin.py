@@ -18,17 +18,18 @@ Groups (see docs/plugins.md for how each is used):
 - estimates: ``ModelMeta``, ``TensorMeta``, ``ModuleMeta``, ``meta_from_model``,
   ``measured_overhead``, ``artifact_bytes``;
 - storage codecs: ``merge``, ``stored_bytes``, ``layout``, ``quantize_weight``,
-  ``quantize_weight_``, ``on_grid``, ``CODES``, ``NM_MAX_M``;
+  ``quantize_weight_``, ``on_grid``, ``CODES``, ``NM_MAX_M``, ``FP8_E4M3``;
 - selecting and replacing modules: ``select_modules``, ``get_module``, ``set_module``, ``kind_of``,
   ``output_axis``, ``LINEAR_KINDS``, ``BLOCKS``, and the replacement layers ``LowRankLinear``,
-  ``Int8DynamicLinear``, ``linear_weight``;
+  ``Int8DynamicLinear``, ``W8A8Linear`` (with ``activation_grid``), ``linear_weight``;
 - model families and structure: ``family_of``, ``sizes``, ``shrunk_config``, ``resized_meta``,
   ``reshape_``, ``drop_layers_``, ``choose_heads``, ``nearest_heads``, ``layer_modules``,
-  ``block_module``, ``get_path``;
+  ``block_module``, ``get_path``; where a per-channel scale folds (AWQ, SmoothQuant):
+  ``scale_pairs``, ``ScalePair``, ``fold_scales_``;
 - calibration and forward passes: ``calibration_texts``, ``collect``, ``input_stats``,
-  ``gptq_quantize``, ``by_block``, ``block_stats``, ``encode``, ``logits``, ``lm_loss``,
-  ``lm_loss_counted``, ``LmLoss``, ``mean_pool``, ``pad_id``, ``length_limit``, ``max_positions``,
-  ``outputs_for_fidelity``;
+  ``input_ranges``, ``InputRange``, ``gptq_quantize``, ``by_block``, ``block_stats``, ``encode``,
+  ``logits``, ``lm_loss``, ``lm_loss_counted``, ``LmLoss``, ``mean_pool``, ``pad_id``,
+  ``length_limit``, ``max_positions``, ``outputs_for_fidelity``;
 - per-layer allocation: ``costs``, ``Candidates``, ``allocate``, ``describe``;
 - data-parallel training under ``torchrun``: ``World``, ``world``, ``is_main``, ``barrier``,
   ``share``, ``any_rank``, ``data_parallel``, ``ensure_process_group``;
@@ -67,16 +68,19 @@ _export("squeezelang.models.meta", "ModelMeta", "TensorMeta", "ModuleMeta", "met
         "measured_overhead")
 _export("squeezelang.models.size", "artifact_bytes")
 _export("squeezelang.models.codec", "merge", "stored_bytes", "layout", "quantize_weight",
-        "quantize_weight_", "on_grid", "CODES", "NM_MAX_M")
+        "quantize_weight_", "on_grid", "CODES", "NM_MAX_M", "FP8_E4M3")
 _export("squeezelang.models.select", "select_modules", "get_module", "set_module", "kind_of",
         "output_axis", "LINEAR_KINDS", "BLOCKS")
-_export("squeezelang.models.layers", "LowRankLinear", "Int8DynamicLinear", "linear_weight")
+_export("squeezelang.models.layers", "LowRankLinear", "Int8DynamicLinear", "W8A8Linear",
+        "activation_grid", "linear_weight")
 _export("squeezelang.models.surgery", "family_of", "sizes", "shrunk_config", "resized_meta",
         "reshape_", "drop_layers_", "choose_heads", "nearest_heads", "layer_modules",
         "block_module", "get_path")
+_export("squeezelang.models.scale_pairs", "scale_pairs", "ScalePair", "fold_scales_")
 _export("squeezelang.models.calibrate", "calibration_texts", "collect")
 _export("squeezelang.models.linear_stats", "input_stats", "gptq_quantize", "by_block")
 _export("squeezelang.models.block_inputs", "block_stats")
+_export("squeezelang.models.input_ranges", "input_ranges", "InputRange")
 _export("squeezelang.models.forward", "encode", "logits", "lm_loss", "lm_loss_counted", "LmLoss",
         "max_positions", "outputs_for_fidelity", "mean_pool", "pad_id", "length_limit")
 _export("squeezelang.models.sensitivity", "costs", "Candidates")

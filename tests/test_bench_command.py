@@ -8,7 +8,7 @@ from benchmarks.__main__ import SUITES, parse
 def test_no_suite_named_runs_every_suite():
     args = parse([])
     assert args.suites == ["techniques", "causal_lm", "llama_lm", "overhead", "allocation",
-                           "runtimes", "scale"] == list(SUITES)
+                           "runtimes", "scale", "methods"] == list(SUITES)
     assert args.only is None
 
 

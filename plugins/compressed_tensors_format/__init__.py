@@ -1,7 +1,8 @@
 """The ``compressed-tensors`` output format: the checkpoint vLLM serves (and transformers loads).
 
 Quantized linear layers are written as compressed-tensors ``pack-quantized`` weight-only integer
-layers (W4A16 / W8A16: ``weight_packed``, ``weight_scale``, ``weight_shape``) with the engine's own
+layers (W4A16 / W8A16: ``weight_packed``, ``weight_scale``, ``weight_shape``) and FP8 ones as
+``float-quantized`` (``weight`` in float8_e4m3fn, ``weight_scale``), with the engine's own
 codes, described by the ``quantization_config`` of ``config.json``; the layout is the one
 llm-compressor writes. ``scheme.py`` says what fits and builds the config (no torch),
 ``pack.py`` packs one layer, ``write.py`` writes the directory and ``runtime.py`` loads it back
@@ -25,11 +26,13 @@ class CompressedTensorsFormat(OutputFormat):
     description = (
         "A compressed-tensors checkpoint, as llm-compressor writes it and vLLM serves it: each "
         "quantized linear layer stored pack-quantized (4- or 8-bit symmetric codes packed in int32, "
-        "scales per output channel or per group in the model's dtype), config.json holding the "
-        "quantization_config. Loads with transformers' from_pretrained (needs the "
-        "'compressed-tensors' extra). A per-tensor scale is written per channel (same values); "
-        "quantized embeddings and a head tied to them stay in float with their quantized values "
-        "(not smaller); pruned zeros are stored dense. Group sizes must divide the layers' inputs. "
+        "scales per output channel or per group in the model's dtype) or, for FP8 weights, "
+        "float-quantized (float8_e4m3fn weights, scales per channel or per tensor; weight-only), "
+        "config.json holding the quantization_config. Loads with transformers' from_pretrained "
+        "(needs the 'compressed-tensors' extra). An integer per-tensor scale is written per "
+        "channel (same values); quantized embeddings and a head tied to them stay in float with "
+        "their quantized values (not smaller); pruned zeros are stored dense. Group sizes must "
+        "divide the layers' inputs. "
         "Not for factorized, clustered or shared layers, other widths than 4 and 8, or GPT-2's "
         "Conv1D projections. Older vLLM releases do not load a quantized lm_head: exclude it "
         "from the quantize stage to serve there.")

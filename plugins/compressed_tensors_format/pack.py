@@ -4,13 +4,15 @@
 (``32 / bits`` codes per word, offset by ``2**(bits-1)``), ``weight_scale`` the scales in the
 weight's dtype (as llm-compressor writes them, and as transformers and vLLM load them: a
 bfloat16 model's float32 scales are rounded to bfloat16), ``weight_shape`` the logical
-``[out, in]``. The codes are written as the engine made them, never rounded again.
+``[out, in]``. FP8 E4M3 codes are ``float-quantized``: the float8 codes themselves as ``weight``
+and ``weight_scale`` (``[out, 1]`` per channel, ``[1]`` per tensor). The codes are written as
+the engine made them, never rounded again.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from squeezelang.plugin import SqueezeError
+from squeezelang.plugin import FP8_E4M3, SqueezeError
 
 from .scheme import BITS, Scheme
 
@@ -26,6 +28,13 @@ def scheme_of(weight: QuantizedWeight, module: str) -> Scheme:
     if weight.axis not in (0, None):
         raise SqueezeError(f"output format 'compressed-tensors': '{module}' is quantized along "
                            f"axis {weight.axis}; a linear layer's scales run along its outputs")
+    if weight.code_format is not None:
+        if weight.code_format != FP8_E4M3 or weight.group is not None:
+            raise SqueezeError(f"output format 'compressed-tensors': '{module}' has "
+                               f"{weight.code_format} codes"
+                               + (f" in groups of {weight.group}" if weight.group else "")
+                               + "; it writes FP8 E4M3 weights per channel or per tensor")
+        return Scheme(8, "tensor" if weight.axis is None else "channel", type="float")
     if weight.bits not in BITS:
         raise SqueezeError(f"output format 'compressed-tensors': '{module}' has {weight.bits}-bit "
                            "codes; compressed-tensors (vLLM) packs 4- or 8-bit codes")
@@ -42,11 +51,16 @@ def scheme_of(weight: QuantizedWeight, module: str) -> Scheme:
 
 def pack(weight: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """``weight_packed``, ``weight_scale`` (in ``dtype``) and ``weight_shape`` of a linear weight
-    quantized along its output axis (``weight.axis`` 0, or None for one scale per tensor)."""
+    quantized along its output axis (``weight.axis`` 0, or None for one scale per tensor); for
+    float8 codes, ``weight`` and ``weight_scale``."""
     import torch
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     out, inputs = (int(d) for d in weight.codes.shape)
+    if weight.code_format is not None:  # float-quantized: the float8 codes are the weight
+        shape = (1,) if weight.axis is None else (out, 1)
+        return {"weight": weight.codes.contiguous(),
+                "weight_scale": weight.scales.reshape(shape).to(dtype).contiguous()}
     if weight.group is not None:
         scales = weight.scales.reshape(out, -1)
     elif weight.axis is None:  # one scale: repeated per channel, the same values

@@ -2,9 +2,10 @@
 ``quantization_config``, ``model.safetensors`` with the packed layers, the tokenizer.
 
 Every quantized ``torch.nn.Linear`` is packed (``pack.py``) from the engine's own codes
-(``quantized_weights``). A quantized embedding, and a weight tied to one (a tied ``lm_head``),
-stays in float holding its quantized values — compressed-tensors and vLLM quantize linear
-layers — so the model computes the same, but those tensors are not smaller. Everything else
+(``quantized_weights``): integer codes ``pack-quantized``, FP8 codes ``float-quantized``. A
+quantized embedding, and a weight tied to one (a tied ``lm_head``), stays in float holding its
+quantized values — compressed-tensors and vLLM quantize linear layers — so the model computes
+the same, but those tensors are not smaller. Everything else
 (norms, biases, unquantized layers) is written as it is; the linear layers left in float are
 listed in ``ignore``.
 """

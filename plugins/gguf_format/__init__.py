@@ -35,7 +35,13 @@ FLOAT_TYPES = ("F16", "BF16", "F32")
 #: What a stage may store that GGUF cannot hold (``Technique.stores_for`` tags).
 REFUSED = {"low-rank": "factorized (low-rank) layers are not an architecture llama.cpp runs",
            "clustered": "clustered weights (codebooks) have no GGUF type",
-           "shared-layers": "layers shared between blocks are not an architecture llama.cpp runs"}
+           "shared-layers": "layers shared between blocks are not an architecture llama.cpp runs",
+           "static-activations": "int8 activations with static scales (scheme \"w8a8\") have no "
+                                 "GGUF form (use format = \"onnx\" or \"squeeze\")"}
+#: Why FP8 weights (``quantize`` scheme "fp8") take a float type.
+FP8 = ("FP8 (E4M3) codes have no GGUF type, and Q8_0/Q4_0 would quantize the weights a second "
+       "time: write them dequantized with type = \"F32\" (exact), \"F16\" or \"BF16\", or use "
+       "format = \"compressed-tensors\"")
 #: Each type and the code widths it holds (a float type: any, as dequantized values).
 EXACT_WIDTHS = {"auto": (4, 8), "Q8_0": (4, 8), "Q4_0": (4,), "F32": (2, 3, 4, 5, 6, 7, 8),
          "F16": (2, 3, 4, 5, 6, 7, 8), "BF16": (2, 3, 4, 5, 6, 7, 8)}
@@ -59,6 +65,8 @@ def _stage_refusals(options: dict[str, Any], stored: frozenset[str]) -> list[str
     elif bad:
         reasons.append(f"{'/'.join(map(str, bad))}-bit codes: GGUF's Q8_0 and Q4_0 hold 8- and "
                        "4-bit codes exactly, other widths are not written (use bits = [4, 8])")
+    if native and "fp8" in stored:
+        reasons.append(FP8)
     groups = [int(t.split(":", 1)[1]) for t in stored if t.startswith("group:")]
     if native and widths and any(g % 32 for g in groups):
         reasons.append(f"group_size {groups[0]} does not fill GGUF's blocks of 32 values (use a "
@@ -86,8 +94,9 @@ class GgufFormat(OutputFormat):
         "sizes that are multiples of 32; the scale rounded to float16, the only loss), and the "
         "rest as float_type. type \"Q8_0\"/\"Q4_0\" also quantizes the weights the recipe left in "
         "float with llama.cpp's reference quantizer (gguf-py); \"F16\", \"BF16\", \"F32\" write "
-        "every weight in float (dequantized codes). Norms and biases stay float32. Pruned zeros "
-        "are stored dense. The tokenizer and config.json are copied beside it; gguf.json says "
+        "every weight in float (dequantized codes); FP8 weights, which have no GGUF type, are "
+        "written only so (F32: exactly). Norms and biases stay float32. Pruned zeros are stored "
+        "dense. The tokenizer and config.json are copied beside it; gguf.json says "
         "how each tensor was written. Measured in llama.cpp (the 'llama' extra), or, without "
         "it, dequantized and run in torch (the report's runtime says which).")
     schema = {

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from squeezelang.plugin import SqueezeError
 
+from . import FP8
 from .names import FLOAT_KEYS, arch_of, facts, limits, rope_parameters
 
 if TYPE_CHECKING:
@@ -93,6 +94,8 @@ def choose(slot: Slot, quant: QuantizedWeight | None, options: dict[str, Any], n
         return options["float_type"] if asked == "auto" else asked
     if asked not in ("auto", *HOLDS):
         return asked  # a float type: the dequantized codes
+    if quant.code_format is not None:
+        raise SqueezeError(f"tensor '{slot.hf}' holds {quant.code_format} codes: {FP8}")
     native = {8: "Q8_0", 4: "Q4_0"}.get(quant.bits) if asked == "auto" else asked
     if native is None or quant.bits not in HOLDS[native]:
         again = native == "Q4_0" and quant.bits == 8

@@ -35,9 +35,11 @@ def renames(args: dict[str, Any], roles: tuple[str, ...] = ROLES) -> dict[str, s
 def required_columns(metric: Any, args: dict[str, Any] | None = None) -> list[list[str]]:
     """The alternative sets of column names that ``metric`` needs, after ``args``' renames.
 
-    ``metric`` is a ``Metric`` (its ``columns`` spec is used) or a spec string. A data set satisfies
-    the metric when it has every column of at least one alternative; ``[[]]`` means no columns.
+    ``metric`` is a ``Metric`` (the spec of its ``columns_for(args)`` is used) or a spec string. A
+    data set satisfies the metric when it has every column of at least one alternative; ``[[]]``
+    means no columns.
     """
-    spec = metric if isinstance(metric, str) else getattr(metric, "columns", "")
-    names = renames(args or {})
-    return [[names.get(c, c) for c in alt] for alt in parse_columns(spec or "")]
+    spec = metric if isinstance(metric, str) else metric.columns_for(args or {})
+    alternatives = parse_columns(spec or "")
+    names = renames(args or {}, tuple(dict.fromkeys(c for alt in alternatives for c in alt)))
+    return [[names.get(c, c) for c in alt] for alt in alternatives]

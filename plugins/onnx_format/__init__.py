@@ -3,9 +3,11 @@
 ``save`` traces a float32 copy of the model (``export``), then replaces the layers whose weights
 are quantized by ONNX Runtime's integer kernels fed with the engine's own codes and scales
 (``integer``): 8-bit codes per channel or per tensor run as ``MatMulInteger`` on dynamically
-quantized activations, group-wise 4- and 8-bit codes as ``MatMulNBits``; quantized embeddings are
-gathered from their codes. ``load`` runs the saved graph in an ``onnxruntime.InferenceSession``
-(``runtime``), so every metric of the run measures what ONNX Runtime computes.
+quantized activations (a W8A8 layer's, ``quantize`` scheme ``w8a8``, as ``MatMulIntegerToFloat``
+on activations quantized with its static scale: ``static``), group-wise 4- and 8-bit codes as
+``MatMulNBits``; quantized embeddings are gathered from their codes. ``load`` runs the saved
+graph in an ``onnxruntime.InferenceSession`` (``runtime``), so every metric of the run measures
+what ONNX Runtime computes.
 
 Importing this module imports neither torch nor onnx (``squeeze check`` stays light); the modules
 that need them are imported inside ``save`` and ``load``.
@@ -27,11 +29,19 @@ FAMILIES = ("bert", "roberta", "xlm-roberta", "gpt2", "llama", "mistral", "qwen2
             "gemma2", "gemma3_text")
 
 
+#: Why FP8 weights (``quantize`` scheme "fp8") are refused.
+FP8 = ("FP8 (E4M3) weights: ONNX Runtime's CPU kernels have no float8 matrix product, and "
+       "dequantized they would be float32, four times larger; use format = \"compressed-tensors\" "
+       "(vLLM) or \"squeeze\"")
+
+
 def stage_problem(tags: frozenset[str]) -> str | None:
     """Why the graph cannot hold what a stage stores (``Technique.stores_for`` tags), or None."""
     if "clustered" in tags:
         return ("clustered weights (codebooks) have no ONNX Runtime kernel, and stored dense they "
                 "would be no smaller; quantize instead, or use format = \"squeeze\"")
+    if "fp8" in tags:
+        return FP8
     widths = sorted(int(t.split(":", 1)[1]) for t in tags if t.startswith("bits:"))
     other = [w for w in widths if w not in WIDTHS]
     if other:
@@ -53,11 +63,14 @@ class OnnxFormat(OutputFormat):
         "attention_mask (and token_type_ids when the tokenizer makes them), dynamic batch and "
         "sequence (right padding honoured); outputs last_hidden_state (embedding models) or "
         "logits and last_hidden_state (the final hidden state). Quantized weights keep their "
-        "codes: 8-bit ones run as MatMulInteger on dynamically quantized int8 activations, "
+        "codes: 8-bit ones run as MatMulInteger on dynamically quantized int8 activations "
+        "(W8A8 layers, quantize scheme \"w8a8\": MatMulIntegerToFloat on activations quantized "
+        "with their static scales), "
         "group-wise 4/8-bit ones as MatMulNBits (groups: powers of two from 16), embeddings are "
         "gathered from their codes. Pruned zeros (unstructured or N:M) are stored dense; pruned, "
-        "factorized and shared layers are simply a smaller graph. Clustered weights and other "
-        "widths are refused. Float weights are float32 (a half-precision model is widened).")
+        "factorized and shared layers are simply a smaller graph. Clustered weights, FP8 weights "
+        "and other widths are refused. Float weights are float32 (a half-precision model is "
+        "widened).")
     schema = {
         "type": "object",
         "additionalProperties": False,
@@ -69,15 +82,17 @@ class OnnxFormat(OutputFormat):
                                            "to 8 bits per call (MatMulInteger; MatMulNBits "
                                            "accuracy level 4), fastest on CPU; \"float\": their "
                                            "codes are dequantized and multiplied in float32 "
-                                           "(more exact, slower). Static activation scales are "
-                                           "not offered."},
+                                           "(more exact, slower). Layers of quantize scheme "
+                                           "\"w8a8\" always quantize their inputs with their "
+                                           "static scales, as they do in torch."},
             "float_activations": {"type": "array", "items": {"type": "string"}, "default": [],
                                   "description": "Globs of module names whose quantized weights "
                                                  "multiply float activations even with "
                                                  "activations = \"dynamic\" (layers whose "
                                                  "inputs have outliers, such as the MLP's output "
                                                  "projection): their codes stay stored as they "
-                                                 "are, only the activations are not rounded."},
+                                                 "are, only the activations are not rounded "
+                                                 "(w8a8 layers excepted)."},
         },
     }
     model_files = ("model.onnx", "model.onnx.data")

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from squeezelang.plugin import SqueezeError
 
+from squeezelang_plugins.onnx_format import FP8
 from squeezelang_plugins.onnx_format.integer import ROLES_KEY, WIDTHS, block_size_problem
 
 if TYPE_CHECKING:
@@ -49,6 +50,8 @@ def refuse_codecs(handle: ModelHandle) -> None:
 def refuse_weights(weights: dict[str, QuantizedWeight]) -> None:
     """Refuse, by tensor, widths and groups the integer kernels cannot take."""
     for name, weight in sorted(weights.items()):
+        if weight.code_format is not None:
+            raise SqueezeError(f"format onnx: '{name}' holds {weight.code_format} codes: {FP8}")
         if weight.bits not in WIDTHS:
             raise SqueezeError(f"format onnx: '{name}' has {weight.bits}-bit codes; ONNX Runtime's "
                                "integer kernels take 4- and 8-bit weights")
@@ -76,6 +79,7 @@ def graph(handle: ModelHandle, options: dict[str, Any]) -> Any:
     from squeezelang_plugins.onnx_format.dedupe import dedupe_, inline_identities_
     from squeezelang_plugins.onnx_format.export import buffer_names, float_model, trace
     from squeezelang_plugins.onnx_format.integer import rewrite_
+    from squeezelang_plugins.onnx_format.static import grids
 
     refuse_codecs(handle)
     weights = quantized_weights(handle)
@@ -87,7 +91,8 @@ def graph(handle: ModelHandle, options: dict[str, Any]) -> Any:
         proto = onnx.load(str(path))
     inline_identities_(proto.graph)
     roles = rewrite_(proto.graph, weights, _values(handle, weights),
-                     options.get("activations", "dynamic"), options.get("float_activations", []))
+                     options.get("activations", "dynamic"), options.get("float_activations", []),
+                     grids(handle))
     dedupe_(proto.graph)
     present = {init.name for init in proto.graph.initializer}
     roles.update({name: {"role": "buffer"} for name in buffer_names(model) & present})

@@ -89,19 +89,23 @@ def float_model(handle: ModelHandle) -> Any:
 
     Modules are copied; float32 tensors are shared, not copied. Int8-kernel layers
     (``Int8DynamicLinear``) become ``nn.Linear`` with their dequantized weight (what their state
-    dict, and so ``quantized_weights``, holds), and GPT-2's ``Conv1D`` an ``nn.Linear`` with the
-    transposed weight: a plain ``MatMul`` on the 3-D activation instead of a ``Gemm`` between
-    reshapes.
+    dict, and so ``quantized_weights``, holds), W8A8 layers (``W8A8Linear``) ``nn.Linear`` with
+    their weight (``integer`` puts their static activation quantization back), and GPT-2's
+    ``Conv1D`` an ``nn.Linear`` with the transposed weight: a plain ``MatMul`` on the 3-D
+    activation instead of a ``Gemm`` between reshapes.
     """
     import torch
 
-    from squeezelang.plugin import Int8DynamicLinear, kind_of
+    from squeezelang.plugin import Int8DynamicLinear, W8A8Linear, kind_of
 
     model = handle.model
     memo: dict[int, Any] = {}
     for module in model.modules():
         if isinstance(module, Int8DynamicLinear):
             memo[id(module)] = _as_linear(*module.unpacked())
+        elif isinstance(module, W8A8Linear):
+            memo[id(module)] = _as_linear(module.weight.t() if module.transposed else module.weight,
+                                          module.bias)
         elif kind_of(module) == "Conv1D":
             memo[id(module)] = _as_linear(module.weight.t(), module.bias)
     tensors = list(model.parameters()) + list(model.buffers())

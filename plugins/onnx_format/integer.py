@@ -5,11 +5,14 @@ transpose (``export``). Each initializer equal to a quantized weight (or to its 
 found by a hash of its bytes, and the nodes that read it are replaced, with the engine's own codes
 and scales (``quantized_weights``), never quantized again:
 
-- 8-bit codes, one scale per output channel or per tensor: ``MatMul``/``Gemm`` becomes the pattern
-  ONNX Runtime's own ``quantize_dynamic`` emits — ``DynamicQuantizeLinear`` on the activation
-  (one per activation, shared by the layers reading it), ``MatMulInteger`` (uint8 x int8 codes
-  ``[K, N]``), ``Cast`` and the product of both scales — which ONNX Runtime fuses into its
-  ``DynamicQuantizeMatMul`` kernel. With ``activations = "float"`` the codes are cast and scaled
+- 8-bit codes of a W8A8 layer (``quantize`` scheme ``w8a8``): its input is quantized with the
+  layer's static scale and zero point, then multiplied by ``MatMulIntegerToFloat`` (``static``),
+  whatever ``activations`` says: the layer computes so in torch too.
+- other 8-bit codes, one scale per output channel or per tensor: ``MatMul``/``Gemm`` becomes the
+  pattern ONNX Runtime's own ``quantize_dynamic`` emits — ``DynamicQuantizeLinear`` on the
+  activation (one per activation, shared by the layers reading it), ``MatMulInteger`` (uint8 x
+  int8 codes ``[K, N]``), ``Cast`` and the product of both scales — which ONNX Runtime fuses into
+  its ``DynamicQuantizeMatMul`` kernel. With ``activations = "float"`` the codes are cast and scaled
   instead (constants only: ONNX Runtime folds them into a float weight when the session starts).
 - codes with group-wise scales (4 or 8 bits, a power-of-two group of at least 16):
   ``com.microsoft.MatMulNBits`` (``block_size`` = the group; a code ``c`` is stored as
@@ -110,7 +113,10 @@ class IntegerRewriter:
     """Replaces the nodes reading matched initializers (see the module docstring)."""
 
     def __init__(self, graph: GraphProto, found: dict[str, Match], activations: str,
-                 float_globs: list[str] | tuple[str, ...] = ()) -> None:
+                 float_globs: list[str] | tuple[str, ...] = (),
+                 grids: dict[str, tuple[float, int]] | None = None) -> None:
+        from squeezelang_plugins.onnx_format.static import StaticMatMuls, bias_adds
+
         self.graph = graph
         self.found = found
         self.activations = activations
@@ -126,11 +132,21 @@ class IntegerRewriter:
                 if name in found:
                     readers.setdefault(found[name].weight.name, set()).add(node.op_type)
         self.readers = readers
+        self.static = StaticMatMuls(self, grids or {})
+        widths = {init.name: int(init.dims[-1]) for init in graph.initializer if init.name in found}
+        products = {node.output[0]: widths[node.input[1]] for node in graph.node  # B: [K, N]
+                    if node.op_type == "MatMul" and node.input[1] in found
+                    and found[node.input[1]].weight in self.static}
+        #: a static layer's MatMul output -> the bias Add its kernel takes in
+        self.bias_adds = bias_adds(graph, products)
+        self.absorbed = {id(add) for add, _ in self.bias_adds.values()}
 
     # ------------------------------------------------------------------ driver
     def run(self) -> Rewrite:
         for node in self.graph.node:
             read = [i for i, name in enumerate(node.input) if name in self.found]
+            if id(node) in self.absorbed:
+                continue
             if not read:
                 self.out.nodes.append(node)
             elif node.op_type in MATMULS and read == [1]:
@@ -267,6 +283,12 @@ class IntegerRewriter:
         layout = self._layout(match, bool(attrs.get("transB", 0)), node.op_type)
         bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""
         out = node.output[0]
+        if match.weight in self.static:
+            if out in self.bias_adds:
+                add, bias = self.bias_adds[out]
+                out = add.output[0]
+            self.static.matmul(node.input[0], out, match.weight, layout, bias)
+            return
         product = f"{out}/gemm.product" if bias else out
         if match.weight.group is not None:
             self._nbits(node.input[0], product, match.weight, layout)
@@ -385,14 +407,15 @@ class IntegerRewriter:
 
 
 def rewrite_(graph: GraphProto, weights: dict[str, QuantizedWeight], values: dict[str, np.ndarray],
-             activations: str, float_globs: list[str] | tuple[str, ...] = ()
-             ) -> dict[str, dict[str, Any]]:
+             activations: str, float_globs: list[str] | tuple[str, ...] = (),
+             grids: dict[str, tuple[float, int]] | None = None) -> dict[str, dict[str, Any]]:
     """Replace, in place, what reads each quantized weight in ``graph`` by an integer kernel and
-    drop its float initializers; return the roles of the initializers added."""
+    drop its float initializers; return the roles of the initializers added. ``grids``: the
+    static input scale and zero point of the W8A8 layers' weights (``static.grids``)."""
     found = matches(graph, weights, values)
     if not found:
         return {}
-    result = IntegerRewriter(graph, found, activations, float_globs).run()
+    result = IntegerRewriter(graph, found, activations, float_globs, grids).run()
     del graph.node[:]
     graph.node.extend(result.nodes)
     read = {name for node in graph.node for name in node.input}

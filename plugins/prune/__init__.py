@@ -15,9 +15,12 @@ from squeezelang_plugins.prune.activation import Activation
 from squeezelang_plugins.prune.depth import Depth
 from squeezelang_plugins.prune.magnitude import Magnitude
 from squeezelang_plugins.prune.nm import NM
+from squeezelang_plugins.prune.sparsegpt import SparseGPT
+from squeezelang_plugins.prune.wanda import Wanda
 
 #: method name -> implementation; the first is the default.
-METHODS: dict[str, PruneMethod] = {m.name: m for m in (Magnitude(), Activation(), Depth(), NM())}
+METHODS: dict[str, PruneMethod] = {m.name: m for m in (Magnitude(), Activation(), Depth(), NM(),
+                                                       Wanda(), SparseGPT())}
 
 
 def _schema() -> dict[str, Any]:
@@ -47,12 +50,16 @@ class Prune(Technique):
     example = 'stage sparse: prune { method = "magnitude", ratio = 50%, scope = "layer" }'
 
     def candidates(self, task: str) -> list[Candidate]:
-        """Unstructured magnitude pruning (smaller files), MLP neurons by activation (smaller and
-        faster), or whole layers by block importance (depth: smaller and faster in proportion,
-        the riskiest, as a dropped layer takes all it computed); the ratio is left to the search."""
+        """Unstructured pruning by magnitude, or by Wanda's |w| x input norm on calibration data
+        (the same file; less damage than magnitude, so tried first when there is data), MLP
+        neurons by activation (smaller and faster), or whole layers by block importance (depth:
+        smaller and faster in proportion, the riskiest, as a dropped layer takes all it
+        computed); the ratio is left to the search."""
         return [
             Candidate("magnitude", {"method": "magnitude", "ratio": 0.5}, risk=3.0, order=40,
                       autos=("ratio",)),
+            Candidate("wanda", {"method": "wanda", "ratio": 0.5}, risk=2.5, order=40,
+                      autos=("ratio",), needs_data=True),
             Candidate("activation-mlp", {"method": "activation", "target": "mlp", "ratio": 0.5},
                       risk=3.5, order=30, autos=("ratio",), needs_data=True, speeds_up=True),
             Candidate("depth", {"method": "depth", "ratio": 0.5}, risk=4.5, order=20,
@@ -66,12 +73,9 @@ class Prune(Technique):
         return self._method(params).produces
 
     def stores_for(self, params: dict[str, Any]) -> frozenset[str]:
-        """Unstructured zeros (magnitude), N:M runs (nm); structured methods leave a smaller
-        standard architecture."""
-        produced = self._method(params).produces
-        if not produced:
-            return frozenset()
-        return frozenset({"n:m"}) if self._method(params).name == "nm" else frozenset({"sparse"})
+        """Unstructured zeros (magnitude; wanda and sparsegpt with ``ratio``), N:M runs (nm; wanda
+        and sparsegpt with ``n``/``m``); structured methods leave a smaller standard architecture."""
+        return self._method(params).stores(params)
 
     def defaults_for(self, params: dict[str, Any]) -> dict[str, Any]:
         """Only the defaults of the properties the chosen method uses."""

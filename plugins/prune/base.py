@@ -34,6 +34,11 @@ class PruneMethod:
         property only some settings read gets its default only when it applies)."""
         return {"method", *self.common, *self.properties}
 
+    def stores(self, params: dict[str, Any]) -> frozenset[str]:
+        """What the saved model holds (``Technique.stores_for``): unstructured zeros ("sparse") for
+        a method that leaves a sparse model, nothing special for a structured one."""
+        return frozenset({"sparse"}) if self.produces else frozenset()
+
     def family_needs(self, params: dict[str, Any]) -> list[str]:
         """What this method needs from the model's family (``Technique.family_needs``)."""
         return []

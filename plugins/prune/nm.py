@@ -50,11 +50,16 @@ class NM(PruneMethod):
                "(2:4 by default; removes 1 - n/m; stored as kept values + positions)")
     properties = {
         "n": {"type": "integer", "minimum": 1, "maximum": NM_MAX_M - 1, "default": 2,
-              "description": "weights kept in every run of `m` (nm method)"},
+              "description": "weights kept in every run of `m` (methods nm, wanda, sparsegpt; for the "
+                             "last two, n and m ask for N:M runs instead of `ratio`)"},
         "m": {"type": "integer", "minimum": 2, "maximum": NM_MAX_M, "default": 4,
-              "description": "length of a run of consecutive input weights (nm method)"},
+              "description": "length of a run of consecutive input weights (methods nm, wanda, "
+                             "sparsegpt)"},
     }
     common = ("include", "exclude")
+
+    def stores(self, params: dict[str, Any]) -> frozenset[str]:
+        return frozenset({"n:m"})
 
     def check(self, params: dict[str, Any]) -> list[tuple[str | None, str]]:
         n, m = params.get("n", 2), params.get("m", 4)

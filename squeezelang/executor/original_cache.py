@@ -4,7 +4,8 @@ same model, does not measure the original again.
 A metric's value on the original depends on the model's files, the task it is loaded for, the
 metric's kind and arguments, the rows of the data set it reads, the run's seed, and the code that
 computes it. Each metric is cached under a key that hashes all of those (``cache_key`` adds the
-versions of squeezelang, torch and transformers) in ``$SQUEEZE_CACHE_DIR/original/<key>.json``
+versions of squeezelang, torch and transformers; a metric's ``packages``, those of the harness it
+runs) in ``$SQUEEZE_CACHE_DIR/original/<key>.json``
 (see ``models.meta_cache``; ``SQUEEZE_CACHE_DIR=off`` turns it off). A changed byte in any of them
 is another key, so a cached value is always that of a measurement of the same thing.
 
@@ -56,15 +57,29 @@ def cacheable(metric: MetricPlan, registries: Registries) -> bool:
     return not getattr(plugin, "paired", False) and not getattr(plugin, "on_artifact", False)
 
 
+def package_versions(packages: tuple[str, ...]) -> str:
+    """``name==version`` of each installed distribution (``name==absent`` if it is not)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "absent"
+
+    return ",".join(f"{name}=={installed(name)}" for name in packages)
+
+
 def metric_key(plan: Plan, metric: MetricPlan, model: str, ctx: Context,
-               defaults: dict[str, object] | None = None) -> str:
+               defaults: dict[str, object] | None = None, packages: tuple[str, ...] = ()) -> str:
     """The cache key of ``metric``; its arguments count with the schema's ``defaults`` filled,
-    so that a changed default (an evaluation bound, say) is another key."""
+    so that a changed default (an evaluation bound, say) is another key, and with the versions of
+    the metric's ``packages``."""
     from squeezelang.models.meta_cache import cache_key
 
     return cache_key(NAMESPACE, model, plan.model.task, metric.kind,
                      json.dumps({**(defaults or {}), **metric.args}, sort_keys=True, default=str),
-                     _data_digest(ctx, metric.data), str(ctx.seed))
+                     _data_digest(ctx, metric.data), str(ctx.seed), package_versions(packages))
 
 
 def measure_original(plan: Plan, registries: Registries, original: ModelHandle, ctx: Context,
@@ -77,8 +92,9 @@ def measure_original(plan: Plan, registries: Registries, original: ModelHandle, 
     if source is None or root is None:
         return measure_all(plan, registries, original, ctx, artifact_dir, "original")
     model = model_digest(source)
-    keys = {m.name: metric_key(plan, m, model, ctx,
-                               schema_defaults(registries.metrics.get(m.kind).schema))
+    plugins = {m.name: registries.metrics.get(m.kind) for m in plan.metrics}
+    keys = {m.name: metric_key(plan, m, model, ctx, schema_defaults(plugins[m.name].schema),
+                               tuple(plugins[m.name].packages))
             for m in plan.metrics if cacheable(m, registries)}
     found: dict[str, float] = {}
     for name, key in keys.items():

@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 NORM_KINDS = ("layernorm", "rmsnorm", "rmsnorm_one_plus")
 """``layernorm`` (weight and bias), ``rmsnorm`` (weight), ``rmsnorm_one_plus`` (Gemma: ``x · (1 + w)``)."""
 
+SUBLAYERS = ("attention", "mlp")
+"""The sublayers an ``input_norms`` entry may feed: the attention projections or the MLP inputs."""
+
 LAYOUT_TASKS = ("embedding", "causal-lm", "masked-lm", "classification")
 """The tasks a ``Layout`` may describe (``embedding`` is the base model itself)."""
 
@@ -142,6 +145,11 @@ class ModelFamily:
     Norms
         ``norms``: the hidden-wide norms of a block; ``norm_kind``: one of ``NORM_KINDS``;
         ``embedding_norm`` and ``final_norm``: relative to the base model (or ``None``).
+        ``input_norms``: the norms of a *pre-norm* block, as ``(norm, sublayer)`` pairs, whose
+        output is the input of that sublayer and of nothing else: ``"attention"`` (read by ``q``,
+        ``k``, ``v`` or ``qkv``) or ``"mlp"`` (read by ``mlp_in`` or ``mlp_fused``). A
+        per-channel scale of those inputs can be folded into such a norm (AWQ, SmoothQuant).
+        Empty for a post-norm block (BERT), whose norm output is also the residual stream.
 
     Embeddings and head
         ``embeddings``: the embedding tables under the base model, the token embedding first;
@@ -189,6 +197,7 @@ class ModelFamily:
     conv1d: bool = False
     norms: tuple[str, ...] = ()
     norm_kind: str = "layernorm"
+    input_norms: tuple[tuple[str, str], ...] = ()
     embedding_norm: str | None = None
     final_norm: str | None = None
     embeddings: tuple[str, ...] = ()
@@ -215,6 +224,10 @@ class ModelFamily:
             raise PluginError("give either mlp_in or mlp_fused")
         if self.norm_kind not in NORM_KINDS:
             raise PluginError(f"norm_kind must be one of {', '.join(NORM_KINDS)}")
+        for norm, sublayer in self.input_norms:
+            if norm not in self.norms or sublayer not in SUBLAYERS:
+                raise PluginError(f"input_norms: ({norm!r}, {sublayer!r}) must pair one of the "
+                                  f"norms with one of {', '.join(SUBLAYERS)}")
         if not self.embeddings:
             raise PluginError("embeddings is empty (the token embedding comes first)")
         if self.layout is not None:

@@ -54,6 +54,10 @@ class Metric:
     #: metrics that run no forward pass (size, parameter counts): a stage's effect on the others
     #: is measured when the recipe asks for it, ``metric q = spearman(sts, each_stage = true)``.
     each_stage: ClassVar[bool] = False
+    #: Distributions whose code computes the value besides squeezelang, torch and transformers (an
+    #: evaluation harness): their installed versions are part of the original's cache key, so an
+    #: upgrade that changes a task's prompt or scoring measures the original again.
+    packages: ClassVar[tuple[str, ...]] = ()
     schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": {},
                                         "additionalProperties": False}
 
@@ -61,6 +65,23 @@ class Metric:
         if self.dimension not in DIMENSIONS:
             raise PluginError(f"unknown dimension '{self.dimension}'")
         check_param_schema(self.schema)
+
+    # A metric whose columns or direction follow an argument (``lm_eval``: the task, the harness
+    # metric read) overrides these. ``squeeze check`` calls ``check`` with arguments the schema
+    # accepted, the other two with the recipe's arguments as they are (read them defensively).
+    def check(self, args: dict[str, Any]) -> list[tuple[str | None, str]]:
+        """Problems the schema cannot express, found before anything runs (a missing optional
+        runtime, arguments that do not go together): ``[(key or None, message)]``. Imports
+        neither torch nor the runtime. None by default."""
+        return []
+
+    def columns_for(self, args: dict[str, Any]) -> str:
+        """The ``columns`` spec this metric reads with ``args``; ``columns`` by default."""
+        return self.columns
+
+    def higher_is_better_for(self, args: dict[str, Any]) -> bool:
+        """Whether a higher value is better with ``args``; ``higher_is_better`` by default."""
+        return self.higher_is_better
 
     def measure(self, handle: ModelHandle, ctx: MeasureContext, data: str | None,
                 args: dict[str, Any]) -> float:

@@ -112,9 +112,11 @@ class Technique:
 
     def stores_for(self, params: dict[str, Any]) -> frozenset[str]:
         """What the stage leaves in the saved model that an output format must be able to hold,
-        as tags: ``"int8"``, ``"int8-kernels"``, ``"per-tensor"`` (one scale per tensor),
+        as tags: ``"int8"``, ``"int8-kernels"``, ``"static-activations"`` (linear layers that
+        quantize their inputs with stored scales), ``"per-tensor"`` (one scale per tensor),
         ``"int4"``, ``"bits:N"`` (codes of N bits, one tag per width a tensor may get),
-        ``"group:G"`` (scales per run of G inputs), ``"sparse"`` (unstructured zeros, stored
+        ``"group:G"`` (scales per run of G inputs), ``"fp8"`` (FP8 E4M3 codes, not integers:
+        no ``"bits:N"`` tag), ``"sparse"`` (unstructured zeros, stored
         compactly), ``"n:m"`` (N:M runs), ``"low-rank"`` (factorized layers), ``"clustered"``
         (codebooks), ``"shared-layers"``. A structural change that leaves a smaller standard
         architecture stores nothing special. Given the parameters, without torch; the default is

@@ -11,6 +11,12 @@ A spec is ``None`` (dense, the tensor's own dtype) or a dict combining:
     ``Embedding``; ``1`` for a GPT-2 ``Conv1D`` ``[in, out]``; ``null`` = one scale for the tensor),
     codes in ``-qmax .. qmax``. ``B == 8`` stores the codes as int8; other widths (2..7) store
     ``code + 2**(B-1)`` bit-packed into uint8.
+``{"quant": {"bits": 8, "axis": A, "format": "fp8_e4m3"}}``
+    float codes: FP8 E4M3 (``torch.float8_e4m3fn``, safetensors ``F8_E4M3``, largest magnitude
+    448), one byte each, with the same float32 scales along ``axis`` at ``max|w| / 448``; a code
+    is ``w / scale`` rounded to the nearest E4M3 value (3 mantissa bits: relative steps of 1/16 to
+    1/8 at every magnitude, where integer codes have even steps). Combines with ``group``,
+    ``sparse`` and ``nm`` exactly like integer codes.
 ``{"sparse": true, "quant": {...}}``
     the mask, the codes of the nonzeros only, and the scales.
 ``{"quant": {"bits": B, "axis": A, "group": G}}``
@@ -39,10 +45,10 @@ bit for bit — and ``encode`` checks the round trip, raising ``SqueezeError`` r
 lossy file.
 
 Dtypes: a dense tensor, and the values of a sparse or N:M one, are stored in the tensor's own dtype
-(a bfloat16 checkpoint stays bfloat16). Codes are integers and scales and codebooks are float32
-whatever the weight's dtype: one format for every checkpoint, exact for half-precision values, at a
-cost of two bytes per channel or group over half-precision scales (1/8 bit per weight at groups of
-128). A half-precision weight's in-memory values are ``code * scale`` computed in float32 and
+(a bfloat16 checkpoint stays bfloat16). Codes are integers (or float8 for ``"format"``) and
+scales and codebooks are float32 whatever the weight's dtype: one format for every checkpoint,
+exact for half-precision values, at a cost of two bytes per channel or group over half-precision
+scales (1/8 bit per weight at groups of 128). A half-precision weight's in-memory values are ``code * scale`` computed in float32 and
 rounded to its dtype (``on_grid``); decoding rounds the same way, and ``encode`` re-derives the
 same scales and codes from those values, so the round trip stays exact.
 """
@@ -59,16 +65,20 @@ if TYPE_CHECKING:
     import torch
 
 MASK, VALUES, CODES, SCALES = ".__mask", ".__values", ".__codes", ".__scales"
+#: The float code formats of a ``quant`` spec (its ``"format"``): the dtype the codes are stored
+#: in and the largest code magnitude (what ``qmax`` is to integer codes).
+FP8_E4M3 = "fp8_e4m3"
+FLOAT_CODES = {FP8_E4M3: ("float8_e4m3fn", 448.0)}
 INDEX, CODEBOOK = ".__index", ".__codebook"
 SUFFIXES = (MASK, VALUES, CODES, SCALES, INDEX, CODEBOOK)
 #: The largest ``M`` of an N:M spec (positions fit in 6 bits).
 NM_MAX_M = 64
 
 _DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
-                "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+                "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "float8_e4m3fn": 1}
 _SAFETENSORS_DTYPE = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
                       "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
-                      "bool": "BOOL"}
+                      "bool": "BOOL", "float8_e4m3fn": "F8_E4M3"}
 
 
 # ---------------------------------------------------------------------------- specs
@@ -95,6 +105,15 @@ def normalize(spec: dict[str, Any] | None) -> dict[str, Any] | None:
             if out["quant"]["axis"] is None:
                 raise SqueezeError("codec quant group needs an output axis (0 or 1), not null")
             out["quant"]["group"] = group
+        code_format = quant.get("format")
+        if code_format is not None:
+            if code_format not in FLOAT_CODES:
+                raise SqueezeError(f"codec quant format must be one of {sorted(FLOAT_CODES)}, "
+                                   f"not {code_format!r}")
+            if bits != 8:
+                raise SqueezeError(f"codec quant format '{code_format}' has 8-bit codes, not "
+                                   f"bits = {bits}")
+            out["quant"]["format"] = code_format
     if spec.get("nm"):
         out["nm"] = nm_params(spec["nm"], raw=True)
         if out.get("sparse"):
@@ -205,7 +224,8 @@ def layout(name: str, shape: Iterable[int], dtype: str,
         bits = quant.get("bits", 8)
         if bits == 8:
             dense = not (spec.get("sparse") or spec.get("nm"))
-            out.append((name + CODES, "int8", shape if dense else (count,)))
+            out.append((name + CODES, code_dtype(quant.get("format")),
+                        shape if dense else (count,)))
         else:
             out.append((name + CODES, "uint8", (_packed_bytes(count, bits),)))
         out.append((name + SCALES, "float32",
@@ -288,6 +308,16 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def code_max(bits: int, code_format: str | None = None) -> float:
+    """The largest code magnitude: ``qmax(bits)`` for integer codes, 448 for ``"fp8_e4m3"``."""
+    return FLOAT_CODES[code_format][1] if code_format else float(qmax(bits))
+
+
+def code_dtype(code_format: str | None = None) -> str:
+    """The dtype 8-bit codes are stored in: int8, or the float format's (``float8_e4m3fn``)."""
+    return FLOAT_CODES[code_format][0] if code_format else "int8"
+
+
 def _reduce_dims(ndim: int, axis: int | None) -> list[int]:
     return [d for d in range(ndim) if axis is None or d != axis % ndim]
 
@@ -320,8 +350,9 @@ def from_groups(grouped: torch.Tensor, shape: tuple[int, ...], axis: int) -> tor
 
 
 def scales_of(tensor: torch.Tensor, bits: int, axis: int | None,
-              group: int | None = None) -> torch.Tensor:
-    """Symmetric scales ``max|w| / qmax`` over every dim but ``axis`` (1.0 for all-zero channels).
+              group: int | None = None, code_format: str | None = None) -> torch.Tensor:
+    """Symmetric scales ``max|w| / qmax`` over every dim but ``axis`` (1.0 for all-zero channels);
+    ``max|w| / 448`` for ``code_format = "fp8_e4m3"`` (``code_max``).
 
     With ``group``: one per output channel and run of ``group`` inputs (``[out, n_groups]``, flat).
     """
@@ -334,16 +365,17 @@ def scales_of(tensor: torch.Tensor, bits: int, axis: int | None,
         dims = _reduce_dims(tensor.ndim, axis)
         # amax over an empty dim list would reduce everything: a 1-D tensor per channel is its own amax
         amax = magnitude.amax(dim=dims) if dims else magnitude.reshape(-1)
-    q = float(qmax(bits))
+    q = code_max(bits, code_format)
     scales = amax / q
     return torch.where(amax > 0, scales, torch.ones_like(scales)).reshape(-1)
 
 
-def fixed_point_scales(scales: torch.Tensor, bits: int) -> torch.Tensor:
+def fixed_point_scales(scales: torch.Tensor, bits: int,
+                       code_format: str | None = None) -> torch.Tensor:
     """Nudge float32 scales until ``(s * qmax) / qmax == s``, so ``scales_of`` re-derives them."""
     import torch
 
-    q = float(qmax(bits))
+    q = code_max(bits, code_format)
     for _ in range(8):
         again = (scales * q) / q
         if torch.equal(again, scales):
@@ -359,27 +391,41 @@ def fixed_point_scales(scales: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _grid_scales(tensor: torch.Tensor, bits: int, axis: int | None,
-                 group: int | None = None) -> torch.Tensor:
+                 group: int | None = None, code_format: str | None = None) -> torch.Tensor:
     """Scales that ``scales_of`` re-derives exactly from the tensor quantized with them."""
-    return fixed_point_scales(scales_of(tensor, bits, axis, group), bits)
+    return fixed_point_scales(scales_of(tensor, bits, axis, group, code_format), bits, code_format)
+
+
+def _round_codes(ratios: torch.Tensor, bits: int, code_format: str | None) -> torch.Tensor:
+    """``w / scale`` rounded to the nearest code, as float32: an integer in ``-qmax .. qmax``, or
+    the nearest float8 value (clamped first: E4M3 has no infinity, an overflow would be NaN;
+    ``+ 0.0`` turns a negative zero into zero, as integer codes have it)."""
+    import torch
+
+    q = code_max(bits, code_format)
+    clamped = torch.clamp(ratios, -q, q)
+    if code_format:
+        return clamped.to(getattr(torch, code_dtype(code_format))).float() + 0.0
+    return torch.round(clamped)
 
 
 def _codes(tensor: torch.Tensor, scales: torch.Tensor, bits: int, axis: int | None,
-           group: int | None = None) -> torch.Tensor:
+           group: int | None = None, code_format: str | None = None) -> torch.Tensor:
+    """The codes of ``tensor`` at ``scales``: int8, or ``code_dtype(code_format)``."""
     import torch
 
-    q = qmax(bits)
+    dtype = getattr(torch, code_dtype(code_format))
     if group is not None:
         grouped = to_groups(tensor.float(), axis, group)
-        codes = torch.round(grouped / scales.reshape(grouped.shape[0], -1, 1))
-        return from_groups(torch.clamp(codes, -q, q), tuple(tensor.shape), axis).to(torch.int8)
+        codes = _round_codes(grouped / scales.reshape(grouped.shape[0], -1, 1), bits, code_format)
+        return from_groups(codes, tuple(tensor.shape), axis).to(dtype)
     s = _view_scales(scales, tensor.ndim, axis)
-    return torch.clamp(torch.round(tensor.float() / s), -q, q).to(torch.int8)
+    return _round_codes(tensor.float() / s, bits, code_format).to(dtype)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, axis: int | None,
                group: int | None = None) -> torch.Tensor:
-    """float32 values ``code * scale`` of integer codes shaped like the tensor."""
+    """float32 values ``code * scale`` of codes (integer or float8) shaped like the tensor."""
     if group is not None:
         grouped = to_groups(codes.float(), axis, group)
         return from_groups(grouped * scales.reshape(grouped.shape[0], -1, 1),
@@ -398,21 +444,23 @@ def _check_float(tensor: torch.Tensor, what: str) -> None:
 
 
 def quantize_weight(tensor: torch.Tensor, bits: int = 8, axis: int | None = 0,
-                    group: int | None = None) -> torch.Tensor:
+                    group: int | None = None, code_format: str | None = None) -> torch.Tensor:
     """The fake-quantized (dequantized) copy of a floating tensor, exactly on the codec's grid,
-    in the tensor's dtype (computed in float32; see ``on_grid`` for half precision)."""
+    in the tensor's dtype (computed in float32; see ``on_grid`` for half precision).
+    ``code_format``: the spec's ``"format"`` (``"fp8_e4m3"``: float8 codes), None for integers."""
     import torch
 
     _check_float(tensor, "quantization")
-    normalize({"quant": {"bits": bits, "axis": axis, "group": group}})
+    normalize({"quant": {"bits": bits, "axis": axis, "group": group, "format": code_format}})
     values = tensor.detach().float() if tensor.dtype != torch.float32 else tensor
-    scales = _grid_scales(values, bits, axis, group)
-    codes = _codes(values, scales, bits, axis, group)
-    return on_grid(dequantize(codes, scales, axis, group), tensor.dtype, bits, axis, group)
+    scales = _grid_scales(values, bits, axis, group, code_format)
+    codes = _codes(values, scales, bits, axis, group, code_format)
+    return on_grid(dequantize(codes, scales, axis, group), tensor.dtype, bits, axis, group,
+                   code_format)
 
 
 def on_grid(values: torch.Tensor, dtype: Any, bits: int, axis: int | None,
-            group: int | None = None) -> torch.Tensor:
+            group: int | None = None, code_format: str | None = None) -> torch.Tensor:
     """Float32 values on a ``quant`` grid (``code * scale``) as a tensor of ``dtype`` that
     ``encode`` stores exactly: the rounding of ``code * scale`` to ``dtype``, with scales and codes
     that ``encode`` re-derives from it.
@@ -420,7 +468,8 @@ def on_grid(values: torch.Tensor, dtype: Any, bits: int, axis: int | None,
     For float32 (and wider) the values are returned as they are. For half precision the rounded
     values are quantized again until nothing moves: the largest value of a channel or group is its
     scale's ``qmax * scale`` rounded, and rounding moves a value by less than half a code (2**-9
-    relative for bfloat16, ``qmax <= 127``), so one more pass normally finds the fixed point.
+    relative for bfloat16, ``qmax <= 127``; float8 codes are 2**-4 apart relatively), so one more
+    pass normally finds the fixed point.
     """
     import torch
 
@@ -431,8 +480,9 @@ def on_grid(values: torch.Tensor, dtype: Any, bits: int, axis: int | None,
     current = values.to(dtype)
     for _ in range(8):
         wide = current.float()
-        scales = _grid_scales(wide, bits, axis, group)
-        again = dequantize(_codes(wide, scales, bits, axis, group), scales, axis, group).to(dtype)
+        scales = _grid_scales(wide, bits, axis, group, code_format)
+        again = dequantize(_codes(wide, scales, bits, axis, group, code_format), scales, axis,
+                           group).to(dtype)
         if torch.equal(again, current):
             return current
         current = again
@@ -440,12 +490,12 @@ def on_grid(values: torch.Tensor, dtype: Any, bits: int, axis: int | None,
 
 
 def quantize_weight_(tensor: torch.Tensor, bits: int = 8, axis: int | None = 0,
-                     group: int | None = None) -> torch.Tensor:
+                     group: int | None = None, code_format: str | None = None) -> torch.Tensor:
     """Fake-quantize ``tensor`` in place (see ``quantize_weight``); return it."""
     import torch
 
     with torch.no_grad():
-        tensor.copy_(quantize_weight(tensor.detach(), bits, axis, group))
+        tensor.copy_(quantize_weight(tensor.detach(), bits, axis, group, code_format))
     return tensor
 
 
@@ -533,18 +583,21 @@ def encode(name: str, tensor: torch.Tensor, spec: dict[str, Any] | None) -> dict
             out[name + VALUES] = _runs(tensor, m, axis_nm).gather(1, positions).reshape(-1).clone()
     if quant:
         bits, axis, group = quant["bits"], quant["axis"], quant.get("group")
+        code_format = quant.get("format")
         wide = tensor.float()
         # grid scales: scales_of for float32 values on the grid (they are fixed points already),
         # and the scales on_grid settled on for half-precision ones
-        scales = _grid_scales(wide, bits, axis, group)
-        codes = _codes(wide, scales, bits, axis, group)
+        scales = _grid_scales(wide, bits, axis, group, code_format)
+        codes = _codes(wide, scales, bits, axis, group, code_format)
         if not torch.equal(dequantize(codes, scales, axis, group).to(tensor.dtype), tensor):
-            raise SqueezeError(f"tensor '{name}' is not on its {bits}-bit quantization grid "
+            what = f"{code_format} " if code_format else f"{bits}-bit "
+            raise SqueezeError(f"tensor '{name}' is not on its {what}quantization grid "
                                f"(was it changed after quantizing?); refusing a lossy save")
         if mask is not None:
             codes = codes.reshape(-1)[mask]
-        elif positions is not None:
-            codes = _runs(codes, m, axis_nm).gather(1, positions).reshape(-1)
+        elif positions is not None:  # torch gathers no float8: move the codes' bytes
+            codes = _runs(codes.view(torch.uint8), m, axis_nm).gather(1, positions).reshape(-1)
+            codes = codes.view(getattr(torch, code_dtype(code_format)))
         if bits != 8:
             codes = pack_bits(codes.to(torch.int16) + 2 ** (bits - 1), bits)
         out[name + CODES] = codes.contiguous()
@@ -640,15 +693,22 @@ def decode(name: str, stored: dict[str, torch.Tensor], spec: dict[str, Any] | No
 
         if quant:
             bits, axis, group = quant["bits"], quant["axis"], quant.get("group")
+            code_format = quant.get("format")
             codes = stored[name + CODES]
-            if bits == 8:
-                codes = codes.reshape(-1).to(torch.int64)
+            if code_format:  # float codes: exact in float32
+                if str(codes.dtype) != f"torch.{code_dtype(code_format)}":
+                    raise SqueezeError(f"'{name}': {code_format} codes stored as {codes.dtype}, "
+                                       f"not {code_dtype(code_format)}")
+                codes, zero = codes.reshape(-1).float(), torch.zeros(n)
+            elif bits == 8:
+                codes, zero = codes.reshape(-1).to(torch.int64), torch.zeros(n, dtype=torch.int64)
             else:
                 codes = unpack_bits(codes, bits, count) - 2 ** (bits - 1)
+                zero = torch.zeros(n, dtype=torch.int64)
             scales = stored[name + SCALES].float().reshape(-1)
             if scales.numel() != _n_scales(shape, axis, group):
                 raise SqueezeError(f"'{name}': {scales.numel()} scales for shape {shape}")
-            full = place(codes, torch.zeros(n, dtype=torch.int64))
+            full = place(codes, zero)
             return dequantize(full, scales, axis, group).to(dtype)
         values = stored[name + VALUES].reshape(-1)
         return place(values, torch.zeros(n, dtype=values.dtype)).to(dtype)

@@ -1,4 +1,5 @@
-"""Torch modules that techniques put into a model: a low-rank linear layer, a dynamic int8 linear.
+"""Torch modules that techniques put into a model: a low-rank linear layer, int8 linear layers
+(dynamic int8 kernels, static W8A8).
 
 Imported only from inside technique methods (it imports torch at module level).
 """
@@ -132,3 +133,76 @@ class Int8DynamicLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int8 dynamic "
                 f"per {'tensor' if self.per_tensor else 'channel'}")
+
+
+#: Levels of ``W8A8Linear``'s activation codes: unsigned 8-bit, ``0 .. 255``.
+ACTIVATION_QMAX = 255
+
+
+def activation_grid(low: float, high: float) -> tuple[float, int]:
+    """The static uint8 grid of activations in ``[low, high]``: ``(scale, zero point)``.
+
+    The range is widened to hold zero (so that zero, padding and ReLU zeros, are exact), as ONNX
+    Runtime's ``DynamicQuantizeLinear`` does per call: ``scale = (high - low) / 255``, zero point
+    ``round(-low / scale)``. An all-zero range gets scale 1.
+    """
+    low, high = min(float(low), 0.0), max(float(high), 0.0)
+    scale = float(torch.tensor((high - low) / ACTIVATION_QMAX, dtype=torch.float32))
+    if not scale > 0:
+        return 1.0, 0
+    return scale, int(min(max(round(-low / scale), 0), ACTIVATION_QMAX))
+
+
+class W8A8Linear(nn.Module):
+    """A linear layer with int8 weights and statically quantized 8-bit activations (W8A8).
+
+    Its input is quantized with one scale and zero point calibrated ahead of time (not per call):
+    ``q = clamp(round(x / input_scale) + input_zero_point, 0, 255)``, unsigned (ONNX Runtime's
+    fastest x86 integer kernels multiply uint8 activations by int8 weights). The weight holds
+    values on ``codec``'s symmetric int8 grid (per output channel or per tensor), dequantized.
+    The product is what an integer kernel computes — ``Σ (q - zero_point) · code`` in int32, times
+    ``input_scale · weight_scale``, plus the bias — here as float32 arithmetic on the dequantized
+    values, equal to it up to float rounding. Gradients pass the input rounding unchanged
+    (straight through).
+
+    The state dict is the replaced layer's (``weight``, ``[in, out]`` again for a GPT-2
+    ``Conv1D``; ``bias``) plus ``input_scale`` (float32) and ``input_zero_point`` (uint8), both
+    scalars: the saved model stores them beside the weight's codes.
+    """
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, transposed: bool = False,
+                 scale: float = 1.0, zero_point: int = 0) -> None:
+        super().__init__()
+        self.transposed = transposed
+        self.weight = weight
+        self.bias = bias
+        rows, columns = weight.shape
+        self.out_features, self.in_features = (columns, rows) if transposed else (rows, columns)
+        self.register_buffer("input_scale", torch.tensor(float(scale), dtype=torch.float32))
+        self.register_buffer("input_zero_point", torch.tensor(int(zero_point), dtype=torch.uint8))
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, scale: float = 1.0, zero_point: int = 0) -> W8A8Linear:
+        """The W8A8 version of a ``Linear`` or ``Conv1D``, sharing its weight and bias parameters
+        (the weight is expected on the int8 grid already: ``quantize_weight_``)."""
+        return cls(module.weight, getattr(module, "bias", None),
+                   transposed=type(module).__name__ == "Conv1D", scale=scale,
+                   zero_point=zero_point)
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input's codes ``0 .. 255`` (as floats)."""
+        zero = self.input_zero_point.to(x.dtype)
+        return torch.clamp(torch.round(x / self.input_scale) + zero, 0, ACTIVATION_QMAX)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        zero = self.input_zero_point.to(x.dtype)
+        rounded = (self.quantized_input(x) - zero) * self.input_scale
+        if x.requires_grad:
+            rounded = x + (rounded - x).detach()
+        weight = self.weight.t() if self.transposed else self.weight
+        return nn.functional.linear(rounded, weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"input_scale={float(self.input_scale):.4g}, "
+                f"input_zero_point={int(self.input_zero_point)}")

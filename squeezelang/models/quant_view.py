@@ -4,7 +4,8 @@ The in-memory model holds each quantized weight *dequantized* (``code * scale``)
 (``ModelHandle.codecs``) says how it was quantized. ``quantized_weights`` recovers the exact codes
 and scales from those values the same way ``models.codec.encode`` does (and checks the round trip),
 so an output format for another runtime (ONNX ``MatMulNBits``, GGUF ``Q4_0``, compressed-tensors)
-writes the engine's own codes rather than quantizing the weights a second time.
+writes the engine's own codes rather than quantizing the weights a second time. A format with no
+float8 type refuses a weight whose ``code_format`` is set rather than read its codes as integers.
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class QuantizedWeight:
-    """One quantized weight: ``codes`` (int8, the weight's shape, in ``-qmax .. qmax``; zeros where
-    it was pruned) and float32 ``scales``: ``[out]`` per output channel (``axis``), ``[out,
+    """One quantized weight: ``codes`` (the weight's shape; zeros where it was pruned: int8 in
+    ``-qmax .. qmax``, or ``torch.float8_e4m3fn`` when ``code_format`` is ``"fp8_e4m3"``, the
+    codec's ``"format"``; None for integer codes) and float32 ``scales``: ``[out]`` per output channel (``axis``), ``[out,
     n_groups]`` with ``group`` (runs of ``group`` inputs, the last possibly shorter), ``[1]`` for
     one scale per tensor (``axis`` None). ``weight == codes * scales`` broadcast that way."""
 
@@ -33,6 +35,7 @@ class QuantizedWeight:
     axis: int | None
     group: int | None
     sparse: bool = False
+    code_format: str | None = None
 
     def dequantized(self) -> torch.Tensor:
         """``codes * scales`` in float32, the weight's shape."""
@@ -55,9 +58,10 @@ def quantized_weights(handle: ModelHandle) -> dict[str, QuantizedWeight]:
             continue
         tensor = state[name].detach().cpu()
         bits, axis, group = quant["bits"], quant["axis"], quant.get("group")
+        code_format = quant.get("format")
         wide = tensor.float()
-        scales = _grid_scales(wide, bits, axis, group)
-        codes = _codes(wide, scales, bits, axis, group)
+        scales = _grid_scales(wide, bits, axis, group, code_format)
+        codes = _codes(wide, scales, bits, axis, group, code_format)
         if not bool((dequantize(codes, scales, axis, group).to(tensor.dtype) == tensor).all()):
             raise SqueezeError(f"tensor '{name}' is not on its {bits}-bit quantization grid "
                                "(was it changed after quantizing?)")
@@ -66,5 +70,5 @@ def quantized_weights(handle: ModelHandle) -> dict[str, QuantizedWeight]:
         elif axis is None:
             scales = scales.reshape(1)
         out[name] = QuantizedWeight(name, codes, scales.float(), bits, axis, group,
-                                    bool(spec.get("sparse") or spec.get("nm")))
+                                    bool(spec.get("sparse") or spec.get("nm")), code_format)
     return out

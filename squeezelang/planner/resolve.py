@@ -335,14 +335,18 @@ class _Resolver:
                            hint="name it: key = value")
             kwargs, failed = self.convert_all({a.name: a.value for a in call.args if a.name is not None})
             each_stage = self.each_stage(call, kwargs, metric)
-            self.errors.extend(schema_errors(metric.schema, kwargs, f"metric '{call.name}'",
-                                             _spans(call.args), call.span, failed))
+            spans = _spans(call.args)
+            errs = schema_errors(metric.schema, kwargs, f"metric '{call.name}'", spans, call.span,
+                                 failed)
+            self.errors.extend(errs)
+            for key, message in metric.check(kwargs) if not errs and not failed else ():
+                self.error(message, spans[key][1] if key in spans else call.span)
             if data_name:
                 renames = {k: v for k, v in kwargs.items() if isinstance(v, str)}
-                self.check_columns(data_name, metric.columns, renames, _span_of(positional[0].value),
-                                   f"metric '{call.name}'")
+                self.check_columns(data_name, metric.columns_for(kwargs), renames,
+                                   _span_of(positional[0].value), f"metric '{call.name}'")
             out.append(MetricPlan(decl.name, call.name, data_name, kwargs, metric.dimension,
-                                  metric.higher_is_better,
+                                  metric.higher_is_better_for(kwargs),
                                   each_stage=bool(metric.each_stage if each_stage is None
                                                   else each_stage),
                                   each_stage_given=each_stage is not None))

@@ -95,3 +95,21 @@ def test_the_cache_can_be_turned_off(tmp_path, tiny_bert_dir, sentences_file, mo
     _run(tmp_path, tiny_bert_dir, sentences_file, "a")
     _, calls = _run(tmp_path, tiny_bert_dir, sentences_file, "b")
     assert max(calls) in calls and calls.count(max(calls)) == 1
+
+
+def test_another_version_of_a_metrics_harness_measures_again(tmp_path, tiny_bert_dir,
+                                                             sentences_file, cache, monkeypatch):
+    import importlib.metadata
+
+    monkeypatch.setattr(Counted, "packages", ("pluggy",))
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, model)
+    _, calls = _run(tmp_path, model, sentences_file, "a")
+    original = max(calls)
+    _, calls = _run(tmp_path, model, sentences_file, "b")
+    assert original not in calls  # same version: read back
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "0.0.1" if name == "pluggy" else real(name))
+    _, calls = _run(tmp_path, model, sentences_file, "c")
+    assert original in calls  # another version of the harness: measured again

@@ -61,8 +61,8 @@ MISTAKES = [
     case("technique-factorise", HEAD + "stage f: factorise { rank = 0.5 }", 3, 10,
          "unknown technique 'factorise'", "did you mean 'factorize'?"),
     case("method-magnitud", HEAD + 'stage p: prune { method = "magnitud" }', 3, 27,
-         "'method' must be one of \"magnitude\", \"activation\", \"depth\", \"nm\"",
-         "did you mean 'magnitude'?"),
+         "'method' must be one of \"magnitude\", \"activation\", \"depth\", \"nm\", \"wanda\", "
+         "\"sparsegpt\"", "did you mean 'magnitude'?"),
     case("method-gtpq", HEAD + 'stage q: quantize { scheme = "int4", method = "gtpq", data = calib }',
          3, 47, "'method' must be one of \"rtn\", \"gptq\"", "did you mean 'gptq'?"),
     case("scheme-in8", HEAD + 'stage q: quantize { scheme = "in8" }', 3, 30,
@@ -283,9 +283,10 @@ MISTAKES = [
          HEAD + 'stage q: quantize { scheme = "int8" }\nstage p: prune { ratio = 0.5 }', 4, 10,
          "'prune' cannot run on a quantized model (stage 'q' made it quantized)",
          "move stage 'q' after stage 'p'"),
-    case("order-distill-after-quantize",
-         HEAD + 'stage q: quantize { scheme = "int8" }\nstage heal: distill { data = calib }', 4, 13,
-         "'distill' cannot run on a quantized model (stage 'q' made it quantized)"),
+    case("order-distill-after-cluster",
+         HEAD + 'stage c: share { method = "cluster", bits = 4 }\nstage heal: distill { data = calib }',
+         4, 13, "'distill' cannot run on a clustered model (stage 'c' made it clustered)",
+         "move stage 'c' after stage 'heal'"),
 
     # ------------------------------------------------------------ use, search, output
     case("use-not-installed", 'use "no-such-plugin"\n' + HEAD, 1, 5,

@@ -38,6 +38,8 @@ CALIB = {"data": "calib", "samples": 8}
 CASES: dict[str, list[tuple[str, dict]]] = {
     "prune-magnitude": [("prune", {"method": "magnitude", "ratio": 0.5})],
     "prune-nm-2:4": [("prune", {"method": "nm", "n": 2, "m": 4})],
+    "prune-wanda": [("prune", {"method": "wanda", "ratio": 0.5, **CALIB})],
+    "prune-sparsegpt-2:4": [("prune", {"method": "sparsegpt", "n": 2, "m": 4, **CALIB})],
     "int8": [("quantize", {"scheme": "int8"})],
     "int8-dynamic": [("quantize", {"scheme": "int8-dynamic"})],
     "int4-rtn": [("quantize", {"scheme": "int4", "method": "rtn", "group_size": 16})],

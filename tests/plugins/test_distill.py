@@ -149,14 +149,22 @@ def test_factorized_and_vocab_trimmed_students(bert_dir, gpt2_dir, registries):
         _run(registries, handle, _ctx(original), steps=5)
 
 
-def test_refuses_quantized_and_bad_loss(bert_dir, registries):
+def test_refuses_int8_kernels_clusters_and_bad_loss(bert_dir, registries):
+    """Quantized models train (tests/plugins/test_distill_qat.py); int8 kernels and clustered
+    weights do not."""
     tech = registries.techniques.get("distill")
-    assert "quantized" in tech.refuses
+    assert "quantized" not in tech.refuses and "clustered" in tech.refuses
     original = load_model(bert_dir)
     handle = load_model(bert_dir)
     quant = registries.techniques.get("quantize")
-    quant.apply_(handle, quant.defaults(), Context(quiet=True))
-    with pytest.raises(SqueezeError, match="quantized"):
+    quant.apply_(handle, {**quant.defaults(), "scheme": "int8-dynamic"}, Context(quiet=True))
+    with pytest.raises(SqueezeError, match="distill cannot train int8 kernels .*scheme \"int8\""):
+        _run(registries, handle, _ctx(original), steps=1)
+    handle = load_model(bert_dir)
+    share = registries.techniques.get("share")
+    share.apply_(handle, {**share.defaults_for({"method": "cluster"}), "method": "cluster",
+                          "bits": 4}, Context(quiet=True))
+    with pytest.raises(SqueezeError, match="distill cannot train clustered weights"):
         _run(registries, handle, _ctx(original), steps=1)
     with pytest.raises(SqueezeError, match="loss 'kl' needs logits"):
         _run(registries, load_model(bert_dir), _ctx(original), steps=1, loss="kl")

@@ -17,11 +17,42 @@ trains on the texts of ``data`` with AdamW for ``steps`` batches (or until ``tim
 Dropout stays off (the model stays in eval mode with gradients on): on a few hundred texts dropout
 noise costs more than it regularises. The word embeddings (and an output layer tied to them) stay
 frozen unless ``train_embeddings = true``: the data touches few of their rows, and updating the
-large matrix dominates the cost of a CPU step. Weights that a codec stores sparse keep their zeros: the mask is
-recorded before training and re-applied after every step. Low-rank (factorized) layers are ordinary
-modules and train as such. The student's tokenizer drives both models; when a ``vocab_trim`` stage
-made it a subset of the teacher's, its ids are mapped to the teacher's by token, and LM logits are
-compared on the kept tokens. Runs are deterministic for a given ``seed``.
+large matrix dominates the cost of a CPU step. Weights that a codec stores sparse or N:M keep their
+zeros: the mask is recorded before training and re-applied after every step. Low-rank (factorized)
+layers are ordinary modules and train as such. The student's tokenizer drives both models; when a
+``vocab_trim`` stage made it a subset of the teacher's, its ids are mapped to the teacher's by
+token, and LM logits are compared on the kept tokens. Runs are deterministic for a given ``seed``.
+
+LoRA (``lora_rank = r``, ``lora.py``): every linear layer that ``lora_include`` / ``lora_exclude``
+select (default: those of the numbered blocks; a GPT-2 ``Conv1D`` in its ``[in, out]`` layout) is
+frozen with every other parameter, and gets a low-rank adapter ``(lora_alpha / r) · B·A`` (``B``
+zero at the start) trained with the same losses; at the end each adapter is merged into its weight
+and removed, so the saved model has the architecture, codecs and size it had before the stage.
+Gradients and AdamW state then cover the adapters only (the stage's log gives both, in bytes, and
+the number of parameters trained); a dense layer's adapter runs beside it, so no weight-sized
+tensor is added either. A sparse or N:M weight's update is masked, so the merged weight keeps its
+zeros; the merged model computes what the adapted one did (up to float rounding). A weight tied to
+another module's (a head tied to the embeddings) is refused: merging would change both. Adapters
+start from zero and usually want a larger ``lr`` than full training (3e-3 on the tiny models
+measured, against 1e-3).
+
+Quantized students (quantization-aware distillation, ``qat.py``): a weight whose codec quantizes it
+(int8, int4 or mixed widths, any axis and group; float8 codes alike) trains as a float shadow
+whose forward pass reads its codes — recomputed at every step from the shadow with the codec's own
+scale rule and rounding (``quantize_weight``, the quantize stage's function), the rounding passed
+by the straight-through estimator — and ends exactly on its codec's grid: the same codec, the same
+file size, and a save and reload that gives the trained weights back bit for bit. Frozen quantized
+weights (the embeddings, by default) stay as they are. With LoRA over a quantized model, an adapted
+quantized weight reads ``Q(W + scale · B·A)``: the adapter trains through the rounding and is
+merged, then the weight re-quantized on the same codec — which is why its update cannot run beside
+the weight. Int8 kernels (``quantize { scheme = "int8-dynamic" }``) are refused at run time (their
+weights are packed inside torch's quantized op: use scheme ``"int8"``, the same file), as are
+clustered weights (``squeeze check`` refuses distill after ``share`` method ``"cluster"``).
+AdamW moves a weight by about ``lr`` a step whatever its gradient, and a code changes only when
+its shadow crosses half a grid step (``max|w| / qmax`` of its channel or group): keep ``lr`` well
+under a grid step, about ten times smaller for int8 than for int4 (on the tiny models measured,
+the default 3e-4 for int4, 3e-5 for int8; larger rates make the codes flip back and forth and
+the loss rise).
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) training is data-parallel: every rank draws the same global
 batches (same seed), computes the loss on its ``share`` of each, weighted by that share's size, and
@@ -34,19 +65,22 @@ With ``time``, the ranks agree at every step on whether time is up, so all stop 
 from __future__ import annotations
 
 import math
-import random
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from squeezelang.plugin import Candidate, SqueezeError, Technique, hookimpl
+from squeezelang.plugin import BLOCKS, Candidate, SqueezeError, Technique, hookimpl
+
+from .losses import logit_loss, relational_loss, similarity_loss
 
 if TYPE_CHECKING:
     import torch
 
-    from squeezelang.plugin import ModelHandle, ModelMeta, StageContext, World
+    from squeezelang.plugin import ModelHandle, ModelMeta, StageContext
 
 LOSSES = ("auto", "cosine", "mse", "kl")
+#: The parameters that configure LoRA; all but ``lora_rank`` need it.
+LORA = ("lora_rank", "lora_alpha", "lora_include", "lora_exclude")
 
 
 def _teacher(handle: ModelHandle, teacher: str, ctx: StageContext) -> ModelHandle:
@@ -59,84 +93,6 @@ def _teacher(handle: ModelHandle, teacher: str, ctx: StageContext) -> ModelHandl
         raise SqueezeError(f"distill: teacher '{teacher}' is neither `original` nor a model "
                            "directory")
     return load_model(path, task=handle.task)
-
-
-def _sparse_masks(handle: ModelHandle) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(parameter, nonzero mask)`` of every tensor a codec stores sparse."""
-    params = dict(handle.model.named_parameters(remove_duplicate=False))
-    out, seen = [], set()
-    for name, spec in sorted(handle.codecs.items()):
-        if not (spec and spec.get("sparse")) or name not in params or id(params[name]) in seen:
-            continue
-        seen.add(id(params[name]))
-        out.append((params[name], params[name].detach() != 0))
-    return out
-
-
-def _id_map(student: Any, teacher: Any) -> torch.Tensor | None:
-    """Teacher id of each student id, or ``None`` when the two vocabularies are the same.
-
-    ``SqueezeError`` when a student token is missing from the teacher's vocabulary.
-    """
-    import torch
-
-    s_vocab, t_vocab = student.get_vocab(), teacher.get_vocab()
-    if s_vocab == t_vocab:
-        return None
-    missing = [tok for tok in s_vocab if tok not in t_vocab]
-    if missing:
-        raise SqueezeError(f"distill: the teacher's tokenizer lacks {len(missing)} of the student's "
-                           f"tokens (e.g. {', '.join(repr(t) for t in missing[:3])}); the teacher "
-                           "must share the student's vocabulary or be a superset of it")
-    index = torch.empty(max(s_vocab.values()) + 1, dtype=torch.long)
-    for tok, i in s_vocab.items():
-        index[i] = t_vocab[tok]
-    return index
-
-
-class _Batcher:
-    """Tokenized texts, served as padded batches in a seeded order, epoch after epoch."""
-
-    def __init__(self, handle: ModelHandle, texts: list[str], batch_size: int, max_length: int,
-                 seed: int) -> None:
-        from squeezelang.plugin import length_limit, pad_id
-
-        limit = length_limit(handle, max_length)
-        kwargs: dict[str, Any] = {"truncation": limit is not None}
-        if limit is not None:
-            kwargs["max_length"] = limit
-        encoded = handle.tokenizer(texts, **kwargs)
-        self.rows = [list(r) for r in encoded["input_ids"]]
-        self.types = ([list(r) for r in encoded["token_type_ids"]]
-                      if "token_type_ids" in encoded else None)
-        self.pad = pad_id(handle.tokenizer)
-        self.batch_size = min(batch_size, len(self.rows))
-        self.rng = random.Random(seed)
-        self.order: list[int] = []
-        self.device = next(iter(handle.model.parameters())).device  # the run's device
-
-    def batch(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        import torch
-
-        width = max(len(self.rows[i]) for i in idx)
-        ids = torch.tensor([self.rows[i] + [self.pad] * (width - len(self.rows[i])) for i in idx])
-        mask = torch.tensor([[1] * len(self.rows[i]) + [0] * (width - len(self.rows[i])) for i in idx])
-        out = {"input_ids": ids, "attention_mask": mask}
-        if self.types is not None:
-            out["token_type_ids"] = torch.tensor(
-                [self.types[i] + [0] * (width - len(self.types[i])) for i in idx])
-        return {k: v.to(self.device) for k, v in out.items()}
-
-    def next(self, ranks: World) -> dict[str, torch.Tensor]:
-        """This rank's share of the next batch (every rank draws the same batches)."""
-        from squeezelang.plugin import share
-
-        if len(self.order) < self.batch_size:
-            fresh = list(range(len(self.rows)))
-            self.rng.shuffle(fresh)
-            self.order += fresh
-        idx, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
-        return self.batch(share(idx, ranks))
 
 
 def _widen_float16(model: torch.nn.Module) -> dict[str, torch.dtype] | None:
@@ -163,43 +119,6 @@ def _restore_dtypes(model: torch.nn.Module, dtypes: dict[str, torch.dtype]) -> N
                 tensor.data = tensor.data.to(wanted)
 
 
-def _as_float32(out: Any) -> Any:
-    """A model output whose floating tensors (and tuples of them) are float32."""
-    def cast(value: Any) -> Any:
-        if isinstance(value, tuple):
-            return tuple(cast(v) for v in value)
-        return value.float() if hasattr(value, "is_floating_point") and value.is_floating_point() \
-            else value
-    if isinstance(out, tuple):
-        return cast(out)
-    for key in list(out.keys()):
-        out[key] = cast(out[key])
-    return out
-
-
-def _similarity_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
-    """``cosine``: 1 - cos; ``mse``: MSE of L2-normalised rows; ``auto``: both. Rows are vectors."""
-    import torch.nn.functional as F
-
-    loss = student.new_zeros(())
-    if kind in ("auto", "cosine"):
-        loss = loss + (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
-    if kind in ("auto", "mse"):
-        loss = loss + F.mse_loss(F.normalize(student, dim=-1), F.normalize(teacher, dim=-1),
-                                 reduction="sum") / student.shape[0]
-    return loss
-
-
-def _relational_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """MSE between the rows' cosine-similarity matrices: for a student whose vectors have fewer
-    dimensions than the teacher's (hidden channels pruned), the similarities are what an embedding
-    is used for, and they compare across widths."""
-    import torch.nn.functional as F
-
-    s, t = F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)
-    return F.mse_loss(s @ s.T, t @ t.T) * student.shape[0]
-
-
 class Distill(Technique):
     name = "distill"
     description = (
@@ -207,7 +126,10 @@ class Distill(Technique):
         "`teacher = original`) on the texts of `data`, to recover quality lost by earlier stages. "
         "Embedding models match pooled and per-token embeddings (cosine + MSE); language models "
         "and classifiers match temperature-softened output distributions (KL). Keeps pruned "
-        "weights at zero; refuses quantized models. The model's size does not change.")
+        "weights at zero. With `lora_rank`, trains low-rank adapters of the linear layers "
+        "instead of the weights and merges them at the end. A quantized model trains through "
+        "its codes (quantization-aware: float shadows, straight-through rounding) and stays on "
+        "its codecs' grids. The model's size does not change.")
     schema = {
         "type": "object",
         "additionalProperties": False,
@@ -223,7 +145,9 @@ class Distill(Technique):
             "batch_size": {"type": "integer", "minimum": 1, "default": 16,
                            "description": "Texts per step (all ranks together, under torchrun)."},
             "lr": {"type": "number", "exclusiveMinimum": 0, "default": 3e-4,
-                   "description": "AdamW learning rate (constant after a 10% warm-up)."},
+                   "description": "AdamW learning rate (constant after a 10% warm-up). LoRA "
+                                  "adapters usually want a larger one; quantized weights one "
+                                  "well under their grid step (int8: about a tenth of int4's)."},
             "temperature": {"type": "number", "exclusiveMinimum": 0, "default": 2.0,
                             "description": "Softmax temperature of the KL loss."},
             "max_length": {"type": "integer", "minimum": 2, "default": 128,
@@ -239,9 +163,25 @@ class Distill(Technique):
                      "description": "auto: cosine + mse for embedding models, kl otherwise."},
             "seed": {"type": "integer",
                      "description": "Seed of the shuffling and of torch (default: the run's seed)."},
+            "lora_rank": {"type": "integer", "minimum": 1,
+                          "description": "Train LoRA adapters of this rank on the selected linear "
+                                         "layers, with every weight frozen, and merge them into "
+                                         "the weights at the end (absent: train the weights)."},
+            "lora_alpha": {"type": "number", "exclusiveMinimum": 0,
+                           "description": "LoRA: the adapters' update is scaled by lora_alpha / "
+                                          "lora_rank (default: twice lora_rank, a scale of 2)."},
+            "lora_include": {"type": "array", "items": {"type": "string"},
+                             "description": "LoRA: globs of the linear layers that get adapters "
+                                            "(default: those of the numbered transformer "
+                                            "blocks)."},
+            "lora_exclude": {"type": "array", "items": {"type": "string"},
+                             "description": "LoRA: globs of linear layers left without one "
+                                            "(default: none)."},
         },
         "required": ["data"],
     }
+    #: Trains quantized models (through their codes); a clustered one keeps no codebook.
+    refuses = frozenset({"clustered"})
     data_params = {"data": "text|a,b"}
     example = "stage heal: distill { teacher = original, data = calib, steps = 300 }"
 
@@ -250,8 +190,25 @@ class Distill(Technique):
         return [Candidate("distill", {"teacher": "original", "steps": 300}, risk=-1.5, order=60,
                           needs_data=True, heals=True)]
 
+    def defaults_for(self, params: dict[str, Any]) -> dict[str, Any]:
+        """With ``lora_rank``, the LoRA defaults too (``lora_alpha``: twice the rank)."""
+        if params.get("lora_rank") is None:
+            return self.defaults()
+        return {**self.defaults(), "lora_alpha": 2 * params["lora_rank"],
+                "lora_include": list(BLOCKS), "lora_exclude": []}
+
+    def check(self, params: dict[str, Any]) -> list[tuple[str | None, str]]:
+        if params.get("lora_rank") is not None:
+            if params.get("train_embeddings"):
+                return [("train_embeddings", "with lora_rank only the adapters train; the "
+                                             "embeddings stay frozen")]
+            return []
+        return [(key, f"'{key}' configures LoRA: set lora_rank too")
+                for key in LORA[1:] if key in params]
+
     def estimate(self, meta: ModelMeta, params: dict[str, Any]) -> ModelMeta:
-        """Distillation changes values, never shapes or codecs."""
+        """Distillation changes values, never shapes or codecs (merged adapters, quantized weights
+        left on their codecs' grids)."""
         return meta.copy()
 
     def _loss_kind(self, task: str, loss: str) -> str:
@@ -269,8 +226,15 @@ class Distill(Technique):
 
         from squeezelang.plugin import any_rank, data_parallel, mean_pool, share, world
 
-        if "quantized" in handle.states or any((s or {}).get("quant") for s in handle.codecs.values()):
-            raise SqueezeError("distill cannot train a quantized model; put distill before quantize")
+        from .batches import Batcher, id_map as vocab_map
+        from .losses import as_float32
+        from .trainable import Trainee, refuse_untrainable
+
+        refuse_untrainable(handle)
+        params = {**self.defaults_for(params), **params}
+        errors = self.check(params)
+        if errors:
+            raise SqueezeError(f"distill: {errors[0][1]}")
         seed = int(params["seed"]) if params.get("seed") is not None else int(ctx.seed)
         kind = self._loss_kind(handle.task, params.get("loss", "auto"))
         teacher = _teacher(handle, params.get("teacher", "original"), ctx)
@@ -278,9 +242,9 @@ class Distill(Technique):
             raise SqueezeError(f"distill: the teacher is a '{teacher.task}' model, the student a "
                                f"'{handle.task}' model")
         texts = ctx.data.texts(params["data"])
-        id_map = _id_map(handle.tokenizer, teacher.tokenizer)
-        batcher = _Batcher(handle, texts, int(params.get("batch_size", 16)),
-                           int(params.get("max_length", 128)), seed)
+        id_map = vocab_map(handle.tokenizer, teacher.tokenizer)
+        batcher = Batcher(handle, texts, int(params.get("batch_size", 16)),
+                          int(params.get("max_length", 128)), seed)
         if id_map is not None:
             id_map = id_map.to(batcher.device)
         ranks = world()
@@ -302,20 +266,20 @@ class Distill(Technique):
             with torch.no_grad():
                 t_out = teacher.model(**t_batch, output_hidden_states=want_hidden)
                 if widened is not None:  # a float16 teacher beside a float32-trained student
-                    t_out = _as_float32(t_out)
+                    t_out = as_float32(t_out)
             s_out = student(**batch, output_hidden_states=want_hidden)
             mask = batch["attention_mask"].bool()
             if handle.task == "embedding":
                 s_h, t_h = s_out[0], t_out[0]
                 if s_h.shape[-1] == t_h.shape[-1]:
-                    loss = (_similarity_loss(mean_pool(s_h, mask), mean_pool(t_h, mask), kind)
-                            + _similarity_loss(s_h[mask], t_h[mask], kind))
+                    loss = (similarity_loss(mean_pool(s_h, mask), mean_pool(t_h, mask), kind)
+                            + similarity_loss(s_h[mask], t_h[mask], kind))
                 else:  # hidden channels were pruned: match what the vectors are used for
-                    loss = (_relational_loss(mean_pool(s_h, mask), mean_pool(t_h, mask))
-                            + _relational_loss(s_h[mask], t_h[mask]))
+                    loss = (relational_loss(mean_pool(s_h, mask), mean_pool(t_h, mask))
+                            + relational_loss(s_h[mask], t_h[mask]))
             else:
-                loss = self._logit_loss(handle.task, s_out.logits, t_out.logits, mask, id_map,
-                                        kind, temperature)
+                loss = logit_loss(handle.task, s_out.logits, t_out.logits, mask, id_map, kind,
+                                  temperature)
             if layer_map:
                 s_hidden, t_hidden = s_out.hidden_states, t_out.hidden_states
                 terms = [((s_hidden[i][mask] - t_hidden[j][mask]) ** 2).mean()
@@ -328,17 +292,16 @@ class Distill(Technique):
         torch.manual_seed(seed)
         model.eval()  # no dropout: see the module docstring
         widened = _widen_float16(model)  # float32 master weights for a float16 model
-        frozen = [] if params.get("train_embeddings", False) else [
-            p for p in (model.get_input_embeddings().weight,) if p.requires_grad]
-        for param in frozen:
-            param.requires_grad_(False)  # no gradient computed at all, restored below
+        lora = None if params.get("lora_rank") is None else {
+            "rank": int(params["lora_rank"]), "alpha": float(params["lora_alpha"]),
+            "include": params.get("lora_include"), "exclude": params.get("lora_exclude", ())}
+        trainee = Trainee(handle, lora, bool(params.get("train_embeddings", False)))
+        try:
+            trainee.prepare_()
+        except BaseException:
+            trainee.finish_()
+            raise
         trainable = [p for p in model.parameters() if p.requires_grad]
-        if not trainable:
-            raise SqueezeError("distill: the model has no trainable parameters")
-        masks = _sparse_masks(handle)
-        probe = batcher.batch(list(range(min(len(batcher.rows), batcher.batch_size))))
-        with torch.no_grad():
-            start_loss = float(loss_of(probe, model))
         steps = int(params.get("steps", 200))
         lr = float(params.get("lr", 3e-4))
         warmup = max(1, steps // 10)
@@ -349,8 +312,13 @@ class Distill(Technique):
         if ranks.size > 1:
             backend = "nccl" if batcher.device.type == "cuda" else "gloo"
             ctx.log(f"distill: data-parallel on {ranks.size} ranks ({backend})")
+        probe = batcher.batch(list(range(min(len(batcher.rows), batcher.batch_size))))
         done, student = 0, None
         try:
+            if not trainable:
+                raise SqueezeError("distill: the model has no trainable parameters")
+            with torch.no_grad():
+                start_loss = float(loss_of(probe, model))
             with torch.enable_grad(), data_parallel(model) as student, \
                     ctx.progress(total=steps, desc="distill") as bar:
                 for done in range(1, steps + 1):
@@ -363,18 +331,16 @@ class Distill(Technique):
                     torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                     optimizer.step()
                     scheduler.step()
-                    with torch.no_grad():
-                        for param, keep in masks:
-                            param.mul_(keep)
+                    trainee.keep_zeros_()
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss.item():.4g}")
                     if deadline < math.inf and any_rank(time.monotonic() >= deadline):
                         break
+            summary = trainee.describe(trainable, optimizer)
         finally:
             student = None  # the data-parallel wrapper and its gradient hooks go
             optimizer.zero_grad(set_to_none=True)
-            for param in frozen:
-                param.requires_grad_(True)
+            trainee.finish_()  # adapters merged, quantized weights on their grid
             model.eval()
         with torch.no_grad():
             end_loss = float(loss_of(probe, model))
@@ -382,6 +348,8 @@ class Distill(Technique):
             _restore_dtypes(model, widened)
             ctx.log("distill: trained the float16 model in float32 (master weights), saved back "
                     "as float16")
+        trainee.requantize_()
+        ctx.log(summary)
         stopped = " (time limit)" if done < steps else ""
         ctx.log(f"distill: {done} steps{stopped}, loss on a fixed batch {start_loss:.4g} -> "
                 f"{end_loss:.4g}")
@@ -401,23 +369,6 @@ class Distill(Technique):
                     "differ (or layer counts are unknown)")
             return None
         return [(i, int(round(i * lt / ls))) for i in range(1, ls + 1)]
-
-    @staticmethod
-    def _logit_loss(task: str, s_logits: torch.Tensor, t_logits: torch.Tensor, mask: torch.Tensor,
-                    id_map: torch.Tensor | None, kind: str, temperature: float) -> torch.Tensor:
-        import torch.nn.functional as F
-
-        if id_map is not None and task != "classification":
-            t_logits = t_logits[..., id_map[:s_logits.shape[-1]]]
-        if task != "classification":
-            s_logits, t_logits = s_logits[mask], t_logits[mask]
-        if kind == "kl":
-            t = temperature
-            return F.kl_div(F.log_softmax(s_logits / t, -1), F.log_softmax(t_logits / t, -1),
-                            log_target=True, reduction="batchmean") * t * t
-        if kind == "mse":
-            return F.mse_loss(s_logits, t_logits)
-        return _similarity_loss(s_logits, t_logits, "cosine")
 
 
 @hookimpl

@@ -1,0 +1,59 @@
+"""The ``methods`` suite's pure parts: every row's recipe passes ``squeeze check`` on a model of its
+kind, and the targets are judged on the rows (met, not met, not measured). Nothing is run here."""
+from pathlib import Path
+
+import pytest
+
+import squeezelang
+from benchmarks import causal_lm, charlm, llama_lm, methods
+
+from conftest import build_tiny_llama
+
+
+def _row(name: str, quality: float, original: float, size: int = 1000) -> dict:
+    return {"name": name, "quality": quality, "original": original, "size_bytes": size,
+            "seconds": 1.0}
+
+
+@pytest.mark.parametrize("settings", [llama_lm.FULL, llama_lm.SMOKE])
+def test_every_llama_row_is_a_recipe_squeeze_check_accepts(settings, tmp_path):
+    model = build_tiny_llama(tmp_path / "llama")
+    for name in ("train.jsonl", "val.jsonl"):
+        (tmp_path / name).write_text('{"text": "To be or not to be"}\n', encoding="utf-8")
+    prepared = charlm.Prepared(dir=tmp_path, model=model, val=tmp_path / "val.jsonl",
+                               train=tmp_path / "train.jsonl", info={}, hyper=settings.hyper)
+    rows = methods.stages("llama", settings)
+    assert {"wanda-50", "sparsegpt-50", "int4-awq", "fp8", "w8a8", "int4-gptq+qad",
+            "mlp-50+lora", "rotate+int4-gptq"} <= set(rows)
+    for name, body in rows.items():
+        recipe = tmp_path / f"{name.replace(':', '-').replace('+', '_')}.squeeze"
+        recipe.write_text(causal_lm._recipe(name, model, prepared, body), encoding="utf-8")
+        squeezelang.check(recipe)  # raises with the file, line and column of a mistake
+    assert "lora_rank = 8" in rows["mlp-50+lora"] and "lora" not in rows["mlp-50+distill"]
+
+
+def test_minilm_rows_are_the_same_methods_without_rotation():
+    llama, minilm = (set(methods.stages(m, llama_lm.FULL)) for m in ("llama", "minilm"))
+    assert llama - minilm == {"rotate+int4-rtn", "rotate+int4-gptq"} and minilm <= llama
+
+
+def test_targets_judge_the_rows():
+    rows = [_row("minilm:magnitude-50", 80.0, 86.7), _row("minilm:wanda-50", 84.0, 86.7),
+            _row("minilm:wanda-50-layer", 85.0, 86.7),
+            _row("minilm:sparsegpt-50", 79.0, 86.7),  # worse than magnitude: not met
+            _row("minilm:int4-rtn", 86.0, 86.7), _row("minilm:int4-gptq", 86.5, 86.7),
+            _row("minilm:int4-awq", 86.45, 86.7),  # within 0.1 of gptq: matches
+            _row("llama:magnitude-50", 1.60, 1.44), _row("llama:wanda-50", 1.58, 1.44, 1200),
+            _row("llama:int4-gptq", 1.50, 1.44), _row("llama:int4-gptq+qad", 1.46, 1.44),
+            _row("llama:int4-rtn", 1.52, 1.44), _row("llama:rotate+int4-rtn", 1.53, 1.44),
+            _row("llama:rotate+int4-gptq", 1.49, 1.44)]
+    verdicts = {t.name: t.met for t in methods.targets(rows)}
+    assert verdicts["minilm: wanda 50% beats magnitude 50% at equal size"] is True
+    assert verdicts["minilm: sparsegpt 50% beats magnitude 50% at equal size"] is False
+    assert verdicts["minilm: awq beats rtn and matches or beats gptq (int4, equal size)"] is True
+    # better loss but 20% larger: not at equal size
+    assert verdicts["llama: wanda 50% beats magnitude 50% at equal size"] is False
+    assert verdicts["llama: sparsegpt 50% beats magnitude 50% at equal size"] is None
+    assert verdicts["llama: awq beats rtn and matches or beats gptq (int4, equal size)"] is None
+    assert verdicts["llama: QAD closes at least half of the int4 GPTQ gap to the original"] is True
+    assert verdicts["llama: rotate improves int4 (rtn or gptq)"] is True
