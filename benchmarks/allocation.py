@@ -59,7 +59,7 @@ def run_row(name: str, stages: str, workdir: Path, original: dict[str, float] | 
     started = time.perf_counter()
     regs = registries()
     result = execute(resolve(load_recipe(recipe), regs), regs, output=out, force=True, quiet=True,
-                     original_metrics=original, measure_stages=False)
+                     original_metrics=original, stage_metrics="none")
     m = result.report["metrics"]
     row = {
         "name": name, "stages": stages,

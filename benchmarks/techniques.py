@@ -104,7 +104,7 @@ def technique_row(name: str, stages: str, workdir: Path, original: dict[str, flo
     started = time.perf_counter()
     regs = registries()
     result = execute(resolve(load_recipe(recipe), regs), regs, output=out, force=True, quiet=True,
-                     original_metrics=original, measure_stages=False)
+                     original_metrics=original, stage_metrics="none")
     m = result.report["metrics"]
     row = _row(name, "ours", out, result.report, time.perf_counter() - started, dir_bytes(out),
                int(m["params"]["final"]))

