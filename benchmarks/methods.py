@@ -109,6 +109,8 @@ def _in_process_of_its_own(recipe: Path, out: Path) -> tuple[dict[str, Any], flo
 def minilm_row(name: str, body: str, workdir: Path, original: dict[str, Any] | None) -> dict[str, Any]:
     from benchmarks import techniques
 
+    workdir = workdir / "minilm"  # its artifacts apart from the Llama rows' of the same name
+    workdir.mkdir(parents=True, exist_ok=True)
     if name in SEPARATE:
         recipe = workdir / f"minilm-{name.replace('+', '_')}.squeeze"
         recipe.write_text(techniques.HEADER.format(name=name, shared=SHARED) + body + "\n")
@@ -126,6 +128,8 @@ def minilm_row(name: str, body: str, workdir: Path, original: dict[str, Any] | N
 
 
 def llama_row(name: str, body: str, prepared: charlm.Prepared, workdir: Path) -> dict[str, Any]:
+    workdir = workdir / "llama"
+    workdir.mkdir(parents=True, exist_ok=True)
     if name in SEPARATE:
         recipe = workdir / f"llama-{name.replace('+', '_')}.squeeze"
         recipe.write_text(causal_lm._recipe(name, prepared.model, prepared, body))
