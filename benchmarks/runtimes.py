@@ -50,7 +50,8 @@ SPECS = ROOT / "specs"
 RESULTS = ROOT / "benchmarks" / "results"
 STSB_DEV = ROOT.parent / "shared" / "data" / "stsb-en-dev.csv"
 #: The ONNX engine rows: the spec each runs with ``format = "onnx"`` (``minilm-onnx`` says so itself).
-ONNX_SPECS = {"int8-onnx": "minilm-onnx", "fast-onnx": "minilm-fast", "all-onnx": "minilm-all"}
+ONNX_SPECS = {"int8-onnx": "minilm-onnx", "w8a8-onnx": "minilm-w8a8-onnx", "fast-onnx": "minilm-fast",
+              "all-onnx": "minilm-all"}
 #: int4 group size of the GGUF rows (Q4_0 blocks are 32 wide).
 GGUF_GROUP = 32
 
@@ -170,6 +171,12 @@ def onnx_targets(rows: list[dict[str, Any]]) -> list[Target]:
                           f"{ours['size_ratio']:.1%}, drop {ours['drop']:.2f}, "
                           f"{ours['latency_ms']:.2f} ms vs peer {peer['latency_ms']:.2f} ms "
                           f"(drop {peer['drop']:.2f}, {peer['size_ratio']:.1%})"))
+    w8a8, dynamic = got.get("w8a8-onnx"), got.get("int8-onnx")
+    name = "onnx w8a8 (static int8 activations): faster than dynamic int8 (int8-onnx)"
+    out.append(Target(name, None, "a row did not run") if w8a8 is None or dynamic is None else
+               Target(name, w8a8["latency_ms"] < dynamic["latency_ms"],
+                      f"{w8a8['latency_ms']:.2f} ms vs {dynamic['latency_ms']:.2f} ms; drop "
+                      f"{w8a8['drop']:.2f} vs {dynamic['drop']:.2f}"))
     for row in ("fast-onnx", "all-onnx"):
         name = f"{row}: latency <= 0.15 of the torch original, drop <= 1.0"
         r = got.get(row)

@@ -39,10 +39,12 @@ def test_onnx_targets_are_judged_on_the_rows():
     rows = [_onnx("int8-onnx", size_ratio=0.254, drop=-0.01, latency_ms=10.5, latency_ratio=0.37),
             _onnx("onnxruntime-dynamic-int8", size_ratio=0.257, drop=0.33, latency_ms=12.8,
                   latency_ratio=0.45),
+            _onnx("w8a8-onnx", size_ratio=0.254, drop=0.12, latency_ms=10.1, latency_ratio=0.35),
             _onnx("fast-onnx", size_ratio=0.18, drop=0.75, latency_ms=4.8, latency_ratio=0.169),
             _onnx("all-onnx", error="boom")]
-    int8, fast, every = runtimes.onnx_targets(rows)
+    int8, w8a8, fast, every = runtimes.onnx_targets(rows)
     assert int8.met is True and "10.50 ms vs peer 12.80 ms" in int8.measured
+    assert w8a8.met is True and "10.10 ms vs 10.50 ms; drop 0.12 vs -0.01" in w8a8.measured
     assert fast.met is False and "x0.169" in fast.measured
     assert every.met is None  # a failed row is "not measured", never met
     rows[0]["drop"] = 0.11
