@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from benchmarks import causal_lm, charlm
+from benchmarks.rows import run_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = causal_lm.DATA
@@ -287,7 +288,6 @@ def main(only: list[str] | None = None, threads: int = 2) -> int:
           f"{ratios['eq_params']} params vs depth {ratios['depth']} (predicted)", flush=True)
     workdir = RESULTS / f"llama_lm{s.suffix}"
     workdir.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
     builders: dict[str, Callable[[], dict[str, Any]]] = {}
     for name, stages in row_stages(ratios, s).items():
         def engine(name: str = name, stages: str = stages) -> dict[str, Any]:
@@ -302,15 +302,7 @@ def main(only: list[str] | None = None, threads: int = 2) -> int:
         builders[name] = engine
     builders[PEERS[0]] = lambda: llmcompressor_gptq(prepared, workdir, s, threads)
     builders[PEERS[1]] = lambda: torch_pruning_mlp(prepared, workdir)
-    for name, build in builders.items():
-        if only and name not in only:
-            continue
-        print(f"{name} …", flush=True)
-        try:
-            rows.append(build())
-        except Exception as exc:  # one broken row must not hide the others
-            print(f"{name}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            rows.append({"name": name, "error": f"{type(exc).__name__}: {exc}"})
+    rows = run_rows(builders, lambda name: not only or name in only)
     finish(rows, only, prepared, ratios, s, started)
     return 0
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from benchmarks import causal_lm, charlm, llama_lm
-from benchmarks.rows import save_and_print
+from benchmarks.rows import run_rows, save_and_print
 from benchmarks.targets import Target, report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,16 +246,8 @@ def main(only: list[str] | None = None, threads: int = 2) -> int:
                     "original": row["input"]["val_loss"], "size_bytes": row["size_bytes"],
                     "seconds": row["seconds"], "peer": row["peer"]}
         builders[f"llama:llmcompressor-{method}-w4a16"] = peer
-    rows: list[dict[str, Any]] = []
-    for name, build in builders.items():
-        if only and name not in only and name.split(":", 1)[1] not in only:
-            continue
-        print(f"{name} …", flush=True)
-        try:
-            rows.append(build())
-        except Exception as exc:  # one broken row must not hide the others
-            print(f"{name}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            rows.append({"name": name, "error": f"{type(exc).__name__}: {exc}"})
+    rows = run_rows(builders, lambda name: not only or name in only
+                    or name.split(":", 1)[1] in only)
     path = RESULTS / f"methods{s.suffix}.json"
     save_and_print(path, rows, only, table)
     result = report(targets(json.loads(path.read_text())))

@@ -23,6 +23,23 @@ def save_and_print(path: Path, rows: list[dict[str, Any]], only: list[str] | Non
             print(f"{r['name']}: {r['error']}")
 
 
+def run_rows(builders: dict[str, Callable[[], dict[str, Any]]],
+             wanted: Callable[[str], bool]) -> list[dict[str, Any]]:
+    """Build every row ``wanted`` accepts, in order; a row that raises becomes an ``error`` row
+    (one broken row must not hide the others)."""
+    rows: list[dict[str, Any]] = []
+    for name, build in builders.items():
+        if not wanted(name):
+            continue
+        print(f"{name} …", flush=True)
+        try:
+            rows.append(build())
+        except Exception as exc:
+            print(f"{name}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            rows.append({"name": name, "error": f"{type(exc).__name__}: {exc}"})
+    return rows
+
+
 def pyplot() -> Any:
     """``matplotlib.pyplot`` on the file-only Agg backend, or ``None`` (said on stderr) when
     matplotlib is not installed."""

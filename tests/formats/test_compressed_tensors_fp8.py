@@ -4,68 +4,29 @@ back by transformers and by compressed-tensors itself into the engine's very wei
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 import squeezelang
 from squeezelang.errors import RecipeErrors
 
-from conftest import build_tiny_gpt2, build_tiny_llama, calib_context
+from conftest import build_tiny_gpt2
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("compressed_tensors", reason="the compressed-tensors extra is not installed")
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-FORMAT = "compressed-tensors"
-IDS = torch.tensor([[5, 17, 33, 2, 41, 60, 8, 9, 70, 12], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
-
-
-def _wide_llama(**kwargs):
-    """LlamaConfig with an MLP width a multiple of 32 (for an int4 stage beside the fp8 one)."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(**{**kwargs, "intermediate_size": 64})
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("llama-wide"), config_cls=_wide_llama)
-
-
-@pytest.fixture(scope="module")
-def fmt(registries):
-    return registries.output_formats.get(FORMAT)
+# the compressed-tensors format tests' own helpers (a tiny Llama whose MLP width fits int4 groups,
+# its logits, the stored tensors and the quantization_config), shared rather than copied
+from test_compressed_tensors_format import (FORMAT, IDS, _logits, _quant_config,  # noqa: E402,F401
+                                            _stored, _wide_llama, fmt, llama_dir)
+from test_compressed_tensors_format import _quantized as _quantized_by  # noqa: E402
 
 
 def _quantized(registries, src, dtype=None, stages=({"scheme": "fp8"},)):
-    from squeezelang.models.load import load_model
-
-    handle = load_model(src)
-    if dtype is not None:
-        handle.model.to(dtype)
-    tech = registries.techniques.get("quantize")
-    for params in stages:
-        params = {**tech.defaults_for(params), **params}
-        assert tech.check(params) == []
-        tech.apply_(handle, params, calib_context())
-    return handle
-
-
-def _logits(model):
-    with torch.no_grad():
-        return model(input_ids=IDS, attention_mask=torch.ones_like(IDS)).logits.float()
-
-
-def _stored(directory):
-    from safetensors.torch import load_file
-
-    return load_file(str(directory / "model.safetensors"))
-
-
-def _quant_config(directory):
-    return json.loads((directory / "config.json").read_text())["quantization_config"]
+    """The model of ``src`` after fp8 (by default) quantize stages."""
+    return _quantized_by(registries, src, dtype, stages)
 
 
 def _assert_float8_codes_are_the_engines(handle, directory, scale_dtype=torch.float32):
