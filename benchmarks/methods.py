@@ -17,23 +17,37 @@ Rows (``ROWS``): unstructured 50% and 2:4 pruning by ``magnitude``/``nm`` (the b
 int4 post-training quantization; LoRA healing beside full distillation after pruning half of the
 MLP neurons, each run in a process of its own so the report's peak memory is the row's.
 
+LoRA memory at scale (``scale:lora-memory-full``, ``scale:lora-memory-lora``): on the tiny models
+above activations dominate and LoRA's peak memory is not lower, so the same distillation (teacher =
+the original; ``LORA_MEMORY``: 6 steps, batches of 4 of the first 256 lines of tiny-shakespeare,
+64 tokens at most) runs with and without
+``lora_rank = 8`` on ``scale``'s random-weight Llama of about 0.1B parameters (bfloat16; the smoke
+model with ``--smoke``), each a ``squeeze run`` in a fresh process whose peak RSS the operating
+system reports (``scale.timed``). Random weights are enough: only memory, time and the trained
+parameter count (from the stage's log) are measured, no quality.
+
 Targets (the issue's claims; each judged on measured rows, "not measured" when one is missing):
 wanda (each output row's weights compared, as in its paper; and ``compare = "layer"``) and
 sparsegpt beat magnitude at 50% on both models; AWQ beats RTN and matches or beats GPTQ
 (within ``MATCH``) on both; QAD closes at least half of the gap between int4 GPTQ and the original
-on the causal LM; rotation improves int4 RTN or GPTQ on the causal LM. Writes ``benchmarks/results/methods.json`` (``methods-smoke.json`` with
-``--smoke``, where the Llama is ``llama_lm``'s smoke model and MiniLM rows are skipped).
+on the causal LM; rotation improves int4 RTN or GPTQ on the causal LM; LoRA distillation peaks
+lower in RSS than full distillation on the 0.1B model. Writes ``benchmarks/results/methods.json``
+(``methods-smoke.json`` with ``--smoke``, where the Llama is ``llama_lm``'s smoke model, the
+LoRA memory rows run on ``scale``'s smoke model, and MiniLM rows are skipped).
 """
 from __future__ import annotations
 
+import functools
 import json
+import re
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks import causal_lm, charlm, llama_lm
+from benchmarks import causal_lm, charlm, llama_lm, scale
 from benchmarks.rows import run_rows, save_and_print
 from benchmarks.targets import Target, report
 
@@ -42,8 +56,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 SHARED = ROOT.parent / "shared" / "data"
 #: "matches": AWQ's quality within this of GPTQ's (Spearman points; relative validation loss).
 MATCH = {"minilm": 0.1, "llama": 0.005}
-#: LoRA rank of the healing rows.
+#: LoRA rank of the healing rows (and of the LoRA memory rows).
 LORA_RANK = 8
+#: The LoRA memory rows' distillation: just enough steps for the optimizer state to exist and
+#: peak; short texts, so that the activations (and the logits over 32,000 tokens) stay small.
+LORA_MEMORY = {"steps": 6, "batch_size": 4, "max_length": 64, "texts": 256}
 
 
 def stages(model: str, s: llama_lm.Settings) -> dict[str, str]:
@@ -144,6 +161,66 @@ def llama_row(name: str, body: str, prepared: charlm.Prepared, workdir: Path) ->
             "max_rss_bytes": row.get("max_rss_bytes"), "log": row["log"]}
 
 
+def lora_memory_stages() -> dict[str, str]:
+    """The LoRA memory rows' stages, by row name: the same distillation, full and with LoRA."""
+    d = LORA_MEMORY
+    full = (f"stage heal: distill {{ teacher = original, data = train, steps = {d['steps']}, "
+            f"batch_size = {d['batch_size']}, max_length = {d['max_length']} }}")
+    return {"lora-memory-full": full,
+            "lora-memory-lora": full.replace(" }", f", lora_rank = {LORA_RANK} }}")}
+
+
+def lora_memory_recipe(name: str, model: Path, data: Path, body: str) -> str:
+    """A LoRA memory row's recipe: ``body`` on the causal LM ``model``, trained on the first lines
+    of the text file ``data``; latency as ``scale`` measures it (short, a few repeats)."""
+    return (f'recipe "{name}"\nmodel = hf("{model}", task = "causal-lm")\n'
+            f'data train = text("{data}", limit = {LORA_MEMORY["texts"]})\n'
+            "metric latency = latency(seq = 64, repeats = 3)\n" + body + "\n")
+
+
+#: The distill stage's summary line (``Trainee.describe``).
+_TRAINED = re.compile(r"trained ([\d,]+) of ([\d,]+) parameters.*gradients ([\d,]+) bytes, "
+                      r"AdamW state ([\d,]+) bytes")
+
+
+def trained(log: list[str]) -> dict[str, int]:
+    """Parameters trained (of all), gradient and AdamW state bytes, from a distill stage's log."""
+    for line in log:
+        found = _TRAINED.search(line)
+        if found:
+            numbers = [int(g.replace(",", "")) for g in found.groups()]
+            return dict(zip(("trainable_params", "model_params", "grad_bytes", "adamw_state_bytes"),
+                            numbers))
+    raise RuntimeError("the distill stage logged no 'trained N of M parameters' line")
+
+
+def lora_memory_row(name: str, body: str, workdir: Path, size: str,
+                    shape: dict[str, int]) -> dict[str, Any]:
+    """``body`` on ``scale``'s random Llama of ``size``, a ``squeeze run`` in a fresh process."""
+    directory, params = scale.model_dir(size, shape)
+    workdir = workdir / "scale"
+    workdir.mkdir(parents=True, exist_ok=True)
+    recipe = workdir / f"{size}-{name}.squeeze"
+    recipe.write_text(lora_memory_recipe(name, directory, SHARED / "tinyshakespeare.txt", body))
+    out = workdir / "out" / recipe.stem
+    done = scale.timed([sys.executable, "-m", "squeezelang.cli", "run", str(recipe), "-o", str(out),
+                        "--force", "-q"])
+    if not (out / "report.json").is_file():
+        raise RuntimeError(f"squeeze run {recipe.name} wrote no report (exit {done['rc']}): "
+                           f"{done['output'].strip()[-1500:]}")
+    rep = json.loads((out / "report.json").read_text())
+    shutil.rmtree(out, ignore_errors=True)  # a 0.1B model's artifact; only the report is kept
+    log = [line for st in rep.get("stages", []) for line in st.get("log", [])]
+    return {"name": f"scale:{name}", "size": size, "params": params,
+            "max_rss_bytes": done["max_rss_bytes"],
+            "engine_max_rss_bytes": (rep.get("resources") or {}).get("max_rss_bytes"),
+            "seconds": done["wall_s"], "stage_s": sum(s["seconds"] for s in rep["stages"]),
+            **trained(log), "size_bytes": rep["metrics"]["size"]["final"], "stages": body,
+            "notes": "random weights (scale's builder): only peak RSS (the process's, as the "
+                     "operating system reports it), wall time and trained parameters are "
+                     "measured; no quality", "log": log}
+
+
 def _get(rows: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
     return next((r for r in rows if r["name"] == name and "error" not in r), None)
 
@@ -198,6 +275,17 @@ def targets(rows: list[dict[str, Any]]) -> list[Target]:
         out.append(Target(name, any(a["quality"] < b["quality"] for a, b in pairs),
                           "; ".join(f"{a['name'].split(':')[1]} {a['quality']:.4f} vs "
                                     f"{b['quality']:.4f}" for a, b in pairs)))
+    full, lora = _get(rows, "scale:lora-memory-full"), _get(rows, "scale:lora-memory-lora")
+    size = (full or lora or {}).get("size", "0.1B")
+    name = f"scale: LoRA distill peak RSS < full distill peak RSS on the {size} model"
+    if full is None or lora is None:
+        out.append(Target(name, None, "a row is missing"))
+    else:
+        out.append(Target(name, lora["max_rss_bytes"] < full["max_rss_bytes"],
+                          f"{lora['max_rss_bytes'] / 1e9:.2f} GB vs "
+                          f"{full['max_rss_bytes'] / 1e9:.2f} GB; trained "
+                          f"{lora['trainable_params']:,} vs {full['trainable_params']:,} "
+                          "parameters"))
     return out
 
 
@@ -209,8 +297,17 @@ def table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"{r['name']:28s} error: {r['error']}")
             continue
         rss = r.get("max_rss_bytes")
-        lines.append(f"{r['name']:28s} {r['quality']:9.4f} {r['original']:9.4f} "
-                     f"{r['size_bytes'] / 1e6:9.3f} {(rss or 0) / 1e9:8.2f} {r['seconds']:7.1f}")
+        quality = (f"{r['quality']:9.4f} {r['original']:9.4f}" if "quality" in r
+                   else f"{'-':>9s} {'-':>9s}")  # the LoRA memory rows judge no quality
+        lines.append(f"{r['name']:28s} {quality} {r['size_bytes'] / 1e6:9.3f} "
+                     f"{(rss or 0) / 1e9:8.2f} {r['seconds']:7.1f}")
+    trainees = [r for r in rows if "trainable_params" in r]
+    if trainees:
+        lines.append(f"\n{'row':28s} {'trained':>12s} {'of':>12s} {'grads MB':>9s} "
+                     f"{'AdamW MB':>9s} {'stage s':>8s}")
+        lines += [f"{r['name']:28s} {r['trainable_params']:12,} {r['model_params']:12,} "
+                  f"{r['grad_bytes'] / 1e6:9.1f} {r['adamw_state_bytes'] / 1e6:9.1f} "
+                  f"{r['stage_s']:8.1f}" for r in trainees]
     return "\n".join(lines)
 
 
@@ -234,18 +331,23 @@ def main(only: list[str] | None = None, threads: int = 2) -> int:
                 original.setdefault("metrics", row.pop("original_metrics", None))
                 return row
             builders[f"minilm:{name}"] = minilm
-    prepared = charlm.prepare(llama_lm._data(s), s.hyper)
+    # prepared when a row first needs it: the LoRA memory rows alone train no character model
+    prepared = functools.cache(lambda: charlm.prepare(llama_lm._data(s), s.hyper))
     for name, body in stages("llama", s).items():
         builders[f"llama:{name}"] = (lambda name=name, body=body:
-                                     llama_row(name, body, prepared, workdir))
+                                     llama_row(name, body, prepared(), workdir))
     for method in ("gptq", "awq"):
         def peer(method: str = method) -> dict[str, Any]:
-            row = llama_lm.llmcompressor_gptq(prepared, workdir, s, threads, method,
+            row = llama_lm.llmcompressor_gptq(prepared(), workdir, s, threads, method,
                                               f"llmcompressor-{method}-w4a16")
             return {"name": f"llama:{row['name']}", "quality": row["val_loss"],
                     "original": row["input"]["val_loss"], "size_bytes": row["size_bytes"],
                     "seconds": row["seconds"], "peer": row["peer"]}
         builders[f"llama:llmcompressor-{method}-w4a16"] = peer
+    size, shape = ("smoke", scale.SMOKE) if s.suffix else ("0.1B", scale.SIZES["0.1B"])
+    for name, body in lora_memory_stages().items():
+        builders[f"scale:{name}"] = (lambda name=name, body=body:
+                                     lora_memory_row(name, body, workdir, size, shape))
     rows = run_rows(builders, lambda name: not only or name in only
                     or name.split(":", 1)[1] in only)
     path = RESULTS / f"methods{s.suffix}.json"

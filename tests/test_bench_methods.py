@@ -59,6 +59,49 @@ def test_targets_judge_the_rows():
     assert verdicts["llama: rotate improves int4 (rtn or gptq)"] is True
 
 
+def test_lora_memory_rows_are_recipes_squeeze_check_accepts(tmp_path):
+    model = build_tiny_llama(tmp_path / "llama")
+    data = tmp_path / "text.txt"
+    data.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n",
+                    encoding="utf-8")
+    rows = methods.lora_memory_stages()
+    assert set(rows) == {"lora-memory-full", "lora-memory-lora"}
+    for name, body in rows.items():
+        recipe = tmp_path / f"{name}.squeeze"
+        recipe.write_text(methods.lora_memory_recipe(name, model, data, body), encoding="utf-8")
+        squeezelang.check(recipe)
+    # the same distillation, LoRA the only difference
+    assert rows["lora-memory-lora"] == rows["lora-memory-full"].replace(" }", ", lora_rank = 8 }")
+
+
+def test_lora_memory_rows_read_what_distill_trained_from_its_log():
+    log = ["distill: trained 1,024 of 9,000 parameters (LoRA rank 8, alpha 16, on 14 layers, "
+           "merged): gradients 2,048 bytes, AdamW state 4,096 bytes",
+           "distill: 6 steps, loss on a fixed batch 1.2 -> 1.1"]
+    assert methods.trained(log) == {"trainable_params": 1024, "model_params": 9000,
+                                    "grad_bytes": 2048, "adamw_state_bytes": 4096}
+    with pytest.raises(RuntimeError, match="no 'trained N of M parameters'"):
+        methods.trained(log[1:])
+
+
+@pytest.mark.parametrize("lora_rss, met", [(1.2e9, True), (1.9e9, False), (None, None)])
+def test_lora_memory_target_compares_peak_rss(lora_rss, met):
+    def row(name, rss, trainable):
+        return {"name": f"scale:lora-memory-{name}", "size": "0.1B", "max_rss_bytes": rss,
+                "trainable_params": trainable, "model_params": 124_668_672, "grad_bytes": 0,
+                "adamw_state_bytes": 0, "seconds": 60.0, "stage_s": 30.0, "size_bytes": 1000}
+
+    rows = [row("full", 1.8e9, 100_000_000)]
+    if lora_rss is not None:
+        rows.append(row("lora", lora_rss, 1_000_000))
+    (target,) = [t for t in methods.targets(rows) if t.name.startswith("scale:")]
+    assert target.name == "scale: LoRA distill peak RSS < full distill peak RSS on the 0.1B model"
+    assert target.met is met
+    assert "trained 1,000,000 vs 100,000,000" in target.measured or met is None
+    # rows without a quality print, and so do the parameters they trained
+    assert " 100,000,000  124,668,672 " in methods.table(rows)
+
+
 @pytest.mark.shared
 @pytest.mark.parametrize("suite", ["techniques", "allocation"])
 def test_in_process_rows_call_the_executor_with_arguments_it_takes(suite, shared_data, tmp_path,

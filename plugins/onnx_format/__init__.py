@@ -67,7 +67,8 @@ class OnnxFormat(OutputFormat):
         "(W8A8 layers, quantize scheme \"w8a8\": MatMulIntegerToFloat on activations quantized "
         "with their static scales), "
         "group-wise 4/8-bit ones as MatMulNBits (groups: powers of two from 16), embeddings are "
-        "gathered from their codes. Pruned zeros (unstructured or N:M) are stored dense; pruned, "
+        "gathered from their codes; an encoder's self-attention runs as one Attention kernel "
+        "(QAttention on 8-bit codes) when that computes what the plain graph does. Pruned zeros (unstructured or N:M) are stored dense; pruned, "
         "factorized and shared layers are simply a smaller graph. Clustered weights, FP8 weights "
         "and other widths are refused. Float weights are float32 (a half-precision model is "
         "widened).")
@@ -85,6 +86,12 @@ class OnnxFormat(OutputFormat):
                                            "(more exact, slower). Layers of quantize scheme "
                                            "\"w8a8\" always quantize their inputs with their "
                                            "static scales, as they do in torch."},
+            "fuse_attention": {"type": "boolean", "default": True,
+                               "description": "Encoders (BERT, RoBERTa, XLM-R layouts): each "
+                                              "self-attention becomes one ONNX Runtime Attention "
+                                              "kernel (QAttention on 8-bit codes), kept only when "
+                                              "it computes what the plain graph does; false: "
+                                              "the plain graph."},
             "float_activations": {"type": "array", "items": {"type": "string"}, "default": [],
                                   "description": "Globs of module names whose quantized weights "
                                                  "multiply float activations even with "

@@ -78,8 +78,6 @@ def graph(handle: ModelHandle, options: dict[str, Any]) -> Any:
 
     from squeezelang_plugins.onnx_format.dedupe import dedupe_, inline_identities_
     from squeezelang_plugins.onnx_format.export import buffer_names, float_model, trace
-    from squeezelang_plugins.onnx_format.integer import rewrite_
-    from squeezelang_plugins.onnx_format.static import grids
 
     refuse_codecs(handle)
     weights = quantized_weights(handle)
@@ -90,15 +88,40 @@ def graph(handle: ModelHandle, options: dict[str, Any]) -> Any:
         trace(handle, model, path, int(options.get("opset", 18)))
         proto = onnx.load(str(path))
     inline_identities_(proto.graph)
-    roles = rewrite_(proto.graph, weights, _values(handle, weights),
-                     options.get("activations", "dynamic"), options.get("float_activations", []),
-                     grids(handle))
+    proto, roles = _rewritten(handle, model, proto, weights, options)
     dedupe_(proto.graph)
     present = {init.name for init in proto.graph.initializer}
     roles.update({name: {"role": "buffer"} for name in buffer_names(model) & present})
     proto.metadata_props.add(key=ROLES_KEY, value=json.dumps(roles, sort_keys=True))
     proto.producer_name = "squeezelang"
     return proto
+
+
+def _rewritten(handle: ModelHandle, model: Any, proto: Any, weights: dict[str, QuantizedWeight],
+               options: dict[str, Any]) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """The graph with its quantized weights as integer kernels, and the roles of the initializers
+    written: from the graph with fused attention (``fusion``) when the family has one, it computes
+    what the plain graph computes and its projections fit ``QAttention``; else from the plain one."""
+    from squeezelang_plugins.onnx_format.export import example_inputs, input_names
+    from squeezelang_plugins.onnx_format.fusion import fused, same_outputs
+    from squeezelang_plugins.onnx_format.integer import rewrite_
+    from squeezelang_plugins.onnx_format.qattention import Unfusable
+    from squeezelang_plugins.onnx_format.static import grids
+
+    args = (weights, _values(handle, weights), options.get("activations", "dynamic"),
+            options.get("float_activations", []), grids(handle))
+    candidate = None
+    if options.get("fuse_attention", True):
+        candidate = fused(proto, handle.model.config)
+    if candidate is not None:
+        inputs = input_names(handle)
+        feeds = {name: t.numpy() for name, t in zip(inputs, example_inputs(model, inputs))}
+        if same_outputs(proto, candidate, feeds):
+            try:
+                return candidate, rewrite_(candidate.graph, *args)
+            except Unfusable:
+                pass
+    return proto, rewrite_(proto.graph, *args)
 
 
 def write_model(proto: Any, directory: Path) -> None:

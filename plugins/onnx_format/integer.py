@@ -19,6 +19,10 @@ and scales (``quantized_weights``), never quantized again:
   ``c + 2**(bits-1)``, the op's default zero point; two 4-bit codes a byte, the low nibble first;
   a row's last block padded with zero codes; ``accuracy_level`` 4, int8 activations, unless
   ``activations = "float"``).
+- a fused self-attention (``fusion``: one ``com.microsoft.Attention`` reading the three
+  projections packed side by side) whose three weights are 8-bit codes per channel or tensor:
+  ``QAttention`` on the packed codes (``qattention``); what it cannot hold raises ``Unfusable``
+  and the plain graph is rewritten instead.
 - embeddings (``Gather``): the int8 rows and their scales are gathered and multiplied in the
   graph; group-wise ones use ``com.microsoft.GatherBlockQuantized`` on the very initializer a tied
   output layer's ``MatMulNBits`` reads, so a tied vocabulary matrix is stored once.
@@ -33,6 +37,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from squeezelang.plugin import SqueezeError
+
+from squeezelang_plugins.onnx_format.qattention import packed_parts, qattention
 
 if TYPE_CHECKING:
     import numpy as np
@@ -85,12 +91,10 @@ class Rewrite:
     roles: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def matches(graph: GraphProto, weights: dict[str, QuantizedWeight],
-            values: dict[str, np.ndarray]) -> dict[str, Match]:
-    """The float initializers of ``graph`` equal to a quantized weight or to its transpose
-    (``values``: each weight's float32 value as the traced model held it)."""
-    from onnx import TensorProto, numpy_helper
-
+def weight_index(weights: dict[str, QuantizedWeight],
+                 values: dict[str, np.ndarray]) -> dict[tuple[tuple[int, ...], str], Match]:
+    """The fingerprints of each 2-D quantized weight and of its transpose (``values``: each
+    weight's float32 value as the traced model held it)."""
     index: dict[tuple[tuple[int, ...], str], Match] = {}
     for name, weight in weights.items():
         value = values[name]
@@ -98,6 +102,13 @@ def matches(graph: GraphProto, weights: dict[str, QuantizedWeight],
             continue
         index.setdefault(fingerprint(value.T), Match(weight, True))
         index[fingerprint(value)] = Match(weight, False)
+    return index
+
+
+def matches(graph: GraphProto, index: dict[tuple[tuple[int, ...], str], Match]) -> dict[str, Match]:
+    """The float initializers of ``graph`` equal to a quantized weight or to its transpose."""
+    from onnx import TensorProto, numpy_helper
+
     shapes = {key[0] for key in index}
     found = {}
     for init in graph.initializer:
@@ -114,11 +125,14 @@ class IntegerRewriter:
 
     def __init__(self, graph: GraphProto, found: dict[str, Match], activations: str,
                  float_globs: list[str] | tuple[str, ...] = (),
-                 grids: dict[str, tuple[float, int]] | None = None) -> None:
+                 grids: dict[str, tuple[float, int]] | None = None,
+                 packed: dict[str, list[Match | None]] | None = None) -> None:
         from squeezelang_plugins.onnx_format.static import StaticMatMuls, bias_adds
 
         self.graph = graph
         self.found = found
+        #: packed weight of a fused ``Attention`` -> its projections (``qattention``)
+        self.packed = packed or {}
         self.activations = activations
         self.float_globs = tuple(float_globs)
         self.out = Rewrite()
@@ -147,7 +161,10 @@ class IntegerRewriter:
             read = [i for i, name in enumerate(node.input) if name in self.found]
             if id(node) in self.absorbed:
                 continue
-            if not read:
+            if node.op_type == "Attention" and len(node.input) > 1 \
+                    and node.input[1] in self.packed:
+                qattention(self, node, self.packed[node.input[1]])
+            elif not read:
                 self.out.nodes.append(node)
             elif node.op_type in MATMULS and read == [1]:
                 self._matmul(node, self.found[node.input[1]])
@@ -412,14 +429,17 @@ def rewrite_(graph: GraphProto, weights: dict[str, QuantizedWeight], values: dic
     """Replace, in place, what reads each quantized weight in ``graph`` by an integer kernel and
     drop its float initializers; return the roles of the initializers added. ``grids``: the
     static input scale and zero point of the W8A8 layers' weights (``static.grids``)."""
-    found = matches(graph, weights, values)
-    if not found:
+    index = weight_index(weights, values)
+    found = matches(graph, index)
+    packed = packed_parts(graph, index)
+    if not found and not packed:
         return {}
-    result = IntegerRewriter(graph, found, activations, float_globs, grids).run()
+    result = IntegerRewriter(graph, found, activations, float_globs, grids, packed).run()
     del graph.node[:]
     graph.node.extend(result.nodes)
     read = {name for node in graph.node for name in node.input}
-    kept = [init for init in graph.initializer if init.name not in found or init.name in read]
+    replaced = set(found) | set(packed)
+    kept = [init for init in graph.initializer if init.name not in replaced or init.name in read]
     del graph.initializer[:]
     graph.initializer.extend(kept + result.initializers)
     return result.roles

@@ -95,6 +95,11 @@ def _ops(graph):
     return collections.Counter(node.op_type for node in graph.graph.node)
 
 
+def _integer_matmuls(ops):
+    """Integer products of the graph: a fused attention's ``QAttention`` holds three."""
+    return ops["MatMulInteger"] + 3 * ops["QAttention"]
+
+
 def _float_copies(graph, handle):
     """The quantized weights of ``handle`` whose float values (or transposes) the graph holds."""
     state = handle.model.state_dict()
@@ -122,7 +127,8 @@ def _linear_weights(handle):
 def test_the_format_is_registered_with_its_options(fmt):
     assert fmt.runtime == "onnxruntime"
     assert fmt.model_files == ("model.onnx", "model.onnx.data")
-    assert fmt.defaults() == {"opset": 18, "activations": "dynamic", "float_activations": []}
+    assert fmt.defaults() == {"opset": 18, "activations": "dynamic", "float_activations": [],
+                              "fuse_attention": True}
     assert "MatMulNBits" in fmt.description and "dense" in fmt.description
 
 
@@ -261,9 +267,10 @@ def test_int8_weights_run_as_matmul_integer(fmt, registries, model_dirs, tmp_pat
     graph = _graph(tmp_path / name)
     linear = _linear_weights(handle)
     ops = _ops(graph)
-    assert ops["MatMulInteger"] == len(linear) + EXTRA_MATMULS[name] and ops["MatMulNBits"] == 0
+    assert _integer_matmuls(ops) == len(linear) + EXTRA_MATMULS[name] and ops["MatMulNBits"] == 0
+    assert ops["QAttention"] == (2 if name == "bert" else 0)  # encoders' attention is fused
     # one activation quantization for the layers reading one input (q, k, v; GPT-2 fuses them)
-    assert ops["DynamicQuantizeLinear"] < ops["MatMulInteger"] or name == "gpt2"
+    assert ops["DynamicQuantizeLinear"] < _integer_matmuls(ops) or name == "gpt2"
     assert _float_copies(graph, handle) == set()
     weight = next(iter(linear.values()))
     stored = _initializer(graph, f"{weight.name}.codes")
@@ -339,7 +346,7 @@ def test_int8_kernel_layers_are_exported_from_their_codes(fmt, registries, model
     handle = _apply(load_model(model_dirs["bert"]), registries, "quantize", scheme="int8-dynamic")
     _, reloaded = _save(fmt, handle, tmp_path / "dyn")
     graph = _graph(tmp_path / "dyn")
-    assert _ops(graph)["MatMulInteger"] == len(_linear_weights(handle)) + EXTRA_MATMULS["bert"]
+    assert _integer_matmuls(_ops(graph)) == len(_linear_weights(handle)) + EXTRA_MATMULS["bert"]
     assert _float_copies(graph, handle) == set()
     # torch's dynamic int8 kernels and ONNX Runtime's quantize the activations alike
     assert _error(handle, reloaded)["last_hidden_state"] < 1e-4

@@ -1,0 +1,99 @@
+"""A fused ``Attention`` node (``fusion``) whose projections hold 8-bit codes, as ``QAttention``.
+
+ONNX Runtime's ``Attention`` reads the query, key and value projections packed side by side as one
+``[hidden, 3 * hidden]`` float weight. When the three weights are the engine's 8-bit codes (one
+scale per output channel or per tensor, inputs quantized dynamically), the node becomes
+``com.microsoft.QAttention``: the input quantized once by ``DynamicQuantizeLinear``, the three
+code matrices packed as one int8 ``[hidden, 3 * hidden]`` initializer with one scale per column
+(a per-tensor scale repeated along its block) and zero zero points, the float bias and the mask as
+they were. The codes are the engine's, never quantized again.
+
+Anything else that a fused node would have to hold (group-wise codes, static W8A8 inputs, float
+activations, only some of the three quantized) raises ``Unfusable``: the caller then writes the
+plain graph, where each projection gets its own kernel.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    from onnx import GraphProto, NodeProto
+
+    from squeezelang_plugins.onnx_format.integer import IntegerRewriter, Match
+
+MS_DOMAIN = "com.microsoft"
+PARTS = 3
+
+
+class Unfusable(Exception):
+    """A fused ``Attention`` cannot hold its projections' codes; write the plain graph."""
+
+
+def packed_parts(graph: GraphProto, index: dict[Any, Match]) -> dict[str, list[Match | None]]:
+    """``{packed weight initializer: [query, key, value matches]}`` for each ``Attention`` node
+    whose packed weight holds at least one quantized weight (``index``: ``integer.weight_index``,
+    fingerprints of each quantized weight and of its transpose)."""
+    from onnx import TensorProto, numpy_helper
+
+    from squeezelang_plugins.onnx_format.integer import fingerprint
+
+    initializers = {init.name: init for init in graph.initializer}
+    found: dict[str, list[Match | None]] = {}
+    for node in graph.node:
+        if node.op_type != "Attention" or node.domain != MS_DOMAIN or len(node.input) < 2:
+            continue
+        init = initializers.get(node.input[1])
+        if init is None or init.data_type != TensorProto.FLOAT or len(init.dims) != 2 \
+                or init.dims[1] % PARTS:
+            continue
+        packed = numpy_helper.to_array(init)
+        width = packed.shape[1] // PARTS
+        parts = [index.get(fingerprint(packed[:, i * width:(i + 1) * width]))
+                 for i in range(PARTS)]
+        if any(part is not None for part in parts):
+            found[init.name] = parts
+    return found
+
+
+def _scales(match: Match, width: int) -> np.ndarray:
+    import numpy as np
+
+    scales = match.weight.scales.numpy().astype(np.float32).reshape(-1)
+    return np.broadcast_to(scales, (width,)) if scales.size == 1 else scales
+
+
+def qattention(rewriter: IntegerRewriter, node: NodeProto, parts: list[Match | None]) -> None:
+    """Write ``node`` (a fused ``Attention``) as ``QAttention`` on the codes of ``parts``."""
+    import numpy as np
+    from onnx import helper
+
+    r = rewriter
+    for part in parts:
+        if part is None:
+            raise Unfusable("only some of the projections are quantized")
+        weight = part.weight
+        if weight.group is not None or weight.bits != 8 or weight.code_format is not None:
+            raise Unfusable(f"'{weight.name}' has {weight.bits}-bit group-wise codes")
+        if not part.flipped or weight.axis not in (None, 0):
+            raise Unfusable(f"the scales of '{weight.name}' do not run along its outputs")
+        if weight in r.static or r.float_activations(weight):
+            raise Unfusable(f"'{weight.name}' does not quantize its inputs dynamically")
+    matches = [p for p in parts if p is not None]
+    codes = np.concatenate([m.weight.codes.numpy().T for m in matches], axis=1)
+    width = codes.shape[1] // PARTS
+    scales = np.concatenate([_scales(m, width) for m in matches]).astype(np.float32)
+    base = node.input[1]
+    codes_name = r._initializer(f"{base}.codes", np.ascontiguousarray(codes, dtype=np.int8),
+                                {"role": "codes", "shape": [codes.shape[1], codes.shape[0]],
+                                 "zero": 0})
+    scale_name = r._initializer(f"{base}.scale", scales, {"role": "scales"})
+    zero_name = r._initializer(f"{base}.zero_point", np.zeros(scales.shape, dtype=np.int8),
+                               {"role": "scales"})
+    q, q_scale, q_zero = r._quantized_activation(node.input[0])
+    bias = node.input[2] if len(node.input) > 2 else ""
+    mask = node.input[3] if len(node.input) > 3 else ""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    r.out.nodes.append(helper.make_node(
+        "QAttention", [q, codes_name, bias, q_scale, scale_name, mask, q_zero, zero_name],
+        list(node.output[:1]), domain=MS_DOMAIN, name=node.name, **attrs))
