@@ -32,7 +32,8 @@ Groups (see docs/plugins.md for how each is used):
   ``length_limit``, ``max_positions``, ``outputs_for_fidelity``;
 - per-layer allocation: ``costs``, ``Candidates``, ``allocate``, ``describe``;
 - data-parallel training under ``torchrun``: ``World``, ``world``, ``is_main``, ``barrier``,
-  ``share``, ``any_rank``, ``data_parallel``, ``ensure_process_group``;
+  ``share``, ``any_rank``, ``data_parallel`` (DDP or FSDP), ``ensure_process_group``,
+  ``counterparts`` (a model's parameters as the student ``data_parallel`` yields holds them);
 - other runtimes (output formats whose ``load`` runs the artifact elsewhere): ``RuntimeModel``,
   ``RuntimeOutput``, ``RuntimeCounts``; the engine's own codes of quantized weights:
   ``quantized_weights``, ``QuantizedWeight``;
@@ -87,6 +88,7 @@ _export("squeezelang.models.sensitivity", "costs", "Candidates")
 _export("squeezelang.models.allocate", "allocate", "describe")
 _export("squeezelang.models.distributed", "World", "world", "is_main", "barrier", "share", "any_rank",
         "data_parallel", "ensure_process_group")
+_export("squeezelang.models.sharded", "counterparts")
 _export("squeezelang.models.load", "load_model", "AFTER_LOAD")
 _export("squeezelang.models.save", "save_model", "copy_aux_files")
 _export("squeezelang.models.standard", "standard_model")

@@ -61,6 +61,15 @@ teacher stays a plain model on each rank. A step is then the single-process step
 up to how the per-token terms are averaged (over a share's tokens, not the batch's), padding, and
 summation order; the relational loss of a narrower student compares the sentences within a share.
 With ``time``, the ranks agree at every step on whether time is up, so all stop at the same step.
+``parallel = "fsdp"`` trains through torch's FSDP2 instead (``data_parallel(model, "fsdp")``): a
+copy of the student whose transformer blocks, then the rest, are sharded over the ranks trains on
+the shards (the optimizer is built on them), each block's weights gathered only while it runs.
+The gradients are averaged as DDP averages them, so the steps are DDP's. The pruned zeros are
+kept on each rank's shard (the masks are cut as the weights are); LoRA adapters and quantized
+shadows live in the blocks and are sharded with them. At the end the trained values are gathered
+whole into the model on every rank, as DDP leaves it. Every rank still holds the whole model (it
+runs every stage, and keeps its weights through the loop): what FSDP divides by the number of
+ranks is what training adds, the gradients, AdamW's two moments and the copy that trains.
 """
 from __future__ import annotations
 
@@ -129,7 +138,8 @@ class Distill(Technique):
         "weights at zero. With `lora_rank`, trains low-rank adapters of the linear layers "
         "instead of the weights and merges them at the end. A quantized model trains through "
         "its codes (quantization-aware: float shadows, straight-through rounding) and stays on "
-        "its codecs' grids. The model's size does not change.")
+        "its codecs' grids. Under torchrun, trains data-parallel (DDP, or FSDP with "
+        "`parallel = \"fsdp\"`). The model's size does not change.")
     schema = {
         "type": "object",
         "additionalProperties": False,
@@ -163,6 +173,11 @@ class Distill(Technique):
                      "description": "auto: cosine + mse for embedding models, kl otherwise."},
             "seed": {"type": "integer",
                      "description": "Seed of the shuffling and of torch (default: the run's seed)."},
+            "parallel": {"type": "string", "enum": ["ddp", "fsdp"], "default": "ddp",
+                         "description": "Under torchrun: ddp (every rank holds the whole "
+                                        "gradients and AdamW state) or fsdp (the trained "
+                                        "weights, their gradients and AdamW state sharded over "
+                                        "the ranks, block by block). Ignored in one process."},
             "lora_rank": {"type": "integer", "minimum": 1,
                           "description": "Train LoRA adapters of this rank on the selected linear "
                                          "layers, with every weight frozen, and merge them into "
@@ -301,26 +316,30 @@ class Distill(Technique):
         except BaseException:
             trainee.finish_()
             raise
-        trainable = [p for p in model.parameters() if p.requires_grad]
         steps = int(params.get("steps", 200))
         lr = float(params.get("lr", 3e-4))
         warmup = max(1, steps // 10)
-        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        parallel = str(params.get("parallel", "ddp"))
         deadline = time.monotonic() + float(params["time"]) if params.get("time") else math.inf
         if ranks.size > 1:
             backend = "nccl" if batcher.device.type == "cuda" else "gloo"
-            ctx.log(f"distill: data-parallel on {ranks.size} ranks ({backend})")
+            how = ("fully sharded data-parallel (FSDP: weights, gradients and AdamW state "
+                   "sharded)" if parallel == "fsdp" else "data-parallel")
+            ctx.log(f"distill: {how} on {ranks.size} ranks ({backend})")
         probe = batcher.batch(list(range(min(len(batcher.rows), batcher.batch_size))))
-        done, student = 0, None
+        done, student, trainable, optimizer, scheduler = 0, None, [], None, None
         try:
-            if not trainable:
+            if not any(p.requires_grad for p in model.parameters()):
                 raise SqueezeError("distill: the model has no trainable parameters")
             with torch.no_grad():
                 start_loss = float(loss_of(probe, model))
-            with torch.enable_grad(), data_parallel(model) as student, \
+            with torch.enable_grad(), data_parallel(model, parallel) as student, \
                     ctx.progress(total=steps, desc="distill") as bar:
+                # built from what trains: under FSDP, the student's sharded parameters
+                trainable = trainee.train_in(student)
+                optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+                scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer, lambda step: min(1.0, (step + 1) / warmup))
                 for done in range(1, steps + 1):
                     loss = loss_of(batcher.next(ranks), student)
                     if not torch.isfinite(loss):
@@ -336,10 +355,13 @@ class Distill(Technique):
                     bar.set_postfix(loss=f"{loss.item():.4g}")
                     if deadline < math.inf and any_rank(time.monotonic() >= deadline):
                         break
-            summary = trainee.describe(trainable, optimizer)
+                summary = trainee.describe(trainable, optimizer)
         finally:
             student = None  # the data-parallel wrapper and its gradient hooks go
-            optimizer.zero_grad(set_to_none=True)
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+            # and, under FSDP, the sharded parameters and their AdamW state with them
+            trainable, optimizer, scheduler = [], None, None
             trainee.finish_()  # adapters merged, quantized weights on their grid
             model.eval()
         with torch.no_grad():

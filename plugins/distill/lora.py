@@ -67,6 +67,13 @@ class Adapted:
     hook: Any = None
 
 
+def _beside(module: nn.Module, args: tuple[Any, ...], y: torch.Tensor) -> torch.Tensor:
+    """The forward hook of a layer whose adapter runs beside it. It reads the adapter from the
+    module it is called on, never from a closure, so that a copy of the module (the sharded twin
+    that ``data_parallel(mode="fsdp")`` trains) runs its own adapter."""
+    return y + module.lora.beside(args[0])
+
+
 def add_adapters_(targets: list[tuple[str, nn.Module]], rank: int, alpha: float,
                   masks: dict[int, torch.Tensor], whole: set[int]) -> list[Adapted]:
     """Give every target layer an adapter (a tied weight, listed once, gets one); ``masks`` maps
@@ -85,8 +92,7 @@ def add_adapters_(targets: list[tuple[str, nn.Module]], rank: int, alpha: float,
             out.append(Adapted(name, module, adapter))
         else:
             module.add_module("lora", adapter)
-            hook = module.register_forward_hook(
-                lambda _, args, y, adapter=adapter: y + adapter.beside(args[0]))
+            hook = module.register_forward_hook(_beside)
             out.append(Adapted(name, module, adapter, hook))
     return out
 

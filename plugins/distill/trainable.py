@@ -1,8 +1,9 @@
 """What ``distill`` trains: parameters frozen, zeros kept, LoRA adapters, fake-quantized weights.
 
-``Trainee.prepare_`` sets the model up before the training loop; ``finish_`` undoes it after
-(adapters merged, quantized weights baked on their grid, every parameter trainable again), and
-``requantize_`` puts the quantized weights on their grid in the dtype they are saved in.
+``Trainee.prepare_`` sets the model up before the training loop, ``train_in`` points it at the
+parameters that train (an FSDP twin's shards under ``parallel = "fsdp"``); ``finish_`` undoes it
+after (adapters merged, quantized weights baked on their grid, every parameter trainable again),
+and ``requantize_`` puts the quantized weights on their grid in the dtype they are saved in.
 Imported only from inside ``Distill.apply_`` (``lora`` and ``qat`` import torch).
 """
 from __future__ import annotations
@@ -87,6 +88,8 @@ class Trainee:
     train_embeddings: bool
     frozen: list[Any] = field(default_factory=list)
     masks: list[tuple[Any, Any]] = field(default_factory=list)
+    #: ``masks`` as the module that trains holds them (``train_in``): under FSDP, shards of both
+    kept: list[tuple[Any, Any]] = field(default_factory=list)
     #: the quantized weights that train through their codes, with their ``quant`` specs
     coded: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)
     adapted: list[lora_.Adapted] = field(default_factory=list)
@@ -98,6 +101,7 @@ class Trainee:
         model = self.handle.model
         self.base_params = sum(p.numel() for p in model.parameters())
         self.masks = zero_masks(self.handle)
+        self.kept = self.masks  # until ``train_in`` says what trains
         codes = quantized(self.handle)
         if self.lora is None:
             self.frozen = [] if self.train_embeddings else [
@@ -123,18 +127,28 @@ class Trainee:
         qat.fake_quantize_(model, {id(p): q for p, q in self.coded})
         return self
 
+    def train_in(self, student: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """The parameters that train in ``student`` (what ``data_parallel`` yields: the model, its
+        DDP wrapper, or its FSDP twin, whose parameters are shards), with the masks of the zeros
+        to keep laid out as they are."""
+        from squeezelang.plugin import counterparts
+
+        self.kept = counterparts(self.handle.model, student, self.masks)
+        return [p for p in student.parameters() if p.requires_grad]
+
     def keep_zeros_(self) -> None:
         """Put the pruned zeros back after an optimizer step (shadows of quantized weights too:
-        a zero rounds to the zero code)."""
+        a zero rounds to the zero code), in the parameters that train (``train_in``)."""
         import torch
 
         with torch.no_grad():
-            for param, keep in self.masks:
+            for param, keep in self.kept:
                 param.mul_(keep)
 
     def finish_(self) -> None:
         """Merge the adapters, leave quantized weights on their grid, make every parameter
         trainable again (the model as the stage found it, with new values)."""
+        self.kept = []  # under FSDP, the shards go with the loop
         lora_.merge_(self.adapted)
         qat.bake_(self.handle.model)
         for param in self.frozen:
@@ -144,12 +158,16 @@ class Trainee:
         qat.requantize_(self.coded)
 
     def describe(self, trainable: list[Any], optimizer: Any) -> str:
-        """What was trained and what it held in memory: parameters, gradients, AdamW state."""
+        """What was trained and what it held in memory: parameters, gradients, AdamW state (the
+        bytes this rank held: under FSDP, its shards)."""
         import torch
 
+        def local(t: torch.Tensor) -> torch.Tensor:  # this rank's shard of an FSDP tensor
+            return t.to_local() if hasattr(t, "to_local") else t
+
         count = sum(p.numel() for p in trainable)
-        grads = sum(p.numel() * p.element_size() for p in trainable)
-        state = sum(t.numel() * t.element_size() for s in optimizer.state.values()
+        grads = sum(local(p).numel() * p.element_size() for p in trainable)
+        state = sum(local(t).numel() * t.element_size() for s in optimizer.state.values()
                     for t in s.values() if torch.is_tensor(t))
         what = ""
         if self.lora is not None:
@@ -157,5 +175,6 @@ class Trainee:
                     f"{len(self.adapted)} layers, merged)")
         coded = (f"; {len(self.coded)} quantized weights trained through their codes "
                  "(straight-through), saved on their grid" if self.coded else "")
+        held = " (this rank's shards)" if any(hasattr(p, "to_local") for p in trainable) else ""
         return (f"distill: trained {count:,} of {self.base_params:,} parameters{what}: gradients "
-                f"{grads:,} bytes, AdamW state {state:,} bytes{coded}")
+                f"{grads:,} bytes, AdamW state {state:,} bytes{held}{coded}")

@@ -4,8 +4,10 @@ Under ``torchrun --nproc_per_node N`` (or ``accelerate launch``) every process r
 recipe: the stages are deterministic, so every rank holds the same model. A technique that trains
 (``distill``) draws the same global batches on every rank, computes its loss on its rank's
 ``share`` of each one, and trains the model wrapped by ``data_parallel``, whose gradient averaging
-makes every step the step of the whole global batch. Rank 0 alone writes and measures (the
-executor's business). Without ``torchrun`` everything here describes one process and does nothing.
+makes every step the step of the whole global batch (``DistributedDataParallel``, or FSDP2 when
+the gradients and optimizer state should be sharded: ``squeezelang.models.sharded``). Rank 0 alone
+writes and measures (the executor's business). Without ``torchrun`` everything here describes one
+process and does nothing.
 
 The process group uses gloo for CPU tensors and, when torch sees a GPU, NCCL for CUDA tensors. This
 module imports torch only inside its functions, and only once a process group may exist.
@@ -162,21 +164,43 @@ def broadcast_json(value: Any = None) -> Any:
     return json.loads(bytes(buffer.tolist()).decode("utf-8"))
 
 
-@contextmanager
-def data_parallel(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """``model`` wrapped in ``DistributedDataParallel`` for a training loop when several ranks
-    run (the process group joined if need be), else ``model`` itself.
+#: The wrappers ``data_parallel`` trains through (``distill``'s ``parallel``).
+MODES = ("ddp", "fsdp")
 
-    Train through what this yields: each backward pass averages the gradients over the ranks, so
-    with equal shares of a global batch every rank takes the same step and the models stay equal.
-    Freeze parameters (``requires_grad_(False)``) before entering; ones the loss never reads are
-    allowed (torch warns once when there are none). The wrapper is for the loop only: after it,
-    keep using ``model`` (and hold no reference to the wrapper, whose gradient hooks live as long
-    as it does).
+
+@contextmanager
+def data_parallel(model: torch.nn.Module, mode: str = "ddp") -> Iterator[torch.nn.Module]:
+    """The module to train ``model`` through when several ranks run (the process group joined if
+    need be), else ``model`` itself.
+
+    ``mode = "ddp"``: ``model`` wrapped in ``DistributedDataParallel``. ``mode = "fsdp"``: a twin of
+    ``model`` whose blocks and root torch's ``fully_shard`` shards over the ranks (its parameters
+    are this rank's shards, DTensors; see ``squeezelang.models.sharded``): build the optimizer
+    from what this yields, and reach the parameters that train through ``counterparts``. On leaving
+    the block normally, ``model``'s parameters receive the trained values, gathered whole; if the
+    block raises, ``model`` is left as it was.
+
+    Either way each backward pass averages the gradients over the ranks, so with equal shares of a
+    global batch every rank takes the same step and the models stay equal. Freeze parameters
+    (``requires_grad_(False)``) before entering; ones the loss never reads are allowed (torch warns
+    once when there are none). The wrapper is for the loop only: after it, keep using ``model``
+    (and hold no reference to the wrapper, whose gradient hooks live as long as it does).
     """
+    if mode not in MODES:
+        raise SqueezeError(f"data-parallel mode '{mode}' is not one of {', '.join(MODES)}")
     ranks = ensure_process_group()
     if ranks.size == 1:
         yield model
+        return
+    if mode == "fsdp":
+        from squeezelang.models.sharded import gather_, sharded_twin
+
+        twin = sharded_twin(model, ranks)
+        try:
+            yield twin
+            gather_(model, twin)
+        finally:
+            del twin
         return
     from torch.nn.parallel import DistributedDataParallel
 
@@ -189,4 +213,3 @@ def data_parallel(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         yield wrapped
     finally:
         del wrapped
-
