@@ -14,7 +14,10 @@ calibrates on the same windows), then ``save_pretrained(OUT, save_compressed=Tru
 (compressed-tensors ``pack-quantized``). At another group size than the preset's 128 the scheme is
 W4A16's (symmetric 4-bit integer weights, group strategy, activations untouched) with that
 ``group_size``. ``--method awq`` runs ``AWQModifier`` with the same weight scheme (symmetric, like
-the engine's codes, so the two artifacts have the same size) instead of ``GPTQModifier``. The model and tokenizer come from the local directory; nothing is downloaded.
+the engine's codes, so the two artifacts have the same size) instead of ``GPTQModifier``.
+``--method smoothquant`` runs ``SmoothQuantModifier`` then a static W8A8 ``QuantizationModifier``
+(the engine's ``quantize { scheme = "w8a8" }``: int8 weights per channel, int8 input activations
+on one calibrated scale per tensor); reloaded, compressed-tensors quantizes the activations. The model and tokenizer come from the local directory; nothing is downloaded.
 
 Then it loads ``OUT`` back with plain transformers (which decompresses it through
 compressed-tensors) and scores ``VAL`` with ``charlm.mean_nll``: the same windows and tokens as
@@ -35,8 +38,26 @@ from typing import Any
 from benchmarks import charlm
 
 
+#: SmoothQuant's migration strength of the ``smoothquant`` peer (the engine's ``w8a8`` default).
+SMOOTHING = 0.5
+#: The ``smoothquant`` peer's scheme, as the engine's ``w8a8``: int8 weights per output channel,
+#: int8 input activations with one static (calibrated) asymmetric scale per tensor.
+W8A8_STATIC = {"weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
+               "input_activations": {"num_bits": 8, "type": "int", "symmetric": False,
+                                     "strategy": "tensor", "dynamic": False}}
+
+
 def recipe(group_size: int, method: str = "gptq") -> Any:
-    """GPTQ (or AWQ) at W4A16: the preset at group 128, the same fields at another group size."""
+    """GPTQ (or AWQ) at W4A16: the preset at group 128, the same fields at another group size;
+    ``smoothquant``: SmoothQuant then static W8A8 (``W8A8_STATIC``), the engine's ``w8a8``."""
+    if method == "smoothquant":
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+
+        return [SmoothQuantModifier(smoothing_strength=SMOOTHING),
+                QuantizationModifier(config_groups={"group_0": {"targets": ["Linear"],
+                                                                **W8A8_STATIC}},
+                                     ignore=["lm_head"])]
     from llmcompressor.modifiers.quantization import GPTQModifier
 
     modifier: Any = GPTQModifier
@@ -52,6 +73,10 @@ def recipe(group_size: int, method: str = "gptq") -> Any:
                     ignore=["lm_head"])
 
 
+#: What each ``--method`` ran, for the printed note.
+NOTES: dict[str, str] = {}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.llmc_peer", description=__doc__)
     for name in ("model", "train", "val", "out"):
@@ -60,8 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--method", choices=("gptq", "awq"), default="gptq")
+    parser.add_argument("--method", choices=("gptq", "awq", "smoothquant"), default="gptq")
     args = parser.parse_args(argv)
+    group = f"group {args.group_size}, lm_head ignored"
+    NOTES.update(gptq=f"GPTQModifier W4A16 ({group})", awq=f"AWQModifier W4A16 ({group})",
+                 smoothquant=f"SmoothQuantModifier (strength {SMOOTHING}) + QuantizationModifier "
+                             "W8A8 (int8 weights per channel, static per-tensor int8 input "
+                             "activations; lm_head ignored)")
 
     import torch
     from datasets import Dataset
@@ -90,9 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({
         "version": version("llmcompressor"), "params": params, "val_loss": val_loss,
         "seconds": seconds,
-        "note": f"llm-compressor {version('llmcompressor')} oneshot "
-                f"{'AWQModifier' if args.method == 'awq' else 'GPTQModifier'} W4A16 "
-                f"(group {args.group_size}, lm_head ignored) on {len(texts)} train windows, "
+        "note": f"llm-compressor {version('llmcompressor')} oneshot {NOTES[args.method]} "
+                f"on {len(texts)} train windows, "
                 f"save_compressed (compressed-tensors {version('compressed-tensors')}); reloaded "
                 f"with transformers {version('transformers')}"}))
     return 0

@@ -8,7 +8,8 @@ Two models, the same rows on each:
 - ``llama:…``: the character-level Llama of ``llama_lm`` (trained once on tiny-shakespeare, cached),
   quality = validation loss ``ln(perplexity)`` from the engine's report, calibration on the
   training windows (``llama_lm``'s group size and sample count); the llm-compressor peers (GPTQ
-  and AWQ W4A16 ``oneshot`` at the same group size and windows) where its interpreter exists.
+  and AWQ W4A16 ``oneshot`` at the same group size and windows, SmoothQuant + static W8A8 beside
+  ``w8a8``) where its interpreter exists.
 
 Rows (``ROWS``): unstructured 50% and 2:4 pruning by ``magnitude``/``nm`` (the baseline),
 ``wanda`` and ``sparsegpt``; int4 by ``rtn``, ``gptq`` and ``awq`` (equal size: same codec);
@@ -106,6 +107,11 @@ def stages(model: str, s: llama_lm.Settings) -> dict[str, str]:
         rows["rotate+int4-rtn"] = f'stage r: rotate {{ }}\n{rows["int4-rtn"]}'
         rows["rotate+int4-gptq"] = f'stage r: rotate {{ }}\n{rows["int4-gptq"]}'
     return rows
+
+
+#: llm-compressor's peers of the Llama rows: method -> scheme (``benchmarks.llmc_peer``); the
+#: W4A16 ones beside ``int4-gptq``/``int4-awq``, SmoothQuant's static W8A8 beside ``w8a8``.
+PEERS = {"gptq": "w4a16", "awq": "w4a16", "smoothquant": "w8a8"}
 
 
 #: Rows run as ``squeeze run`` in a process of their own: their peak memory is compared.
@@ -336,14 +342,14 @@ def main(only: list[str] | None = None, threads: int = 2) -> int:
     for name, body in stages("llama", s).items():
         builders[f"llama:{name}"] = (lambda name=name, body=body:
                                      llama_row(name, body, prepared(), workdir))
-    for method in ("gptq", "awq"):
-        def peer(method: str = method) -> dict[str, Any]:
+    for method, scheme in PEERS.items():
+        def peer(method: str = method, scheme: str = scheme) -> dict[str, Any]:
             row = llama_lm.llmcompressor_gptq(prepared(), workdir, s, threads, method,
-                                              f"llmcompressor-{method}-w4a16")
+                                              f"llmcompressor-{method}-{scheme}")
             return {"name": f"llama:{row['name']}", "quality": row["val_loss"],
                     "original": row["input"]["val_loss"], "size_bytes": row["size_bytes"],
                     "seconds": row["seconds"], "peer": row["peer"]}
-        builders[f"llama:llmcompressor-{method}-w4a16"] = peer
+        builders[f"llama:llmcompressor-{method}-{scheme}"] = peer
     size, shape = ("smoke", scale.SMOKE) if s.suffix else ("0.1B", scale.SIZES["0.1B"])
     for name, body in lora_memory_stages().items():
         builders[f"scale:{name}"] = (lambda name=name, body=body:

@@ -9,9 +9,10 @@ from typing import Any, Callable
 
 
 def save_and_print(path: Path, rows: list[dict[str, Any]], only: list[str] | None,
-                   table: Callable[[list[dict[str, Any]]], str]) -> None:
+                   table: Callable[[list[dict[str, Any]]], str]) -> list[dict[str, Any]]:
     """Write ``rows`` to ``path`` (a partial re-run with ``only`` updates its rows and keeps the
-    others), then print the table of the rows that ran and the error of each that failed."""
+    others), then print the table of the rows that ran and the error of each that failed; return
+    the rows written (what targets are judged on)."""
     if only and path.is_file():
         fresh = {r["name"]: r for r in rows}
         previous = json.loads(path.read_text())
@@ -21,6 +22,7 @@ def save_and_print(path: Path, rows: list[dict[str, Any]], only: list[str] | Non
     for r in rows:
         if "error" in r:
             print(f"{r['name']}: {r['error']}")
+    return rows
 
 
 def run_rows(builders: dict[str, Callable[[], dict[str, Any]]],

@@ -377,7 +377,7 @@ def main(only: list[str] | None = None, threads: int = 2) -> int:
     rows: list[dict[str, Any]] = []
     for part in parts:
         rows += part()
-    save_and_print(RESULTS / "runtimes.json", rows, only, table)
+    rows = save_and_print(RESULTS / "runtimes.json", rows, only, table)  # with --only: all rows
     verdicts = report(onnx_targets(rows) + gguf_targets(rows))
     (RESULTS / "runtimes-targets.json").write_text(json.dumps(
         {"targets": verdicts, "seconds": time.perf_counter() - started,

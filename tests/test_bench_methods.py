@@ -130,3 +130,16 @@ def test_in_process_rows_call_the_executor_with_arguments_it_takes(suite, shared
             name, (stages, _) = next(iter(module.ROWS.items()))
             module.run_row(name, stages, tmp_path, None)
     assert len(calls) == 1
+
+
+def test_each_llm_compressor_peer_stands_beside_the_row_of_its_scheme():
+    from benchmarks import llmc_peer
+
+    rows = methods.stages("llama", llama_lm.FULL)
+    beside = {"gptq": "int4-gptq", "awq": "int4-awq", "smoothquant": "w8a8"}
+    assert set(methods.PEERS) == set(beside) and all(beside[m] in rows for m in methods.PEERS)
+    # the SmoothQuant peer quantizes as the engine's w8a8 does: int8 weights per output channel,
+    # static (calibrated) int8 inputs on one scale per tensor
+    weights, inputs = llmc_peer.W8A8_STATIC["weights"], llmc_peer.W8A8_STATIC["input_activations"]
+    assert (weights["num_bits"], weights["strategy"], weights["symmetric"]) == (8, "channel", True)
+    assert (inputs["num_bits"], inputs["strategy"], inputs["dynamic"]) == (8, "tensor", False)

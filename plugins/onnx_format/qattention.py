@@ -8,8 +8,10 @@ code matrices packed as one int8 ``[hidden, 3 * hidden]`` initializer with one s
 (a per-tensor scale repeated along its block) and zero zero points, the float bias and the mask as
 they were. The codes are the engine's, never quantized again.
 
-Anything else that a fused node would have to hold (group-wise codes, static W8A8 inputs, float
-activations, only some of the three quantized) raises ``Unfusable``: the caller then writes the
+Three W8A8 projections (``quantize`` scheme ``w8a8``) read one input on one static grid: the
+input is then quantized with it (``QuantizeLinear``, as ``static`` does) instead of per call.
+Anything else that a fused node would have to hold (group-wise codes, float activations, static
+grids that differ, only some of the three quantized) raises ``Unfusable``: the caller then writes the
 plain graph, where each projection gets its own kernel.
 """
 from __future__ import annotations
@@ -63,6 +65,21 @@ def _scales(match: Match, width: int) -> np.ndarray:
     return np.broadcast_to(scales, (width,)) if scales.size == 1 else scales
 
 
+def _quantized_input(r: IntegerRewriter, activation: str,
+                     weights: list[Any]) -> tuple[str, str, str]:
+    """The uint8 input of the fused projections, its scale and zero point: quantized per call
+    (``DynamicQuantizeLinear``), or with the one static grid of three W8A8 layers."""
+    static = [w in r.static for w in weights]
+    if any(static):
+        grids = {r.static.grids[w.name] for w in weights if w in r.static}
+        if not all(static) or len(grids) != 1:
+            raise Unfusable("the projections quantize their input on different grids")
+        return r.static.quantized_input(activation, weights[0])
+    if any(r.float_activations(w) for w in weights):
+        raise Unfusable("a projection multiplies float activations")
+    return r._quantized_activation(activation)
+
+
 def qattention(rewriter: IntegerRewriter, node: NodeProto, parts: list[Match | None]) -> None:
     """Write ``node`` (a fused ``Attention``) as ``QAttention`` on the codes of ``parts``."""
     import numpy as np
@@ -77,9 +94,8 @@ def qattention(rewriter: IntegerRewriter, node: NodeProto, parts: list[Match | N
             raise Unfusable(f"'{weight.name}' has {weight.bits}-bit group-wise codes")
         if not part.flipped or weight.axis not in (None, 0):
             raise Unfusable(f"the scales of '{weight.name}' do not run along its outputs")
-        if weight in r.static or r.float_activations(weight):
-            raise Unfusable(f"'{weight.name}' does not quantize its inputs dynamically")
     matches = [p for p in parts if p is not None]
+    q, q_scale, q_zero = _quantized_input(r, node.input[0], [m.weight for m in matches])
     codes = np.concatenate([m.weight.codes.numpy().T for m in matches], axis=1)
     width = codes.shape[1] // PARTS
     scales = np.concatenate([_scales(m, width) for m in matches]).astype(np.float32)
@@ -90,7 +106,6 @@ def qattention(rewriter: IntegerRewriter, node: NodeProto, parts: list[Match | N
     scale_name = r._initializer(f"{base}.scale", scales, {"role": "scales"})
     zero_name = r._initializer(f"{base}.zero_point", np.zeros(scales.shape, dtype=np.int8),
                                {"role": "scales"})
-    q, q_scale, q_zero = r._quantized_activation(node.input[0])
     bias = node.input[2] if len(node.input) > 2 else ""
     mask = node.input[3] if len(node.input) > 3 else ""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}

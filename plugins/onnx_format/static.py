@@ -78,7 +78,7 @@ class StaticMatMuls:
     def __contains__(self, weight: QuantizedWeight) -> bool:
         return weight.name in self.grids
 
-    def _quantized(self, activation: str, weight: QuantizedWeight) -> tuple[str, str, str]:
+    def quantized_input(self, activation: str, weight: QuantizedWeight) -> tuple[str, str, str]:
         """The uint8 activation, its scale and zero point (``QuantizeLinear``, once per grid)."""
         import numpy as np
 
@@ -104,7 +104,7 @@ class StaticMatMuls:
         r = self.rewriter
         codes, scale = r._int8(weight, layout, rows=False)
         zero = r._zero_point(weight)
-        q, q_scale, q_zero = self._quantized(activation, weight)
+        q, q_scale, q_zero = self.quantized_input(activation, weight)
         inputs = [q, codes, q_scale, scale, q_zero, zero] + ([bias] if bias else [])
         r.out.nodes.append(helper.make_node("MatMulIntegerToFloat", inputs, [out],
                                             domain=MS_DOMAIN))

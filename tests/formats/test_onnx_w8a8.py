@@ -104,17 +104,20 @@ def test_w8a8_layers_run_static_integer_kernels(fmt, registries, model_dirs, tmp
     layers = _layers(handle)
     ops = _ops(graph)
     kernels = [n for n in graph.graph.node if n.op_type == "MatMulIntegerToFloat"]
-    assert len(kernels) == len(layers) - ABSENT[name]
+    # an encoder's query, key and value run in one QAttention on their shared static grid
+    fused = 3 * ops["QAttention"]
+    assert ops["QAttention"] == (handle.model.config.num_hidden_layers if name == "bert" else 0)
+    assert len(kernels) + fused == len(layers) - ABSENT[name]
     biased = {f"{n}.weight.codes" for n, m in layers.items() if m.bias is not None}
     assert all(n.domain == "com.microsoft" and len(n.input) == 6 + (n.input[1] in biased)
                for n in kernels)  # the bias is taken into the kernel
     # one activation grid for the layers reading one input (q, k, v; GPT-2 fuses them already)
-    assert 0 < ops["QuantizeLinear"] < len(kernels) or name == "gpt2"
+    assert 0 < ops["QuantizeLinear"] < len(kernels) + fused or name == "gpt2"
     # no per-call quantization for a W8A8 layer: only GPT-2's head, tied to its int8 embedding
     # and so weight-only in torch, reads dynamically quantized activations by default
     assert ops["DynamicQuantizeLinear"] == ops["MatMulInteger"] == (1 if name == "gpt2" else 0)
     assert _float_copies(graph, handle) == set()
-    module_name, module = next(iter(layers.items()))
+    module_name, module = next((n, m) for n, m in layers.items() if "attention.self" not in n)
     assert _initializer(graph, f"{module_name}.input_scale") == float(module.input_scale)
     assert _initializer(graph, f"{module_name}.input_zero_point") == int(module.input_zero_point)
     weight = quantized_weights(handle)[f"{module_name}.weight"]
@@ -223,3 +226,20 @@ def test_minilm_w8a8_keeps_int8_dynamic_quality(fmt, registries, minilm_dir, sha
             mine = encode(handle, [r[0] for r in dev[:32]])
             assert float(torch.nn.functional.cosine_similarity(mine, a[:32]).mean()) > 0.999
     assert abs(scores["w8a8"] - scores["int8-dynamic"]) < 0.5, scores
+
+
+def test_an_encoders_attention_quantizes_its_input_on_the_static_grid(fmt, registries, model_dirs,
+                                                                      tmp_path):
+    handle = _w8a8(load_model(model_dirs["bert"]), registries)
+    graph, reloaded = _save(fmt, handle, tmp_path / "fused")
+    producers = {out: n for n in graph.graph.node for out in n.output}
+    nodes = [n for n in graph.graph.node if n.op_type == "QAttention"]
+    assert len(nodes) == handle.model.config.num_hidden_layers
+    for index, node in enumerate(nodes):
+        query = handle.model.encoder.layer[index].attention.self.query
+        assert producers[node.input[0]].op_type == "QuantizeLinear"  # not per call
+        assert _initializer(graph, node.input[3]) == float(query.input_scale)
+        assert _initializer(graph, node.input[6]) == int(query.input_zero_point)
+    plain, _ = _save(fmt, handle, tmp_path / "plain", fuse_attention=False)
+    assert _ops(plain)["QAttention"] == 0
+    assert max(_errors(handle, reloaded).values()) < 1e-5
