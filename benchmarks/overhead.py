@@ -74,7 +74,7 @@ with contextlib.redirect_stdout(io.StringIO()):
     rc = cli.main()
 t2 = time.perf_counter()
 heavy = [m for m in ("torch", "transformers", "numpy", "scipy") if m in sys.modules]
-from squeezelang.executor.run import high_water_bytes
+from squeezelang.executor.usage import high_water_bytes
 print(json.dumps({"rc": rc, "import_s": t1 - t0, "command_s": t2 - t1, "heavy": heavy,
                   "peak_bytes": high_water_bytes()}))
 """
@@ -89,7 +89,7 @@ t0 = time.perf_counter()
 from squeezelang.models import hf
 hf.from_config(hf.read_config(Path(sys.argv[1])), "embedding", meta=True)
 t1 = time.perf_counter()
-from squeezelang.executor.run import high_water_bytes
+from squeezelang.executor.usage import high_water_bytes
 print(json.dumps({"rc": 0, "import_s": 0.0, "command_s": t1 - t0, "heavy": ["torch", "transformers"],
                   "peak_bytes": high_water_bytes()}))
 gc.freeze()

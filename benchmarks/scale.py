@@ -13,7 +13,9 @@ process itself stays small: it never imports torch):
 - ``depth``: ``prune { method = "depth", ratio = 0.25 }`` on the same texts.
 
 The recipes declare no metric besides the implicit ones (size, params, latency at batch 1 and 64
-tokens); the report's phases split the wall time. Targets: the 1.1B model compressed with int4
+tokens); the report's phases split the wall time, and its memory at the end of each phase (the
+peak so far and the resident size then: ``phase_max_rss_bytes``, ``phase_rss_bytes``) is kept in
+each row and printed below the table. Targets: the 1.1B model compressed with int4
 GPTQ in a peak RSS of at most 30% of its float32 size plus 1 GB, and wall time growing linearly
 with parameters (seconds per parameter of the largest model at most ``LINEAR_SLACK`` times the
 0.5B model's). ``--only`` takes row names (``int8 0.1B``) or a size (``0.5B``).
@@ -158,8 +160,11 @@ def run_row(size: str, shape: dict[str, int], technique: str) -> dict[str, Any]:
         row["error"] = f"exit {done['rc']}: {done['output'].strip()[-600:]}"
         return row
     rep = json.loads((out / "report.json").read_text())
+    used = rep.get("resources") or {}
     row.update({"timings": rep["timings"], "stage_s": sum(s["seconds"] for s in rep["stages"]),
-                "engine_max_rss_bytes": (rep.get("resources") or {}).get("max_rss_bytes"),
+                "engine_max_rss_bytes": used.get("max_rss_bytes"),
+                "phase_max_rss_bytes": used.get("phase_max_rss_bytes") or {},
+                "phase_rss_bytes": used.get("phase_rss_bytes") or {},
                 "final_size_bytes": rep["metrics"]["size"]["final"],
                 "original_size_bytes": rep["metrics"]["size"]["original"]})
     shutil.rmtree(out, ignore_errors=True)
@@ -176,7 +181,26 @@ def table(rows: list[dict[str, Any]]) -> str:
                      f"{r['final_size_bytes'] / r['original_size_bytes']:7.1%}")
     lines.append("(peak = the run's peak RSS as the operating system counts it; size = saved "
                  "size over the bfloat16 original's)")
-    return "\n".join(lines)
+    return "\n".join(lines + phase_table(rows))
+
+
+def phase_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The engine's memory as each phase of a row's run ended: the peak so far / resident then."""
+    rows = [r for r in rows if r.get("phase_max_rss_bytes")]
+    if not rows:
+        return []
+    phases = list(dict.fromkeys(p for r in rows for p in r["phase_max_rss_bytes"]))
+    lines = ["", "GB at the end of each phase (peak so far / resident then):",
+             f"{'row':16s} " + " ".join(f"{p:>17s}" for p in phases)]
+    for r in rows:
+        peaks, now = r["phase_max_rss_bytes"], r.get("phase_rss_bytes") or {}
+        lines.append(f"{r['name']:16s} " + " ".join(
+            f"{_gb(peaks[p]) + ' / ' + _gb(now.get(p)) if p in peaks else '':>17s}" for p in phases))
+    return lines
+
+
+def _gb(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1e9:.2f}"
 
 
 def targets(rows: list[dict[str, Any]]) -> list[Target]:

@@ -32,3 +32,17 @@ def test_a_missing_or_failed_row_is_not_measured():
     rows = [_row("depth", "0.5B", 0.5 * B, 100), {"name": "depth 1.1B", "error": "exit 3"}]
     assert _named(rows, "depth:").met is None
     assert _named([], "int4 GPTQ").met is None
+
+
+def test_the_table_shows_the_memory_at_the_end_of_each_phase():
+    from benchmarks.scale import table
+
+    row = dict(_row("int8", "1.1B", 1.1 * B, 100, rss=9.1 * B), stage_s=20.0,
+               final_size_bytes=1.1 * B, original_size_bytes=2.2 * B,
+               phase_max_rss_bytes={"load": 2.5 * B, "stage:s": 4.0 * B},
+               phase_rss_bytes={"load": 2.4 * B, "stage:s": 2.6 * B})
+    text = table([row, _row("int8", "0.5B", 0.5 * B, 50) | {
+        "stage_s": 9.0, "final_size_bytes": 1.0, "original_size_bytes": 2.0}])
+    header, line = text.splitlines()[-2:]
+    assert header.split() == ["row", "load", "stage:s"]
+    assert line.split() == ["int8", "1.1B", "2.50", "/", "2.40", "4.00", "/", "2.60"]

@@ -1,7 +1,6 @@
 """Run a plan: load, measure the original, apply stages with checkpoints, save, verify, report."""
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,6 +15,7 @@ from squeezelang.executor.guards import (check_artifact, check_finite, input_pat
                                          overlong_notes, read_inputs)
 from squeezelang.executor.measure import PAIRED_ROUNDS, measure_all, measure_paired
 from squeezelang.executor.original_cache import measure_original
+from squeezelang.executor.usage import PhaseMemory, resources
 from squeezelang.hooks.registry import Registries
 from squeezelang.hooks.sources import OutputFormat
 from squeezelang.planner.data import data_store
@@ -136,6 +136,7 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
     if str(out) != plan.output_dir:  # -o DIR: the report and the result name where artifacts are
         plan = replace(plan, output_dir=str(out))
     timings: dict[str, float] = {}
+    memory = PhaseMemory()  # the peak and resident memory as each timed phase ends
     started = time.perf_counter()
     work = ranks.work_dir(out, world)
     state = work.open(fingerprint(plan.to_json()), force)
@@ -152,6 +153,7 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
         read_inputs(ctx)
         original = ctx.original()
         timings["load"] = time.perf_counter() - t
+        memory.mark("load")
         notes = overlong_notes(ctx, original)
 
         t = time.perf_counter()
@@ -174,6 +176,7 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
                     shutil.rmtree(tmp, ignore_errors=True)
             work.save(state)
         timings["measure_original"] = time.perf_counter() - t
+        memory.mark("measure_original")
         # A large model is not held twice: the first stage takes the loaded original over, and
         # ``ctx.original()`` loads it again only where a stage (a teacher) or the end needs it.
         handover = not in_memory and weight_bytes(original) > HANDOVER_BYTES
@@ -220,6 +223,7 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
         if handover:  # a teacher the stage loaded is not kept through the next stages
             ctx.release_original()
         seconds = time.perf_counter() - t
+        memory.mark(f"stage:{stage.name}")
         try:
             ckpt_name = work.checkpoint(current, index, stage.name)
         except (SqueezeError, OSError) as exc:
@@ -231,6 +235,7 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
                   "measure_seconds": time.perf_counter() - t, "log": ctx.logs.pop(stage.name, [])}
         state.completed.append(record)
         work.save(state)
+        memory.mark(f"checkpoint:{stage.name}")
         ranks.barrier()  # every rank goes on (and may fail) only once rank 0 has kept the stage
         stage_records.append(record)
     if current is None:  # every stage was already done, or there are none
@@ -255,10 +260,12 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
         check_artifact(staged, files, plan.output_format,
                        registries.output_formats.owner(plan.output_format))
         timings["save"] = time.perf_counter() - t
+        memory.mark("save")
         current = None  # saved: the artifact is what is measured from here on (and in memory)
         t = time.perf_counter()
         reloaded = load_artifact(fmt, staged, plan, registries, threads)
         timings["reload"] = time.perf_counter() - t
+        memory.mark("reload")
         t = time.perf_counter()
         final = measure_all(plan, registries, reloaded, ctx, staged, "saved", fmt.model_files)
         said = {name: list(lines) for name, lines in ctx.metric_notes.items() if lines}
@@ -271,11 +278,12 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
                            "rounds": PAIRED_ROUNDS}
             originals[name], final[name] = before, after
         timings["measure_final"] = time.perf_counter() - t
+        memory.mark("measure_final")
         verdicts = verify(plan, originals, final)
         timings["total"] = time.perf_counter() - started + (search_seconds or 0.0)
         if search_seconds is not None:
             timings["search"] = search_seconds
-        used = resources(timings["total"])
+        used = resources(timings["total"], memory)
         report = build_report(plan, registries, originals, stage_records, final, verdicts,
                               files, timings, trials or [], resumed_after, composition, used, pairs,
                               runtime_of(reloaded, fmt), said)
@@ -316,49 +324,6 @@ def runtime_of(handle: ModelHandle, fmt: OutputFormat) -> str:
 
     model = handle.model
     return model.runtime if isinstance(model, RuntimeModel) and model.runtime else fmt.runtime
-
-
-def resources(wall_seconds: float) -> dict[str, Any]:
-    """What the run used: the peak resident memory (max RSS, bytes) of this process and of its
-    finished child processes (a search's worker processes), the CPU seconds of both, and
-    ``wall_seconds`` (the run's wall time, a search included).
-
-    The peaks and CPU times are the operating system's figures for the whole process so far: under
-    ``squeeze run`` that is the command; through the API, whatever the calling process did before
-    counts too. ``None`` where the platform has no ``resource`` module (Windows).
-
-    This process's own peak is the kernel's high-water mark of its address space (``VmHWM``) where
-    Linux gives it: ``ru_maxrss`` also keeps the peak of the process that started it, from before
-    it ran this program (Linux carries it across ``fork`` and ``exec``), so a ``squeeze run``
-    launched by a large process would report that process's memory as its own.
-    """
-    try:
-        import resource
-    except ImportError:
-        return {"max_rss_bytes": None, "self_max_rss_bytes": None, "children_max_rss_bytes": None,
-                "cpu_seconds": None, "wall_seconds": wall_seconds}
-    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB elsewhere
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    own = high_water_bytes()
-    own = own if own is not None else me.ru_maxrss * unit
-    return {"max_rss_bytes": max(own, children.ru_maxrss * unit),
-            "self_max_rss_bytes": own,
-            "children_max_rss_bytes": children.ru_maxrss * unit,
-            "cpu_seconds": me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime,
-            "wall_seconds": wall_seconds}
-
-
-def high_water_bytes() -> int | None:
-    """This process's peak resident memory since it started this program (Linux ``VmHWM``)."""
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # reported in kB
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _resume(work: WorkDir, record: dict[str, Any], done: int, plan: Plan, registries: Registries,

@@ -506,19 +506,28 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     import torch
 
     arr = values.reshape(-1).to(torch.uint8).numpy()
-    planes = np.unpackbits(arr[:, None], axis=1, count=8, bitorder="little")[:, :bits]
+    planes = np.unpackbits(arr[:, None], axis=1, count=bits, bitorder="little")  # low bits first
     return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little").copy())
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of ``pack_bits``: ``count`` unsigned integers as int64."""
+    import torch
+
+    return _unpacked(packed, bits, count).to(torch.int64)
+
+
+def _unpacked(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """``unpack_bits`` as uint8 (``bits <= 8``): a byte per value, and never eight bytes per bit
+    on the way (the codes of a large embedding would take gigabytes)."""
     import numpy as np
     import torch
 
     flat = np.unpackbits(packed.reshape(-1).to(torch.uint8).numpy(), count=count * bits,
                          bitorder="little")
-    planes = flat.reshape(count, bits).astype(np.int64)
-    return torch.from_numpy(planes @ (1 << np.arange(bits, dtype=np.int64)))
+    # each value's bits, low first, gathered back into one byte (zero-padded to eight bits)
+    return torch.from_numpy(np.packbits(flat.reshape(count, bits), axis=1,
+                                        bitorder="little").reshape(count))
 
 
 # ---------------------------------------------------------------------------- N:M runs
@@ -677,16 +686,16 @@ def decode(name: str, stored: dict[str, torch.Tensor], spec: dict[str, Any] | No
             if positions.numel() and int(positions.max()) >= m:
                 raise SqueezeError(f"'{name}': N:M position beyond its run of {m}")
 
-        def place(values: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-            """Scatter kept ``values`` into a zero tensor of ``shape``."""
+        def place(values: torch.Tensor) -> torch.Tensor:
+            """Scatter kept ``values`` into a zero tensor of ``shape`` (of their dtype)."""
             if values.numel() != count:
                 raise SqueezeError(f"'{name}': {values.numel()} values for {count} kept entries")
             if mask is not None:
-                full = zero.reshape(-1).clone()
+                full = torch.zeros(n, dtype=values.dtype)
                 full[mask] = values
                 return full.reshape(shape)
             if positions is not None:
-                runs = zero.reshape(-1, m).clone()
+                runs = torch.zeros(n // m, m, dtype=values.dtype)
                 runs.scatter_(1, positions, values.reshape(-1, nn))
                 return _unruns(runs, shape, axis_nm)
             return values.reshape(shape)
@@ -695,23 +704,20 @@ def decode(name: str, stored: dict[str, torch.Tensor], spec: dict[str, Any] | No
             bits, axis, group = quant["bits"], quant["axis"], quant.get("group")
             code_format = quant.get("format")
             codes = stored[name + CODES]
-            if code_format:  # float codes: exact in float32
-                if str(codes.dtype) != f"torch.{code_dtype(code_format)}":
-                    raise SqueezeError(f"'{name}': {code_format} codes stored as {codes.dtype}, "
-                                       f"not {code_dtype(code_format)}")
-                codes, zero = codes.reshape(-1).float(), torch.zeros(n)
-            elif bits == 8:
-                codes, zero = codes.reshape(-1).to(torch.int64), torch.zeros(n, dtype=torch.int64)
+            if code_format and str(codes.dtype) != f"torch.{code_dtype(code_format)}":
+                raise SqueezeError(f"'{name}': {code_format} codes stored as {codes.dtype}, "
+                                   f"not {code_dtype(code_format)}")
+            # every code (an integer of at most 8 bits, or a float8 value) is exact in float32,
+            # which dequantizing computes in anyway
+            if code_format or bits == 8:
+                codes = codes.reshape(-1).float()
             else:
-                codes = unpack_bits(codes, bits, count) - 2 ** (bits - 1)
-                zero = torch.zeros(n, dtype=torch.int64)
+                codes = _unpacked(codes, bits, count).float().sub_(2 ** (bits - 1))
             scales = stored[name + SCALES].float().reshape(-1)
             if scales.numel() != _n_scales(shape, axis, group):
                 raise SqueezeError(f"'{name}': {scales.numel()} scales for shape {shape}")
-            full = place(codes, zero)
-            return dequantize(full, scales, axis, group).to(dtype)
-        values = stored[name + VALUES].reshape(-1)
-        return place(values, torch.zeros(n, dtype=values.dtype)).to(dtype)
+            return dequantize(place(codes), scales, axis, group).to(dtype)
+        return place(stored[name + VALUES].reshape(-1)).to(dtype)
     except SqueezeError:
         raise
     except Exception as exc:  # malformed stored tensors

@@ -94,7 +94,6 @@ def load_model(directory: Path, registries: Registries | None = None,
     tied = tied_parameters(model)
     stored = read_weights(directory)
     state = decode_state(model, stored, codecs, directory, tied)
-    del stored
     for name, tensor in state.items():
         problem = nonfinite(tensor)
         if problem:
@@ -140,7 +139,10 @@ def _tokenizer(directory: Path) -> Any:
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the directory's top-level ``*.safetensors`` files."""
+    """Every tensor of the directory's top-level ``*.safetensors`` files, each in memory of its
+    own: a tensor mapped from the file would keep the whole file mapped, and resident, for as
+    long as any one of them lives (a norm weight the model keeps as stored, say), and a tensor
+    dropped once decoded (``decode_state``) gives its memory back."""
     from safetensors.torch import load_file
 
     files = sorted(Path(directory).glob("*.safetensors"))
@@ -149,7 +151,10 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for path in files:
         try:
-            tensors = load_file(str(path))
+            try:
+                tensors = load_file(str(path), backend="pread")
+            except TypeError:  # safetensors before 0.8 only maps: copy each tensor out
+                tensors = {name: t.clone() for name, t in load_file(str(path)).items()}
         except Exception as exc:
             raise SqueezeError(f"{path}: cannot read the weights: {type(exc).__name__}: {exc}") from None
         out.update(tensors)
@@ -243,7 +248,10 @@ def retie_(model: Any, tied: dict[str, str]) -> None:
 def decode_state(model: Any, stored: dict[str, torch.Tensor], codecs: dict[str, Any],
                  directory: Path, tied: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """The model's state dict decoded from ``stored``; tied aliases (``tied``, else those sharing
-    storage in the model) filled from their first name."""
+    storage in the model) filled from their first name.
+
+    ``stored`` is consumed: each stored tensor leaves it once decoded, so that the stored and the
+    decoded weights of the whole model are never in memory together."""
     from squeezelang.models.save import _aliases
 
     expected = model.state_dict()
@@ -254,7 +262,6 @@ def decode_state(model: Any, stored: dict[str, torch.Tensor], codecs: dict[str, 
         raise SqueezeError(f"{directory / SQUEEZE_FILE}: codecs for tensors the model does not have: "
                            f"{', '.join(unknown[:5])}")
     state: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
     missing = []
     for name, ref in expected.items():
         spec = codecs.get(name)
@@ -264,7 +271,8 @@ def decode_state(model: Any, stored: dict[str, torch.Tensor], codecs: dict[str, 
                 state[name] = codec.decode(name, stored, spec, ref.shape, ref.dtype)
             except SqueezeError as exc:
                 raise SqueezeError(f"{where}: {exc}") from None
-            used.update(names)
+            for n in names:
+                del stored[n]
         elif name in aliases:
             continue  # filled below from the tensor it is tied to
         else:
@@ -278,7 +286,7 @@ def decode_state(model: Any, stored: dict[str, torch.Tensor], codecs: dict[str, 
     if missing:
         raise SqueezeError(f"{where}: missing tensor(s) {', '.join(missing[:5])}"
                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    extra = sorted(set(stored) - used)
+    extra = sorted(stored)
     if extra:
         raise SqueezeError(f"{where}: unexpected tensor(s) {', '.join(extra[:5])}"
                            + (f" and {len(extra) - 5} more" if len(extra) > 5 else ""))

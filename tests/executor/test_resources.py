@@ -33,7 +33,7 @@ def _recipe(tmp_path: Path, model: Path, sentences: Path) -> Path:
 
 
 def _peak() -> int:
-    from squeezelang.executor.run import high_water_bytes
+    from squeezelang.executor.usage import high_water_bytes
 
     own = high_water_bytes()
     return own if own is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB
@@ -60,6 +60,25 @@ def test_report_records_the_peak_memory_of_the_run(tmp_path: Path, tiny_bert_dir
     jsonschema.validate(written, schema)
     assert f"peak memory {used['max_rss_bytes'] / 1e9:.2f} GB (max RSS)" in \
         (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="Linux-only: VmHWM, statm")
+def test_report_records_the_memory_at_the_end_of_each_phase(tmp_path: Path, tiny_bert_dir: Path,
+                                                            sentences_file: Path):
+    """Each phase's end: the peak so far (a running maximum, up to the run's peak) and the
+    resident memory then (at most the peak), in the order the phases ran."""
+    result = squeezelang.run(_recipe(tmp_path, tiny_bert_dir, sentences_file), output=tmp_path / "out")
+    used = result.report["resources"]
+    phases = ["load", "measure_original", "stage:int8", "checkpoint:int8", "save", "reload",
+              "measure_final"]
+    peaks, resident = used["phase_max_rss_bytes"], used["phase_rss_bytes"]
+    assert list(peaks) == phases and list(resident) == phases
+    values = [peaks[p] for p in phases]
+    assert all(isinstance(v, int) and v > 50e6 for v in values)
+    assert values == sorted(values) and values[-1] <= used["self_max_rss_bytes"]
+    # (the high-water mark is updated lazily: a reading may lag the resident size by a few pages)
+    assert all(0 < resident[p] <= peaks[p] + 1e6 for p in phases)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["resources"] == used
 
 
 LAUNCHER = """

@@ -1,6 +1,10 @@
 """Storage codecs: lossless round trips of the in-memory values, exact byte accounting."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -101,6 +105,47 @@ def test_bit_packing_round_trip(bits):
     packed = codec.pack_bits(values, bits)
     assert packed.dtype == torch.uint8 and packed.numel() == (37 * bits + 7) // 8
     assert torch.equal(codec.unpack_bits(packed, bits, 37), values)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_bit_packing_is_a_little_endian_bit_stream(bits):
+    """Value ``i`` takes bits ``i*bits .. (i+1)*bits - 1`` of the stream, low bit first: the
+    layout of every file saved so far."""
+    values = torch.randint(0, 2 ** bits, (37,), generator=torch.Generator().manual_seed(bits))
+    stream = sum(int(v) << (i * bits) for i, v in enumerate(values))
+    expected = list(stream.to_bytes((37 * bits + 7) // 8, "little"))
+    assert codec.pack_bits(values, bits).tolist() == expected
+
+
+DECODE_PEAK = """
+import sys, torch
+from squeezelang.models import codec
+bits, group = int(sys.argv[1]), int(sys.argv[2]) or None
+w = torch.randn(4096, 4096)
+stored = codec.encode("w", codec.quantize_weight(w, bits, 0, group),
+                      {"quant": {"bits": bits, "axis": 0, "group": group}})
+del w
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+with open("/proc/self/clear_refs", "w") as f:  # the high-water mark starts again from here
+    f.write("5")
+before = hwm()
+out = codec.decode("w", stored, {"quant": {"bits": bits, "axis": 0, "group": group}},
+                   (4096, 4096), torch.bfloat16)
+print((hwm() - before) / out.numel())
+"""
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/self/clear_refs"), reason="Linux-only: VmHWM")
+@pytest.mark.parametrize("bits, group", [(8, 0), (4, 128)])
+def test_decoding_takes_a_few_bytes_per_weight_on_the_way(bits, group):
+    """Decoding a quantized weight holds its codes as float32, never as int64 (or eight bytes per
+    bit, as unpacking did): a large embedding's codes would take gigabytes while a model loads."""
+    done = subprocess.run([sys.executable, "-c", DECODE_PEAK, str(bits), str(group)],
+                          capture_output=True, text=True, check=True)
+    assert float(done.stdout.split()[-1]) < 16  # bytes per weight above the stored codes
 
 
 def test_mask_packing_matches_numpy_packbits_little():

@@ -90,6 +90,28 @@ def test_sparse_codec_shrinks_and_reloads_exactly(tiny_bert_dir, tmp_path, regis
         tmp_path / "out" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.skipif(not os.path.isfile("/proc/self/maps"), reason="Linux-only: /proc/self/maps")
+def test_a_loaded_model_keeps_no_part_of_its_weight_file_mapped(tiny_bert_dir, tmp_path,
+                                                                registries):
+    """Decoded weights are memory of their own, and so are the dense ones the model keeps as
+    stored (norms, biases): one tensor mapped from the file would keep the whole file mapped,
+    and each page read resident, for as long as the model lives."""
+    import gc
+
+    handle = load_model(tiny_bert_dir)
+    name = "encoder.layer.0.intermediate.dense.weight"
+    codec.quantize_weight_(handle.model.get_parameter(name).data, 8, 0)
+    handle.codecs[name] = {"quant": {"bits": 8, "axis": 0}}
+    save_model(handle, tmp_path / "out")
+    weights = str((tmp_path / "out" / "model.safetensors").resolve())
+    back = load_model(tmp_path / "out", registries)
+    gc.collect()
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        mapped = [line for line in maps if line.rstrip().endswith(weights)]
+    assert mapped == []
+    assert torch.equal(_out(back.model), _out(handle.model))
+
+
 def test_tied_gpt2_weights_are_stored_once_and_stay_tied(tiny_gpt2_dir, tmp_path, registries):
     from safetensors import safe_open
 
