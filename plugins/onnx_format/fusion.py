@@ -7,8 +7,8 @@ dispatches to its thread pool on its own. ONNX Runtime's transformer optimizer
 replaces it by one ``com.microsoft.Attention`` node that reads the three projections packed side by
 side as one ``[hidden, 3 * hidden]`` weight. ``integer`` then runs that node as ``QAttention`` on the
 engine's own 8-bit codes: one dynamic quantization of the input and one integer product for the
-three projections. On a three-layer all-MiniLM-L6-v2 at 128 tokens and 2 threads that takes 8-9%
-off a forward pass.
+three projections. On all-MiniLM-L6-v2 in int8 (128 tokens, 2 threads, ONNX Runtime 1.32) a
+forward pass takes 6.7 ms instead of 8.0 ms.
 
 Only attention is fused: ONNX Runtime's ``SkipLayerNormalization`` and ``BiasGelu`` fusions are
 slower than the plain graph on the CPU at these widths (measured), and ``EmbedLayerNormalization``
@@ -16,9 +16,10 @@ would need float word embeddings. The mask stays the raw ``[batch, sequence]`` a
 (``AttentionMaskFormat.AttentionMask``), so left- and right-padded batches both run as in torch.
 
 The fusion is data about the runtime, per ``model_type`` (``OPTIMIZER_TYPES``): the families whose
-attention ONNX Runtime's ``bert`` optimizer recognizes. A fused graph is kept only when every fused
-node fused, and when ONNX Runtime computes the same outputs from it as from the plain
-graph (``SAME_OUTPUTS``) on a padded example; otherwise the plain graph is written.
+attention ONNX Runtime's ``bert`` optimizer recognizes. A fused graph is kept only when ONNX
+Runtime computes the same outputs from it as from the plain graph (``SAME_OUTPUTS``) on a padded
+example, and when its projections fit ``QAttention`` (``qattention``); otherwise the plain graph is
+written.
 """
 from __future__ import annotations
 
