@@ -91,7 +91,8 @@ def qattention(rewriter: IntegerRewriter, node: NodeProto, parts: list[Match | N
             raise Unfusable("only some of the projections are quantized")
         weight = part.weight
         if weight.group is not None or weight.bits != 8 or weight.code_format is not None:
-            raise Unfusable(f"'{weight.name}' has {weight.bits}-bit group-wise codes")
+            raise Unfusable(f"'{weight.name}' holds codes QAttention cannot take (only 8-bit "
+                            "integer codes per channel or per tensor)")
         if not part.flipped or weight.axis not in (None, 0):
             raise Unfusable(f"the scales of '{weight.name}' do not run along its outputs")
     matches = [p for p in parts if p is not None]
