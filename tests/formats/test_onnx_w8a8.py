@@ -4,7 +4,6 @@ torch model computes."""
 from __future__ import annotations
 
 import collections
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,29 +12,19 @@ onnx = pytest.importorskip("onnx", reason="the onnx extra is not installed")
 onnxruntime = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 
 import squeezelang  # noqa: E402
-from conftest import (FAMILY_CONFIGS, build_family_handle, build_tiny_llama,  # noqa: E402
+from conftest import (FAMILY_CONFIGS, build_family_handle,  # noqa: E402
                       calib_context)
 from squeezelang.models.layers import W8A8Linear  # noqa: E402
 from squeezelang.models.load import load_model  # noqa: E402
 from squeezelang.models.quant_view import quantized_weights  # noqa: E402
 from squeezelang_plugins.onnx_format.integer import fingerprint  # noqa: E402
+from test_onnx_format import fmt, model_dirs  # noqa: E402,F401  (the fixtures)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 TASKS = {"bert": "embedding", "gpt2": "causal-lm", "llama": "causal-lm"}
 #: Layers of the torch model missing from the graph: BERT's pooler (the embedding is the states).
 ABSENT = {"bert": 1, "gpt2": 0, "llama": 0}
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tiny_bert_dir, tiny_gpt2_dir, tmp_path_factory) -> dict[str, Path]:
-    return {"bert": tiny_bert_dir, "gpt2": tiny_gpt2_dir,
-            "llama": build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))}
-
-
-@pytest.fixture(scope="module")
-def fmt(registries):
-    return registries.output_formats.get("onnx")
 
 
 def _w8a8(handle, registries, **params):

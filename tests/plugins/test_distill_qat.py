@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import re
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,36 +16,13 @@ from squeezelang.models.forward import encode, logits
 from squeezelang.models.load import load_model
 from squeezelang.models.save import save_model
 from squeezelang.models.size import artifact_bytes
-from conftest import WORDS, build_tiny_bert, build_tiny_gpt2, build_tiny_llama
+from conftest import WORDS
+# the same tiny models (block weights x6) and stage context as the LoRA tests
+from test_distill_lora import BLOCK_WEIGHT, _ctx, models  # noqa: F401  (models: the fixture)
 
-#: Training texts: random sentences over the tiny vocabulary; HELD_OUT: more of them, not trained on.
-TRAIN = [" ".join(random.Random(i).choice(WORDS) for _ in range(4 + i % 9)) for i in range(200)]
+#: HELD_OUT: random sentences over the tiny vocabulary, not trained on; TRAIN is the LoRA tests'.
 HELD_OUT = [" ".join(random.Random(i).choice(WORDS) for _ in range(4 + i % 9))
             for i in range(1000, 1032)]
-BUILDERS = {"bert": build_tiny_bert, "gpt2": build_tiny_gpt2, "llama": build_tiny_llama}
-BLOCK_WEIGHT = re.compile(r"\.(layer|h|layers)\.\d.*\.weight$")
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    """Each family's tiny model with its block weights 6x larger, so that rounding them hurts."""
-    out = {}
-    for family, build in BUILDERS.items():
-        handle = load_model(build(tmp_path_factory.mktemp(family)))
-        with torch.no_grad():
-            for name, p in handle.model.named_parameters():
-                if BLOCK_WEIGHT.search(name) and p.dim() == 2:
-                    p.mul_(6)
-        out[family] = tmp_path_factory.mktemp(f"{family}-x6")
-        save_model(handle, out[family])
-    return out
-
-
-def _ctx(original, texts=TRAIN, seed=0):
-    ctx = Context(quiet=True, seed=seed, original_loader=lambda: original)
-    ctx.data.add("train", [{"text": t} for t in texts])
-    ctx.stage = "heal"  # so that ctx.logs keeps what the stage says
-    return ctx
 
 
 def _stage(registries, handle, technique, ctx=None, **params):
