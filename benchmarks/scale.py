@@ -2,7 +2,9 @@
 with random weights built from configs of about 0.1B, 0.5B and 1.1B parameters (random weights are
 enough for memory and time; no quality is judged).
 
-Each model is built once in a child process (bfloat16, as Llama checkpoints ship) and cached under
+Every run is offloaded (``offload = true``: weights read from the files one block at a time,
+``models.offload``), as a model larger than memory would be run. Each model is built once in a
+child process (bfloat16, as Llama checkpoints ship) and cached under
 ``benchmarks/cache/scale/<name>`` with a character tokenizer. Three recipes run on each, each in a
 fresh ``squeeze run`` process whose peak RSS the operating system reports (``wait4``; the benchmark
 process itself stays small: it never imports torch):
@@ -137,7 +139,7 @@ def calibration(directory: Path) -> Path:
 
 def recipe(directory: Path, stage: str, out: Path) -> Path:
     path = directory / f"{out.name}.squeeze"
-    path.write_text(f'model = hf("{directory}", task = "causal-lm")\n'
+    path.write_text(f'model = hf("{directory}", task = "causal-lm", offload = true)\n'
                     f'data calib = text("{calibration(directory)}")\n'
                     "metric latency = latency(seq = 64, repeats = 3)\n"
                     f"stage s: {stage}\noutput \"{out}\"\n")

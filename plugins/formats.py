@@ -17,6 +17,7 @@ class SqueezeFormat(OutputFormat):
                    "and rebuild changed modules. Load with squeezelang.load(dir); a model with no "
                    "codecs or edits is a plain transformers checkpoint.")
     predicts_size = True
+    streams = True
 
     def save(self, handle: ModelHandle, directory: Path,
              options: dict[str, Any] | None = None) -> list[str]:

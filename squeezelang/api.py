@@ -69,10 +69,12 @@ def plan(recipe: Recipe | str | Path, plugins: Iterable[Any] = ()) -> PlanResult
 
 def run(recipe: Recipe | str | Path, output: str | Path | None = None, *, force: bool = False,
         model: Any = None, tokenizer: Any = None, plugins: Iterable[Any] = (),
-        quiet: bool = True, device: str | None = None, dtype: str | None = None) -> RunResult:
+        quiet: bool = True, device: str | None = None, dtype: str | None = None,
+        offload: bool | None = None) -> RunResult:
     """Run a recipe; ``model`` (a transformers model, with ``tokenizer``) replaces the recipe's model.
     ``device`` (``cpu``, ``cuda``, ``auto``) and ``dtype`` (``auto``, ``float32``, ``bfloat16``,
-    ``float16``) override the recipe's ``model = hf(…, device = …, dtype = …)``.
+    ``float16``) and ``offload`` override the recipe's ``model = hf(…, device = …, dtype = …,
+    offload = …)``.
 
     Returns a ``RunResult`` with ``report``, ``verdicts``, ``ok`` and ``model`` (the saved artifact,
     loaded back). Constraints not met are reported in the result, not raised. Under ``torchrun``
@@ -83,7 +85,7 @@ def run(recipe: Recipe | str | Path, output: str | Path | None = None, *, force:
     from squeezelang.planner.resolve import resolve
 
     regs = registries(plugins)
-    resolved = resolve(_recipe(recipe), regs).placed(device, dtype)
+    resolved = resolve(_recipe(recipe), regs).placed(device, dtype, offload)
     handle = None
     if model is not None:
         from squeezelang.models.handle import ModelHandle

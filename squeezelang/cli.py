@@ -149,7 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from squeezelang.executor.report import fmt_verdict, markdown
 
     regs = _registries(args)
-    plan = resolve(_load(args.recipe), regs).placed(args.device, args.dtype)
+    plan = resolve(_load(args.recipe), regs).placed(args.device, args.dtype, args.offload)
     args.output_dir = Path(args.output or plan.output_dir).resolve()  # for the interrupt message
     if not plan.needs_search:  # fixed settings that cannot meet a size bound: refused, nothing run
         from squeezelang.planner.estimate import planning_context
@@ -329,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES,
                    help="dtype of the model's floating tensors during the run and as saved "
                         "(default: the recipe's, else auto: the checkpoint's)")
+    p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
+                   help="read the weights from their files one block at a time as they are used "
+                        "(memory about one block; slower): for models larger than memory "
+                        "(default: the recipe's offload, else off)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("plugins", help="list installed plugins, their parameters and knobs")
     p.add_argument("--json", action="store_true")

@@ -27,9 +27,13 @@ Groups (see docs/plugins.md for how each is used):
   ``block_module``, ``get_path``; where a per-channel scale folds (AWQ, SmoothQuant):
   ``scale_pairs``, ``ScalePair``, ``fold_scales_``;
 - calibration and forward passes: ``calibration_texts``, ``collect``, ``input_stats``,
-  ``input_ranges``, ``InputRange``, ``gptq_quantize``, ``by_block``, ``block_stats``, ``encode``,
+  ``input_ranges``, ``InputRange``, ``gptq_quantize`` (``gptq_rows``: a run of rows at a time),
+  ``by_block``, ``block_stats``, ``encode``,
   ``logits``, ``lm_loss``, ``lm_loss_counted``, ``LmLoss``, ``mean_pool``, ``pad_id``,
   ``length_limit``, ``max_positions``, ``outputs_for_fidelity``;
+- offloaded models (``offload = true``: weights read from files one unit at a time):
+  ``resident`` (keep modules in memory while a stage changes them), ``is_offloaded``,
+  ``onload_seconds`` (what a timed pass subtracts), ``compute_device``;
 - per-layer allocation: ``costs``, ``Candidates``, ``allocate``, ``describe``;
 - data-parallel training under ``torchrun``: ``World``, ``world``, ``is_main``, ``barrier``,
   ``share``, ``any_rank``, ``data_parallel`` (DDP or FSDP), ``ensure_process_group``,
@@ -79,12 +83,13 @@ _export("squeezelang.models.surgery", "family_of", "sizes", "shrunk_config", "re
         "block_module", "get_path")
 _export("squeezelang.models.scale_pairs", "scale_pairs", "ScalePair", "fold_scales_")
 _export("squeezelang.models.calibrate", "calibration_texts", "collect")
-_export("squeezelang.models.linear_stats", "input_stats", "gptq_quantize", "by_block")
+_export("squeezelang.models.linear_stats", "input_stats", "gptq_quantize", "gptq_rows", "by_block")
 _export("squeezelang.models.block_inputs", "block_stats")
 _export("squeezelang.models.input_ranges", "input_ranges", "InputRange")
 _export("squeezelang.models.forward", "encode", "logits", "lm_loss", "lm_loss_counted", "LmLoss",
         "max_positions", "outputs_for_fidelity", "mean_pool", "pad_id", "length_limit")
 _export("squeezelang.models.sensitivity", "costs", "Candidates")
+_export("squeezelang.models.offload", "resident", "is_offloaded", "onload_seconds", "compute_device")
 _export("squeezelang.models.allocate", "allocate", "describe")
 _export("squeezelang.models.distributed", "World", "world", "is_main", "barrier", "share", "any_rank",
         "data_parallel", "ensure_process_group")

@@ -17,7 +17,7 @@ import torch
 from lm_eval import utils
 from lm_eval.api.model import TemplateLM
 
-from squeezelang.plugin import ExecutionError, length_limit, pad_id
+from squeezelang.plugin import ExecutionError, compute_device, length_limit, pad_id
 
 if TYPE_CHECKING:
     from squeezelang.plugin import ModelHandle
@@ -67,7 +67,7 @@ class HarnessLM(TemplateLM):
                        key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
         bar = self.progress(total=len(requests), desc="lm_eval") if self.progress else None
         model = self.handle.model.eval()
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        device = compute_device(model)
         pad = pad_id(self.tokenizer)
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):

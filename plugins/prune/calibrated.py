@@ -18,6 +18,7 @@ several selected modules is pruned once, with the inputs of its first reader.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from squeezelang.plugin import LINEAR_KINDS, SqueezeError, merge
@@ -52,17 +53,25 @@ class Calibrated(PruneMethod):
 
     produces = frozenset({"sparse"})
     properties = {"n": NM.properties["n"], "m": NM.properties["m"], "data": DATA, "samples": SAMPLES}
-    #: Whether ``prune_weight`` needs the inputs' second-moment matrix ``XᵀX / tokens``.
+    #: Whether ``prune_weight`` needs the inputs' second-moment matrix ``XᵀX / tokens`` (the
+    #: default of ``needs_gram``).
     gram: ClassVar[bool] = False
     #: Properties only the unstructured pattern (``ratio``) reads.
     ratio_only: ClassVar[tuple[str, ...]] = ()
 
-    def prune_weight(self, weight: torch.Tensor, stats: Any, params: dict[str, Any]) -> torch.Tensor:
+    def needs_gram(self, params: dict[str, Any]) -> bool:
+        """Whether ``prune_weight`` needs the inputs' second-moment matrix ``XᵀX / tokens`` (in
+        ``stats.gram``) for these parameters; ``gram`` unless a method says otherwise."""
+        return self.gram
+
+    def prune_weight(self, weight: torch.Tensor, stats: Any, params: dict[str, Any],
+                     tally: Counter[str] | None = None) -> torch.Tensor:
         """The pruned ``[out, in]`` float32 ``weight`` given its inputs' ``InputStats``: with N:M
         runs (``pattern_of(params)``), at most ``n`` nonzeros in every run of ``m`` along a row;
         else ``removed_count(weight.numel(), params["ratio"])`` zeros (on a dense weight,
         exactly). Zeros it has already (an earlier stage's) are the first to go, so they stay
-        zero."""
+        zero. ``tally`` counts a choice the method made for the layer (the stage log lists the
+        counts)."""
         raise NotImplementedError
 
     def used(self, all_properties: dict[str, Any], params: dict[str, Any] | None = None) -> set[str]:
@@ -128,14 +137,16 @@ class Calibrated(PruneMethod):
             raise SqueezeError(f"prune: no selected layer has an input dimension divisible by "
                                f"m={pattern[1]}")
         zeros = total = 0
+        tally: Counter[str] = Counter()
         with torch.no_grad():
             for block, members in ctx.progress(by_block(handle.model, layers), desc=self.name):
-                stats = input_stats(handle, texts, members, gram=self.gram, stop_after=block)
+                stats = input_stats(handle, texts, members, gram=self.needs_gram(params),
+                                    stop_after=block)
                 for name, module in members:
                     kind = kind_of(module)
                     weight = module.weight
                     w = weight.detach().t() if kind == "Conv1D" else weight.detach()
-                    pruned = self.prune_weight(w.float(), stats[name], params)
+                    pruned = self.prune_weight(w.float(), stats[name], params, tally)
                     weight.copy_((pruned.t() if kind == "Conv1D" else pruned).to(weight.dtype))
                     key = f"{name}.weight"
                     old = handle.codecs.get(key)
@@ -147,4 +158,5 @@ class Calibrated(PruneMethod):
         what = f"{pattern[0]}:{pattern[1]} runs" if pattern else "unstructured"
         ctx.log(f"prune {self.name} ({what}): {zeros}/{total} weights zero "
                 f"({zeros / max(total, 1):.1%}) in {len(layers)} layers, calibrated on "
-                f"{len(texts)} texts")
+                f"{len(texts)} texts"
+                + "".join(f"; {choice}: {n} layer(s)" for choice, n in sorted(tally.items())))

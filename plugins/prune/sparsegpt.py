@@ -21,6 +21,8 @@ from squeezelang.plugin import SqueezeError
 from squeezelang_plugins.prune.calibrated import Calibrated, pattern_of, removed_count
 
 if TYPE_CHECKING:
+    from collections import Counter
+
     import torch
 
 #: Columns per block (the paper's and the reference's choice; N:M rounds it to a multiple of m).
@@ -104,7 +106,8 @@ class SparseGPT(Calibrated):
                "kept ones to reconstruct each layer's output (stored like magnitude or nm)")
     gram = True
 
-    def prune_weight(self, weight: torch.Tensor, stats: Any, params: dict[str, Any]) -> torch.Tensor:
+    def prune_weight(self, weight: torch.Tensor, stats: Any, params: dict[str, Any],
+                     tally: Counter[str] | None = None) -> torch.Tensor:
         pattern = pattern_of(params)
         removed = 0 if pattern else removed_count(weight.numel(), float(params["ratio"]))
         return sparsegpt_prune(weight, stats.gram, removed, pattern)

@@ -125,6 +125,23 @@ def _shared_weights(model: Any) -> set[int]:
     return {k for k, n in count.items() if n > 1}
 
 
+def _once(name: str, weight: Any, shared: set[int]) -> Any:
+    """What a weight is counted once by: a weight tied to several modules by its identity, any
+    other by its layer's name (an offloaded model's weights are fresh tensors each time their
+    block is read: an identity could be reused by another block's)."""
+    return id(weight) if id(weight) in shared else name
+
+
+def _each_resident(model: Any, targets: list[tuple[str, Any]]) -> Any:
+    """``targets`` block by block, each block's in memory while its layers are yielded (an
+    offloaded model reads it once and writes it back changed; nothing for a model in memory)."""
+    from squeezelang.plugin import by_block, resident
+
+    for _, members in by_block(model, targets):
+        with resident(model, *(m for _, m in members)):
+            yield from members
+
+
 def _fresh(name: str, codec: dict[str, Any] | None) -> None:
     """Refuse a weight that an earlier stage already quantized or clustered."""
     if "cluster" in (codec or {}):
@@ -247,6 +264,13 @@ class Quantize(Technique):
                       needs_data=True),
             Candidate("int4", {"scheme": "int4"}, risk=4.0, order=90),
         ]
+
+    def blockwise_for(self, params: dict[str, Any]) -> bool:
+        """int8 and int4 (round to nearest or GPTQ) change one weight at a time: an offloaded
+        model is quantized block by block. Kernel swaps, FP8, AWQ's folding and ``mixed``'s
+        sensitivity passes need the whole model."""
+        scheme, method = params.get("scheme", "int8"), params.get("method", "rtn")
+        return scheme == "int8" or (scheme == "int4" and method in ("rtn", "gptq"))
 
     def stores_for(self, params: dict[str, Any]) -> frozenset[str]:
         """int8 codes (per channel or per tensor; int8-dynamic also swaps in int8 kernels, w8a8
@@ -384,7 +408,7 @@ class Quantize(Technique):
         if scheme in KERNELS:
             _float32_kernels(targets, scheme)
         shared = _shared_weights(model)
-        seen: set[int] = set()
+        seen: set[Any] = set()
         swapped: list[str] = []
         static = [(n, m) for n, m in targets
                   if scheme == "w8a8" and kind_of(m) in LINEAR_KINDS and id(m.weight) not in shared]
@@ -395,11 +419,11 @@ class Quantize(Technique):
                                       "quantize scheme \"w8a8\"")
             smoothed = w8a8.smooth_(handle, static, texts, float(params["smoothing"]), shared, ctx)
         with torch.no_grad():
-            for name, module in targets:
+            for name, module in _each_resident(model, targets):
                 weight = module.weight
-                if id(weight) in seen:
+                if _once(name, weight, shared) in seen:
                     continue
-                seen.add(id(weight))
+                seen.add(_once(name, weight, shared))
                 axis = _axis(kind_of(module), granularity)
                 kernel = scheme in KERNELS and kind_of(module) in LINEAR_KINDS
                 if kernel and id(weight) in shared:
@@ -429,7 +453,7 @@ class Quantize(Technique):
         """Group-wise weights (4-bit, or allocated widths), rounded to nearest, with GPTQ or AWQ."""
         import torch
 
-        from squeezelang.plugin import (block_stats, by_block, calibration_texts, gptq_quantize,
+        from squeezelang.plugin import (block_stats, by_block, calibration_texts, gptq_rows,
                                         kind_of, on_grid, quantize_weight)
 
         shared = _shared_weights(handle.model)
@@ -443,16 +467,16 @@ class Quantize(Technique):
                                   ) if mixed or calibrating else []
         widths = self._widths(handle, targets, texts, params, ctx) if mixed else {}
         group = int(params["group_size"])
-        seen: set[int] = set()
+        seen: set[Any] = set()
 
         def quantize_(name: str, module: Any, gram: Any = None, values: Any = None) -> None:
             """Put a weight on its grid and record its codec: GPTQ given ``gram``, the grid
             nearest float32 ``values`` (``[out, in]``, AWQ's clipped rounding) given them, else
             rounded to nearest."""
             weight = module.weight
-            if id(weight) in seen:
+            if _once(name, weight, shared) in seen:
                 return
-            seen.add(id(weight))
+            seen.add(_once(name, weight, shared))
             kind = kind_of(module)
             key = f"{name}.weight"
             old = handle.codecs.get(key) or {}
@@ -461,9 +485,9 @@ class Quantize(Technique):
                 transposed = kind == "Conv1D"
                 w = weight.detach().t() if transposed else weight.detach()
                 keep = (w != 0) if (old.get("sparse") or old.get("nm")) else None
-                q = on_grid(gptq_quantize(w.float(), gram, bits, group, keep),
-                            weight.dtype, bits, 0, group)
-                weight.copy_(q.t() if transposed else q)
+                target = weight.t() if transposed else weight
+                for first, last, rows in gptq_rows(w, gram, bits, group, keep):
+                    target[first:last] = on_grid(rows, weight.dtype, bits, 0, group)
             elif values is not None:
                 q = on_grid(quantize_weight(values.float(), bits, 0, group), weight.dtype, bits, 0,
                             group)
@@ -478,17 +502,18 @@ class Quantize(Technique):
         # are held at a time.
         blocks = by_block(handle.model, [(n, m) for n, m in targets if n in calibrated])
         with torch.no_grad():
-            for name, module in ctx.progress(targets, desc=params["method"]):
-                if name not in calibrated:
-                    quantize_(name, module)
+            rounded = [(n, m) for n, m in targets if n not in calibrated]
+            for name, module in ctx.progress(_each_resident(handle.model, rounded),
+                                             total=len(rounded), desc=params["method"]):
+                quantize_(name, module)
             if method == "awq":
                 awq.awq_(handle, blocks, texts, lambda n: widths.get(f"{n}.weight", 4), group,
                          quantize_, shared, ctx)
             for _, members, stats in ctx.progress(block_stats(handle, texts, blocks, gram=True),
                                                   total=len(blocks), desc="gptq"
                                                   ) if method == "gptq" else ():
-                for name, module in members:
-                    quantize_(name, module, stats[name].gram)
+                for name, module in members:  # each XᵀX dropped once used
+                    quantize_(name, module, stats.pop(name).gram)
         handle.states.add("quantized")
         what = "mixed widths" if mixed else "int4"
         ctx.log(f"quantized {len(seen)} weights to {what} ({params['method']}, groups of {group}"

@@ -57,6 +57,11 @@ class RunResult:
 def load_original(plan: Plan, registries: Registries) -> ModelHandle:
     """The recipe's model as its source loads it, on the run's device and in its dtype."""
     source = registries.model_sources.get(plan.model.source)
+    if plan.model.offload:  # the weights stay in the source's files (``models.offload``)
+        from squeezelang.models.load import load_model
+
+        directory = source.locate(dict(plan.model.args))
+        return placed(load_model(directory, registries, task=plan.model.task, offload=True), plan)
     return placed(source.load(dict(plan.model.args)), plan)
 
 
@@ -90,12 +95,21 @@ def apply_stage(stage: StagePlan, handle: ModelHandle, registries: Registries, c
 
     from squeezelang.hooks.family import families_in_use
 
+    from squeezelang.models.offload import is_offloaded, materialize_, offload_again_
+
     tech = registries.techniques.get(stage.technique)
     torch.manual_seed(seed)
     ctx.stage = stage.name
+    whole = is_offloaded(handle.model) and not tech.blockwise_for(dict(stage.params))
     try:
+        if whole:
+            ctx.log(f"offload: '{stage.technique}' needs the whole model: loaded into memory "
+                    "for this stage")
+            materialize_(handle.model)
         with families_in_use(registries):  # a --plugin family is the one surgery finds
             tech.apply_(handle, dict(stage.params), ctx)
+        if whole:
+            offload_again_(handle.model)
     except SqueezeError as exc:
         raise ExecutionError(str(exc), stage=stage.name, plugin=stage.plugin) from exc
     except MemoryError as exc:
@@ -250,6 +264,10 @@ def execute(plan: Plan, registries: Registries, output: str | Path | None = None
         staged = staging_dir(out)
         fmt = registries.output_formats.get(plan.output_format)
         try:
+            if not fmt.streams:  # an offloaded model is written whole by this format
+                from squeezelang.models.offload import materialize_
+
+                materialize_(current.model)
             files = fmt.write(current, staged, dict(plan.output_options))
         except (ExecutionError, OutputError):
             raise
@@ -305,7 +323,8 @@ def load_artifact(fmt: OutputFormat, staged: Path, plan: Plan, registries: Regis
     from squeezelang.models.load import load_model
 
     if type(fmt).load is OutputFormat.load:  # as saved (its dtype), on the run's device
-        return placed(load_model(staged, registries, task=plan.model.task), plan, dtype=False)
+        return placed(load_model(staged, registries, task=plan.model.task,
+                                 offload=plan.model.offload), plan, dtype=False)
     try:
         return fmt.load(staged, plan.model.task, dict(plan.output_options), threads)
     except SqueezeError as exc:
@@ -335,7 +354,8 @@ def _resume(work: WorkDir, record: dict[str, Any], done: int, plan: Plan, regist
     if not quiet:
         print(f"resuming after stage '{record['stage']}' ({done} of {len(plan.stages)} stages "
               f"done, checkpoint {ckpt})", flush=True)
-    return placed(load_model(ckpt, registries, task=plan.model.task), plan)
+    return placed(load_model(ckpt, registries, task=plan.model.task, offload=plan.model.offload),
+                  plan)
 
 
 def _describe(exc: BaseException) -> str:

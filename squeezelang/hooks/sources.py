@@ -105,6 +105,9 @@ class OutputFormat:
     #: Whether the planner's size estimates (``Technique.estimate``) are this format's sizes; only
     #: then are fixed settings refused before running when they cannot meet a size constraint.
     predicts_size: ClassVar[bool] = False
+    #: Whether ``save`` writes an offloaded model (``offload = true``) unit by unit, through
+    #: ``save_model``; otherwise the executor loads the whole model into memory for the save.
+    streams: ClassVar[bool] = False
     #: An example ``output`` statement for ``squeeze plugins``.
     example: ClassVar[str] = ""
 

@@ -110,6 +110,13 @@ class Technique:
         """The model states this stage adds, given its parameters (a method may add none)."""
         return self.produces
 
+    def blockwise_for(self, params: dict[str, Any]) -> bool:
+        """Whether the stage works on an offloaded model (``offload = true``) unit by unit: it
+        reads and changes weights only inside ``resident(handle.model, module)`` or in the
+        blocks ``block_stats`` yields, and never copies the model. False (the default): the
+        executor loads the whole model into memory for the stage, and offloads it again after."""
+        return False
+
     def stores_for(self, params: dict[str, Any]) -> frozenset[str]:
         """What the stage leaves in the saved model that an output format must be able to hold,
         as tags: ``"int8"``, ``"int8-kernels"``, ``"static-activations"`` (linear layers that

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+from squeezelang.models.offload import resident
 from squeezelang.models.linear_stats import (InputStats, _Stop, accumulate, finish, input_stats,
                                               no_cache)
 
@@ -138,26 +139,31 @@ def block_stats(handle: ModelHandle, texts: Sequence[str], groups: Sequence[Grou
         calls = _recorded_calls(handle, batches, chain) if chain else []
     except _Irregular:
         for block, members in groups:
-            yield block, members, input_stats(handle, texts, members, gram=gram,
-                                              batch_size=batch_size, max_length=max_length,
-                                              stop_after=block)
+            stats = input_stats(handle, texts, members, gram=gram, batch_size=batch_size,
+                                max_length=max_length, stop_after=block)
+            with resident(handle.model, *(m for _, m in members)):
+                yield block, members, stats
         return
     hidden = [c[0].hidden for c in calls]
     masks = [inputs["attention_mask"].bool() for inputs in batches]
     for position, block in enumerate(chain):
         members = members_of.get(id(block))
-        if members is not None:
-            sums: dict[str, list[Any]] = {}
-            with accumulate(members, sums, gram) as live, torch.inference_mode():
-                for b, batch_calls in enumerate(calls):
-                    live["mask"], live["seen"] = masks[b], {}
-                    batch_calls[position](block, hidden[b])
-            yield block, members, finish(members, sums)
-        if position < len(chain) - 1:
-            with torch.inference_mode():
-                for b, batch_calls in enumerate(calls):
-                    hidden[b] = _hidden(batch_calls[position](block, hidden[b]))
+        # an offloaded block is read once, stays while the caller changes it, and is written back
+        with resident(handle.model, block):
+            if members is not None:
+                sums: dict[str, list[Any]] = {}
+                with accumulate(members, sums, gram) as live, torch.inference_mode():
+                    for b, batch_calls in enumerate(calls):
+                        live["mask"], live["seen"] = masks[b], {}
+                        batch_calls[position](block, hidden[b])
+                yield block, members, finish(members, sums)
+            if position < len(chain) - 1:
+                with torch.inference_mode():
+                    for b, batch_calls in enumerate(calls):
+                        hidden[b] = _hidden(batch_calls[position](block, hidden[b]))
     for block, members in groups:
         if block is None:
-            yield block, members, input_stats(handle, texts, members, gram=gram,
-                                              batch_size=batch_size, max_length=max_length)
+            stats = input_stats(handle, texts, members, gram=gram, batch_size=batch_size,
+                                max_length=max_length)
+            with resident(handle.model, *(m for _, m in members)):
+                yield block, members, stats

@@ -443,6 +443,11 @@ def _check_float(tensor: torch.Tensor, what: str) -> None:
                            f"not {tensor.dtype}")
 
 
+#: Elements of a 2-D weight quantized per row (``axis = 0``) at a time: its temporaries stay
+#: this size (a 32000 x 2048 embedding is rounded in 16 runs of rows, with the same result).
+ROW_CHUNK = 1 << 22
+
+
 def quantize_weight(tensor: torch.Tensor, bits: int = 8, axis: int | None = 0,
                     group: int | None = None, code_format: str | None = None) -> torch.Tensor:
     """The fake-quantized (dequantized) copy of a floating tensor, exactly on the codec's grid,
@@ -452,6 +457,13 @@ def quantize_weight(tensor: torch.Tensor, bits: int = 8, axis: int | None = 0,
 
     _check_float(tensor, "quantization")
     normalize({"quant": {"bits": bits, "axis": axis, "group": group, "format": code_format}})
+    rows = ROW_CHUNK // max(tensor.shape[-1], 1) if tensor.ndim == 2 else 0
+    if axis == 0 and 0 < rows < tensor.shape[0]:  # rows are independent: a run at a time
+        out = torch.empty_like(tensor)
+        for first in range(0, tensor.shape[0], rows):
+            out[first:first + rows] = quantize_weight(tensor[first:first + rows], bits, axis,
+                                                      group, code_format)
+        return out
     values = tensor.detach().float() if tensor.dtype != torch.float32 else tensor
     scales = _grid_scales(values, bits, axis, group, code_format)
     codes = _codes(values, scales, bits, axis, group, code_format)
@@ -560,8 +572,10 @@ def nm_positions(tensor: torch.Tensor, n: int, m: int, axis: int) -> torch.Tenso
 
 
 # ---------------------------------------------------------------------------- encode / decode
-def encode(name: str, tensor: torch.Tensor, spec: dict[str, Any] | None) -> dict[str, torch.Tensor]:
-    """The stored tensors for ``tensor`` under ``spec`` (names derived from ``name``)."""
+def encode(name: str, tensor: torch.Tensor, spec: dict[str, Any] | None,
+           by_rows: bool = True) -> dict[str, torch.Tensor]:
+    """The stored tensors for ``tensor`` under ``spec`` (names derived from ``name``); a large
+    weight quantized per row is encoded a run of rows at a time unless ``by_rows`` is false."""
     import torch
 
     spec = normalize(spec)
@@ -570,6 +584,10 @@ def encode(name: str, tensor: torch.Tensor, spec: dict[str, Any] | None) -> dict
         return {name: tensor}
     if spec.get("cluster"):
         return _encode_cluster(name, tensor, spec["cluster"]["bits"])
+    quant = spec.get("quant")
+    if by_rows and quant and quant["axis"] == 0 and tensor.ndim == 2 and \
+            not spec.get("sparse") and not spec.get("nm") and tensor.numel() > ROW_CHUNK:
+        return _encode_rows(name, tensor, spec)
     out: dict[str, torch.Tensor] = {}
     quant = spec.get("quant")
     flat = tensor.reshape(-1)
@@ -612,6 +630,25 @@ def encode(name: str, tensor: torch.Tensor, spec: dict[str, Any] | None) -> dict
         out[name + CODES] = codes.contiguous()
         out[name + SCALES] = scales.float().contiguous()
     return out
+
+
+def _encode_rows(name: str, tensor: torch.Tensor, spec: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``encode`` of a large 2-D weight quantized per row, a run of rows at a time (its
+    temporaries stay ``ROW_CHUNK`` elements): rows are independent, their scales are stored
+    row-major, and each run's codes fill whole bytes, so the pieces join into what ``encode``
+    writes for the whole tensor."""
+    import torch
+
+    bits = spec["quant"]["bits"]
+    rows = max(ROW_CHUNK // tensor.shape[1], 1)
+    while (rows * tensor.shape[1] * bits) % 8:
+        rows += 1
+    codes, scales = [], []
+    for first in range(0, tensor.shape[0], rows):
+        part = encode(name, tensor[first:first + rows], spec, by_rows=False)
+        codes.append(part[name + CODES])
+        scales.append(part[name + SCALES])
+    return {name + CODES: torch.cat(codes), name + SCALES: torch.cat(scales)}
 
 
 def _encode_cluster(name: str, tensor: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:

@@ -33,11 +33,9 @@ def max_positions(model: Any) -> int | None:
 
 
 def _device(model: Any) -> torch.device:
-    import torch
+    from squeezelang.models.offload import compute_device
 
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")
+    return compute_device(model)
 
 
 def pad_id(tokenizer: Any) -> int:

@@ -64,7 +64,10 @@ def accumulate(modules: Sequence[tuple[str, Any]], sums: dict[str, list[Any]],
             acc[1] = acc[1] + a
             acc[2] = acc[2] + s2
             if g is not None:
-                acc[3] = g.clone() if acc[3] is None else acc[3] + g
+                if acc[3] is None:
+                    acc[3] = g.clone()
+                else:
+                    acc[3].add_(g)  # in place: no second n x n matrix per batch
         return hook
 
     hooks = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules]
@@ -82,8 +85,8 @@ def finish(modules: Sequence[tuple[str, Any]], sums: dict[str, list[Any]]) -> di
         if name not in sums:
             raise SqueezeError(f"calibration: layer '{name}' was never called on the data")
         n, a, s, g = sums[name]
-        out[name] = InputStats(n, (a / n).clone(), (s / n).clone(),
-                               None if g is None else (g / n).clone())
+        out[name] = InputStats(n, (a / n).clone(), (s / n).clone(), None if g is None else g / n)
+        sums[name][3] = None  # the sum's memory goes as soon as the mean exists
     return out
 
 
@@ -143,36 +146,82 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, bits: int, group: in
     ``keep`` (bool, like ``weight``) pins pruned entries to zero, so sparsity survives. In every
     group the entry of largest ``|w|`` is given the extreme code ``±qmax``: then
     ``max|code| = qmax`` and the codec re-derives the scale from the values.
+    (``gptq_rows`` gives the same values a run of rows at a time.)
     """
+    import torch
+
+    out = torch.empty(weight.shape, dtype=torch.float32)
+    for first, last, values in gptq_rows(weight, gram, bits, group, keep, block, damp):
+        out[first:last] = values
+    return out
+
+
+#: Elements of the weight that ``gptq_rows`` works on at a time (each of its temporaries is
+#: about this many float32 values): a 32000 x 2048 head is quantized in 16 runs of rows.
+GPTQ_CHUNK = 1 << 22
+
+
+def gptq_rows(weight: torch.Tensor, gram: torch.Tensor, bits: int, group: int | None,
+              keep: torch.Tensor | None = None, block: int = 128, damp: float = 0.01,
+              chunk: int = GPTQ_CHUNK) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``gptq_quantize`` a run of output rows at a time: yields ``(first, last, values)``, the
+    float32 values of rows ``first:last``. Rows are independent given ``XᵀX`` (each is corrected
+    only along its own inputs), so the result is the same as in one piece; the inverse Hessian is
+    computed once, and no temporary is larger than ``chunk`` elements."""
+    import torch
+
+    n_out, n_in = weight.shape
+    group = group or n_in
+    # float64, with at most two n_in x n_in matrices alive at a time (a 5632-input layer's are
+    # 254 MB each): no identity matrix, no chained temporaries
+    H = gram.detach().to(torch.float64, copy=True)
+    diagonal = H.diagonal()
+    dead = diagonal == 0
+    diagonal[dead] = 1.0
+    diagonal.add_(damp * float(diagonal.mean()))
+    perm = torch.argsort(diagonal, descending=True, stable=True)
+    del diagonal
+    H = H.index_select(0, perm)
+    H = H.index_select(1, perm)
+    try:
+        H = torch.linalg.cholesky(H)
+        H = torch.cholesky_inverse(H)
+        H = torch.linalg.cholesky(H, upper=True)
+    except RuntimeError as exc:
+        raise SqueezeError(f"GPTQ: the Hessian is not positive definite ({exc}); more data or "
+                           "a larger damping may help") from None
+    Hinv = H.float()
+    del H
+    rows = max(1, chunk // max(n_in, 1))
+    for first in range(0, n_out, rows):
+        last = min(first + rows, n_out)
+        part = None if keep is None else keep[first:last]
+        yield first, last, _gptq_part(weight[first:last], part, dead, perm, Hinv, bits, group,
+                                      block)
+
+
+def _gptq_part(weight: torch.Tensor, keep: torch.Tensor | None, dead: torch.Tensor,
+               perm: torch.Tensor, Hinv: torch.Tensor, bits: int, group: int,
+               block: int) -> torch.Tensor:
+    """GPTQ on some rows, given the permuted inverse Hessian's Cholesky factor."""
     import torch
 
     from squeezelang.models import codec
 
     W = weight.detach().float().clone()
     n_out, n_in = W.shape
-    group = group or n_in
-    H = gram.detach().double().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
     W[:, dead] = 0.0  # inputs never seen: their weights cannot change the calibration outputs
     keep = keep.bool() if keep is not None else None
     if keep is not None:
         W = W * keep
-    H += damp * float(torch.diag(H).mean()) * torch.eye(n_in, dtype=H.dtype)
     plans = [_group_plan(W[:, g:g + group], None if keep is None else keep[:, g:g + group], bits)
              for g in range(0, n_in, group)]
     scales = torch.stack([p[0] for p in plans], 1)  # [out, groups]
     forced = torch.cat([p[1] for p in plans], 1)
     force_to = torch.cat([p[2] for p in plans], 1)
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True)
-    W, H, forced, force_to = W[:, perm], H[perm][:, perm], forced[:, perm], force_to[:, perm]
+    del plans
+    W, forced, force_to = W[:, perm], forced[:, perm], force_to[:, perm]
     col_scale = scales[:, perm // group]
-    try:
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    except RuntimeError as exc:
-        raise SqueezeError(f"GPTQ: the Hessian is not positive definite ({exc}); more data or "
-                           "a larger damping may help") from None
-    Hinv = Hinv.float()
     q = codec.qmax(bits)
     codes = torch.zeros(n_out, n_in)
     threads = torch.get_num_threads()
@@ -194,6 +243,7 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, bits: int, group: in
             W[:, i2:].addmm_(err1, Hinv[i1:i2, i2:], alpha=-1)
     finally:
         torch.set_num_threads(threads)
+    del W, forced, force_to, col_scale
     codes = codes[:, torch.argsort(perm)]
     return codec.dequantize(codes.to(torch.int8), scales.reshape(-1), 0, group)
 

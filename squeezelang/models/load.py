@@ -66,8 +66,15 @@ def read_squeeze_json(directory: Path) -> dict[str, Any] | None:
 
 
 def load_model(directory: Path, registries: Registries | None = None,
-               task: str | None = None) -> ModelHandle:
-    """Load ``directory`` as a ``ModelHandle`` (eval mode) with its codecs, edits and states."""
+               task: str | None = None, offload: bool = False,
+               overlay_root: Path | None = None) -> ModelHandle:
+    """Load ``directory`` as a ``ModelHandle`` (eval mode) with its codecs, edits and states.
+
+    ``offload``: the weights stay in the files and are read (decoded) one unit at a time as the
+    model runs (``models.offload``); a model whose edits need its loaded weights (runtime kernels
+    built after loading) is loaded whole."""
+    from squeezelang.models import offload as offloading
+
     directory = Path(directory)
     if not directory.is_dir():
         raise SqueezeError(f"{directory}: not a directory")
@@ -76,7 +83,8 @@ def load_model(directory: Path, registries: Registries | None = None,
     tokenizer = _tokenizer(directory)
     if doc is None:
         task = task or task_from_config(config)
-        model = hf.load_pretrained(directory, task)
+        model = (offloading.load_offloaded(directory, task, overlay_root=overlay_root) if offload
+                 else hf.load_pretrained(directory, task))
         return ModelHandle(model=model, tokenizer=tokenizer, task=task, source_dir=directory)
     task = task or doc.get("task") or task_from_config(config)
     codecs = {k: v for k, v in doc.get("codecs", {}).items() if v}
@@ -91,6 +99,11 @@ def load_model(directory: Path, registries: Registries | None = None,
         model = _build(directory, task)
         for record in before:
             model = _technique(registries, record, directory).rebuild_(model, record)
+    if offload and not after:
+        model = offloading.load_offloaded(directory, task, codecs=codecs,
+                                          overlay_root=overlay_root, model=model)
+        return ModelHandle(model=model, tokenizer=tokenizer, task=task, source_dir=directory,
+                           codecs=codecs, edits=edits, states=set(doc.get("states", [])))
     tied = tied_parameters(model)
     stored = read_weights(directory)
     state = decode_state(model, stored, codecs, directory, tied)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_DEVICE, DEFAULT_DTYPE = "cpu", "auto"
+DEFAULT_OFFLOAD = False
 
 #: The model source arguments the engine handles itself (every source takes them).
 SCHEMA: dict[str, Any] = {
@@ -27,6 +28,10 @@ SCHEMA: dict[str, Any] = {
     "dtype": {"enum": list(DTYPES), "default": DEFAULT_DTYPE,
               "description": "the dtype of the model's floating tensors while the stages run and "
                              "as saved: auto keeps the checkpoint's"},
+    "offload": {"type": "boolean", "default": DEFAULT_OFFLOAD,
+                "description": "keep the weights in their files and read them one block at a "
+                               "time as they are used: memory about one block (and the stage's "
+                               "work), for models larger than memory; slower"},
 }
 
 
@@ -61,6 +66,8 @@ def place_(handle: ModelHandle, device: str, dtype: str = DEFAULT_DTYPE) -> Mode
     """Move ``handle``'s model to ``device`` (a resolved type: ``cpu`` or ``cuda``) and cast its
     floating parameters and buffers to ``dtype`` (unless ``auto``); its config names the dtype
     then, so that what is saved says what it holds. Returns ``handle``."""
+    from squeezelang.models.offload import state_of
+
     model = handle.model
     wanted = torch_dtype(dtype)
     if wanted is not None:
@@ -68,7 +75,13 @@ def place_(handle: ModelHandle, device: str, dtype: str = DEFAULT_DTYPE) -> Mode
         config = getattr(model, "config", None)
         if config is not None:  # ``dtype`` in transformers 5, ``torch_dtype`` before
             setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", wanted)
-    if device != "cpu" or any(p.device.type != "cpu" for p in model.parameters()):
+    offloaded = state_of(model)
+    if offloaded is not None:  # weights on meta are read onto the device as they are used
+        offloaded.device = device
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            if tensor.device.type not in ("meta", device):
+                tensor.data = tensor.data.to(device)
+    elif device != "cpu" or any(p.device.type != "cpu" for p in model.parameters()):
         model.to(device)
     return handle
 

@@ -45,7 +45,11 @@ def save_model(handle: ModelHandle, directory: Path) -> list[str]:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     before = _snapshot(directory)
-    if not handle.codecs and not handle.edits:
+    from squeezelang.models.offload import is_offloaded
+
+    if is_offloaded(handle.model):
+        _save_shards(handle, directory)
+    elif not handle.codecs and not handle.edits:
         _save_plain(handle, directory)
     else:
         _save_encoded(handle, directory)
@@ -125,17 +129,8 @@ def encoded_state(handle: ModelHandle) -> dict[str, torch.Tensor]:
 def _save_encoded(handle: ModelHandle, directory: Path) -> None:
     from safetensors.torch import save_file
 
-    model = handle.model
     tensors = encoded_state(handle)
-    try:
-        _config_with_dtype(model).save_pretrained(str(directory))
-        gen = getattr(model, "generation_config", None)
-        if gen is not None and getattr(model, "can_generate", lambda: False)():
-            gen.save_pretrained(str(directory))
-    except Exception as exc:
-        raise SqueezeError(f"{directory}: cannot write the config: {type(exc).__name__}: {exc}") from None
-    if handle.edits or any(handle.codecs.values()):
-        _pack_config(directory / "config.json")
+    _write_config(handle, directory)
     target = directory / WEIGHTS_FILE
     tmp = directory / (WEIGHTS_FILE + ".tmp")
     _refuse_link(target)
@@ -145,6 +140,63 @@ def _save_encoded(handle: ModelHandle, directory: Path) -> None:
     except Exception as exc:
         tmp.unlink(missing_ok=True)
         raise SqueezeError(f"{target}: cannot write the weights: {type(exc).__name__}: {exc}") from None
+
+
+def _write_config(handle: ModelHandle, directory: Path) -> None:
+    model = handle.model
+    try:
+        _config_with_dtype(model).save_pretrained(str(directory))
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and getattr(model, "can_generate", lambda: False)():
+            gen.save_pretrained(str(directory))
+    except Exception as exc:
+        raise SqueezeError(f"{directory}: cannot write the config: {type(exc).__name__}: {exc}") from None
+    if handle.edits or any(handle.codecs.values()):
+        _pack_config(directory / "config.json")
+
+
+def _save_shards(handle: ModelHandle, directory: Path) -> None:
+    """An offloaded model (``models.offload``), one shard per unit, each read, encoded and
+    written in turn (then the tensors outside the units), with transformers' shard index: the
+    whole model is never in memory."""
+    from safetensors.torch import save_file
+
+    from squeezelang.models.load import tied_parameters
+    from squeezelang.models.offload import state_of, unit_states
+
+    model = handle.model
+    _write_config(handle, directory)
+    aliases = tied_parameters(model)
+    unknown = sorted(set(handle.codecs) - set(model.state_dict()))
+    if unknown:
+        raise SqueezeError(f"codecs name tensors the model does not have: {', '.join(unknown[:5])}")
+    specs = {aliases.get(k, k): v for k, v in handle.codecs.items() if v}
+    count = len(state_of(model).units) + 1
+    weight_map: dict[str, str] = {}
+    total = 0
+    for index, (_, part) in enumerate(unit_states(model)):
+        tensors: dict[str, Any] = {}
+        for name, tensor in part.items():
+            if name in aliases:
+                continue
+            for stored, t in codec.encode(name, tensor, specs.get(name)).items():
+                tensors[stored] = t.contiguous()
+        part.clear()
+        shard = f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+        _refuse_link(directory / shard)
+        tmp = directory / (shard + ".tmp")
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            os.replace(tmp, directory / shard)
+        except Exception as exc:
+            tmp.unlink(missing_ok=True)
+            raise SqueezeError(f"{directory / shard}: cannot write the weights: "
+                               f"{type(exc).__name__}: {exc}") from None
+        for stored, t in tensors.items():
+            weight_map[stored] = shard
+            total += t.numel() * t.element_size()
+    _atomic_write_text(directory / "model.safetensors.index.json", json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
 
 
 def _config_with_dtype(model: Any) -> Any:

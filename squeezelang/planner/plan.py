@@ -18,6 +18,8 @@ class ModelPlan:
     #: Where the run computes (``models.placement``): ``cpu``, ``cuda`` or ``auto``, and the dtype.
     device: str = "cpu"
     dtype: str = "auto"
+    #: Weights read from their files one block at a time (``models.offload``).
+    offload: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,9 +127,11 @@ class Plan:
         """Whether running takes a search: auto knobs to solve or a pipeline to compose."""
         return self.has_auto or self.compose is not None
 
-    def placed(self, device: str | None = None, dtype: str | None = None) -> Plan:
+    def placed(self, device: str | None = None, dtype: str | None = None,
+               offload: bool | None = None) -> Plan:
         """This plan computing on ``device`` and in ``dtype`` where given (the command line's
-        ``--device``/``--dtype`` over the recipe's); an unknown name is a ``SqueezeError``."""
+        ``--device``/``--dtype``/``--offload`` over the recipe's); an unknown name is a
+        ``SqueezeError``."""
         from dataclasses import replace
 
         from squeezelang.errors import SqueezeError
@@ -137,7 +141,9 @@ class Plan:
             if value is not None and value not in allowed:
                 raise SqueezeError(f"unknown {what} '{value}': use one of {', '.join(allowed)}")
         return replace(self, model=replace(self.model, device=device or self.model.device,
-                                           dtype=dtype or self.model.dtype))
+                                           dtype=dtype or self.model.dtype,
+                                           offload=self.model.offload if offload is None
+                                           else bool(offload)))
 
     def metric(self, name: str) -> MetricPlan | None:
         return next((m for m in self.metrics if m.name == name), None)

@@ -251,7 +251,8 @@ class _Resolver:
             names = [v.value for v in first.positional if isinstance(v, ast.Str)] + ["", ""]
             package = (names[0], names[1])
         return ModelPlan(call.name, args, str(args.get("task", "embedding")), package,
-                         device=str(placement["device"]), dtype=str(placement["dtype"]))
+                         device=str(placement["device"]), dtype=str(placement["dtype"]),
+                         offload=bool(placement["offload"]))
 
     def unique(self, decls: Any, what: str, span_of: Any, hint: str = "") -> list[Any]:
         """``decls`` without repeated names; each repeat is an error pointing at the first."""

@@ -192,3 +192,30 @@ def test_squeeze_json_byte_helpers_agree_with_the_serialisation():
     record = {"technique": "factorize", "modules": {"a.b": 3}}
     with_edit = codec.squeeze_json_dumps(codec.squeeze_json_doc("embedding", {}, [record], {"sparse"}))
     assert abs(len(with_edit) - len(codec.squeeze_json_dumps(doc)) - codec.edit_bytes(record)) <= 4
+
+
+@pytest.mark.parametrize("bits,group,shape,dtype", [
+    (4, 128, (300, 256), "bfloat16"), (8, None, (301, 77), "float32"),
+    (4, 32, (33, 65), "float32"), (3, 16, (41, 48), "float32"), (5, 7, (50, 31), "float16")])
+def test_large_weights_are_quantized_and_encoded_a_run_of_rows_at_a_time_with_the_same_result(
+        monkeypatch, bits, group, shape, dtype):
+    """Rows are independent: quantizing and encoding in runs of rows (what keeps a 32000-row
+    head's temporaries small) gives the bytes the whole tensor gives, codes packed across runs."""
+    import torch
+
+    from squeezelang.models import codec as codecs
+
+    dtype = getattr(torch, dtype)
+    torch.manual_seed(0)
+    raw = torch.randn(*shape).to(dtype)
+    spec = {"quant": {"bits": bits, "axis": 0, "group": group}}
+    monkeypatch.setattr(codecs, "ROW_CHUNK", 1 << 40)
+    whole_q = codecs.quantize_weight(raw, bits, 0, group)
+    whole = codecs.encode("w", whole_q, spec)
+    monkeypatch.setattr(codecs, "ROW_CHUNK", 1000)  # runs of a few rows, not whole bytes of codes
+    runs_q = codecs.quantize_weight(raw, bits, 0, group)
+    runs = codecs.encode("w", runs_q, spec)
+    assert torch.equal(runs_q, whole_q)
+    assert runs.keys() == whole.keys()
+    assert all(torch.equal(runs[k], whole[k]) for k in whole)
+    assert torch.equal(codecs.decode("w", runs, spec, shape, dtype), whole_q)

@@ -4,6 +4,7 @@ faithfully, and less damaging than magnitude at equal size."""
 from __future__ import annotations
 
 import csv
+import re
 import sys
 
 import pytest
@@ -95,8 +96,9 @@ def test_stage_prunes_exactly_and_saves_like_magnitude(request, fixture, method,
                                                        registries, baselines, tmp_path):
     src = request.getfixturevalue(fixture)
     original = _out(load_model(src))
+    row = {"compare": "row"} if method == "wanda" and pattern == "50%" else {}
     handle, estimate, real, back = _stage(src, registries, tmp_path / "out", method=method,
-                                          **PATTERNS[pattern][0], **CALIB)
+                                          **PATTERNS[pattern][0], **row, **CALIB)
     base, base_estimate, base_real = baselines(request, fixture, pattern)
     assert handle.states == {"sparse"}
     # the same codecs on the same weights, so the same file size and the same prediction
@@ -202,7 +204,7 @@ def test_parameters_follow_the_pattern(registries, tiny_bert_dir):
     def resolved(params):
         return {**tech.defaults_for(params), **params}
 
-    assert resolved({"method": "wanda"}) == {"method": "wanda", "ratio": 0.5, "compare": "row",
+    assert resolved({"method": "wanda"}) == {"method": "wanda", "ratio": 0.5, "compare": "auto",
                                              "samples": 256, "include": ["*.[0-9]*"], "exclude": []}
     assert resolved({"method": "sparsegpt", "m": 8}) == {"method": "sparsegpt", "n": 2, "m": 8,
                                                          "samples": 256, "include": ["*.[0-9]*"],
@@ -221,7 +223,7 @@ def test_wanda_can_compare_over_the_whole_layer(tiny_llama_dir, registries, tmp_
     handle, estimate, real, _ = _stage(tiny_llama_dir, registries, tmp_path / "out", method="wanda",
                                        ratio=0.5, compare="layer", **CALIB)
     _, row_estimate, row_real, _ = _stage(tiny_llama_dir, registries, tmp_path / "row",
-                                          method="wanda", ratio=0.5, **CALIB)
+                                          method="wanda", ratio=0.5, compare="row", **CALIB)
     assert (estimate, real) == (row_estimate, row_real)
     uneven = 0
     for key in handle.codecs:
@@ -229,6 +231,77 @@ def test_wanda_can_compare_over_the_whole_layer(tiny_llama_dir, registries, tmp_
         assert int((w == 0).sum()) == w.numel() // 2
         uneven += int(((w == 0).sum(1) != w.shape[1] // 2).sum())
     assert uneven > 0  # some rows lose more than half, others less
+
+
+def _wanda_case(w, x):
+    """Wanda's masks of ``w`` (half removed) on inputs ``x``: compare -> (keep-mask, the exact mean
+    squared output change per token, measured on ``x``), and what "auto" tallied."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from squeezelang_plugins.prune.wanda import keep_mask
+
+    stats = SimpleNamespace(sq_mean=x.pow(2).mean(0).double(), gram=(x.t() @ x).double() / len(x))
+    tally = Counter()
+    out = {}
+    for compare in ("row", "layer", "auto"):
+        mask = keep_mask(w, stats, w.numel() // 2, compare, tally if compare == "auto" else None)
+        out[compare] = mask, float((x @ (w * ~mask).t()).pow(2).sum(1).mean())
+    return out, tally
+
+
+# inputs 0 and 1 are the same channel, 2 and 3 independent: H = [[1, 1, 0, 0], [1, 1, 0, 0], I]
+TWIN_INPUTS = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]) * 3 ** 0.5
+
+
+@pytest.mark.parametrize("w, best", [
+    # the layer-wise mask drops three weights of the first row and -2 of the second; the row-wise one
+    # drops 1 and 1 of the first row (error (1 + 1)²) and -2 and 2 of the second, which cancel on
+    # the twin inputs: "row" has the lower output error although its scores are higher
+    ([[1.0, 1.0, 1.5, 9.0], [-2.0, 2.0, 8.0, 9.0]], "row"),
+    # one row of tiny weights: "layer" drops it all, "row" must drop half of the large row
+    ([[0.1, 0.1, 0.1, 0.1], [5.0, 6.0, 7.0, 8.0]], "layer"),
+])
+def test_wanda_auto_keeps_the_mask_with_the_lower_output_error(w, best):
+    out, tally = _wanda_case(torch.tensor(w), TWIN_INPUTS)
+    assert not torch.equal(out["row"][0], out["layer"][0])
+    other = "layer" if best == "row" else "row"
+    assert out[best][1] < out[other][1] - 1.0, out
+    assert torch.equal(out["auto"][0], out[best][0]) and tally == {f'compare = "{best}"': 1}
+    assert out["auto"][1] <= min(out["row"][1], out["layer"][1])
+    assert int((~out["auto"][0]).sum()) == 4
+
+
+def test_wanda_auto_on_a_random_layer_is_never_worse_than_either():
+    from squeezelang_plugins.prune.wanda import output_error
+
+    for seed in range(4):
+        w, x = _layer_problem(seed=seed)
+        w[: len(w) // 2] *= 4  # rows of unequal scale, so the two masks differ
+        out, _ = _wanda_case(w, x)
+        assert not torch.equal(out["row"][0], out["layer"][0])
+        assert out["auto"][1] <= min(out["row"][1], out["layer"][1]) * (1 + 1e-5), out
+        # the chunked trace is the error measured on the inputs themselves
+        gram = (x.t() @ x).double() / len(x)
+        removed = w * ~out["row"][0]
+        assert output_error(removed, gram, chunk=3 * w.shape[1]) == pytest.approx(out["row"][1],
+                                                                               rel=1e-4)
+
+
+def test_wanda_defaults_to_auto_and_logs_its_choices(registries, tiny_llama_dir):
+    tech = registries.techniques.get("prune")
+    assert tech.defaults_for({"method": "wanda"})["compare"] == "auto"
+    assert set(tech.schema["properties"]["compare"]["enum"]) == {"auto", "row", "layer"}
+    handle = load_model(tiny_llama_dir)
+    ctx = _ctx()
+    ctx.stage = "s"
+    tech.apply_(handle, {**tech.defaults_for({"method": "wanda"}), **CALIB, "method": "wanda"}, ctx)
+    log = ctx.logs["s"][-1]
+    counts = re.findall(r'compare = "(row|layer)": (\d+) layer\(s\)', log)
+    assert counts and sum(int(n) for _, n in counts) == len(handle.codecs), log
+    for key in handle.codecs:
+        w = handle.model.get_parameter(key)
+        assert int((w == 0).sum()) == round(0.5 * w.numel()), key
 
 
 def test_ratio_is_a_knob_the_plan_solves(tiny_bert_dir, sentences_file):
