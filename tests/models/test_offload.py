@@ -169,6 +169,7 @@ def test_an_offloaded_run_gives_the_artifact_and_metrics_of_a_run_in_memory(
         assert results[mode].ok
     memory, offloaded = results["memory"], results["offload"]
     assert offload.is_offloaded(offloaded.model) and not offload.is_offloaded(memory.model)
+    assert offloaded.report["model"]["offload"] is True and memory.report["model"]["offload"] is False
     loss = {m: r.report["metrics"]["loss"] for m, r in results.items()}
     assert loss["offload"]["original"] == loss["memory"]["original"]
     a, b = load_model(tmp_path / "memory"), load_model(tmp_path / "offload")
