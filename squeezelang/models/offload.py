@@ -407,6 +407,7 @@ def materialize_(model: Any) -> None:
             with torch.inference_mode(False):
                 _onload(unit, state)
         unit.pins += 1
+        unit.changing = True  # a stage on the whole model may write through ``.data``
 
 
 def offload_again_(model: Any) -> None:
