@@ -84,7 +84,6 @@ class Offload:
 
     units: list[Unit]
     device: str
-    dtype: Any
     overlay: Path
     seconds: float = 0.0
     writes: int = 0
@@ -167,7 +166,7 @@ def _set_param(module: Any, name: str, tensor: Any, requires_grad: bool) -> None
     owner._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=requires_grad)
 
 
-def attach_(model: Any, entries: dict[str, Entry], device: str = "cpu", dtype: Any = None,
+def attach_(model: Any, entries: dict[str, Entry], device: str = "cpu",
             overlay_root: Path | None = None) -> Any:
     """Offload ``model`` (built with its parameters on meta): its units read from ``entries``
     (full parameter name -> where it is stored), every other parameter read now. Returns it."""
@@ -188,7 +187,7 @@ def attach_(model: Any, entries: dict[str, Entry], device: str = "cpu", dtype: A
             own[rel] = entries[full]
         units.append(Unit(prefix, module, own, tied))
     overlay = Path(tempfile.mkdtemp(prefix="squeeze-offload-", dir=overlay_root))
-    state = Offload(units, device, dtype, overlay)
+    state = Offload(units, device, overlay)
     state._owned = weakref.finalize(model, shutil.rmtree, str(overlay), True)
     setattr(model, ATTR, state)
     in_units = {f"{u.prefix}.{rel}" for u in units for rel in u.entries}
@@ -197,7 +196,7 @@ def attach_(model: Any, entries: dict[str, Entry], device: str = "cpu", dtype: A
             continue
         if name not in entries:
             raise SqueezeError(f"offload: no stored tensor for '{name}'")
-        tensor = _read({name: entries[name]}, param, state)[name]
+        tensor = _read({name: entries[name]}, {name: param}, state)[name]
         _set_param(model, name, tensor, param.requires_grad)
     from squeezelang.models.load import retie_
 
@@ -227,18 +226,11 @@ def _unwrap(unit: Unit) -> None:
         unit.forward = None
 
 
-def _read(entries: dict[str, Entry], like: Any, state: Offload,
-          reference: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``{name: tensor}`` read and decoded from ``entries``, in the run's dtype, on its device."""
-
+def _read(entries: dict[str, Entry], like: dict[str, Any], state: Offload) -> dict[str, Any]:
+    """``{name: tensor}`` read and decoded from ``entries``, each in the shape and dtype of its
+    (meta) parameter in ``like``, on the run's device; ordinary tensors, not inference ones, so
+    that a stage's in-place writes to them are seen."""
     import torch
-
-    with torch.inference_mode(False):  # ordinary tensors: a stage's writes to them are seen
-        return _read_as(entries, like, state, reference)
-
-
-def _read_as(entries: dict[str, Entry], like: Any, state: Offload,
-             reference: dict[str, Any] | None) -> dict[str, Any]:
     from safetensors import safe_open
 
     from squeezelang.models import codec
@@ -256,21 +248,20 @@ def _read_as(entries: dict[str, Entry], like: Any, state: Offload,
         except Exception as exc:
             raise SqueezeError(f"{path}: cannot read the weights: {type(exc).__name__}: {exc}") from None
     out = {}
-    for name, entry in entries.items():
-        ref = reference[name] if reference is not None else like
-        tensor = codec.decode(entry.name, stored, entry.spec, ref.shape, ref.dtype)
-        problem = nonfinite(tensor)
-        if problem:
-            raise SqueezeError(f"{entry.file}: tensor '{name}' holds {problem}")
-        out[name] = tensor.to(device=state.device, dtype=state.dtype or ref.dtype)
+    with torch.inference_mode(False):
+        for name, entry in entries.items():
+            tensor = codec.decode(entry.name, stored, entry.spec, like[name].shape, like[name].dtype)
+            problem = nonfinite(tensor)
+            if problem:
+                raise SqueezeError(f"{entry.file}: tensor '{name}' holds {problem}")
+            out[name] = tensor.to(state.device)
     return out
 
 
 def _onload(unit: Unit, state: Offload) -> None:
     started = time.perf_counter()
     params = dict(unit.module.named_parameters(remove_duplicate=False))
-    read = _read({rel: unit.entries[rel] for rel in unit.entries}, None, state,
-                 {rel: params[rel] for rel in unit.entries})
+    read = _read(unit.entries, params, state)
     for rel, tensor in read.items():
         _set_param(unit.module, rel, tensor, params[rel].requires_grad)
     unit.snapshot = {rel: _stamp(p) for rel, p in _own(unit)}
@@ -443,7 +434,6 @@ def unit_states(model: Any) -> Iterator[tuple[str, dict[str, Any]]]:
             part = {f"{unit.prefix}.{k}": v for k, v in unit.module.state_dict().items()}
             done |= set(part)
             yield unit.prefix, part
-            part = {}
     # the rest: parameters and persistent buffers outside the units
     rest = {}
     for name, tensor in model.state_dict().items():
@@ -483,7 +473,7 @@ def entries_from_files(directory: Path, codecs: dict[str, Any] | None = None,
     return out
 
 
-def load_offloaded(directory: Path, task: str, device: str = "cpu", dtype: Any = None,
+def load_offloaded(directory: Path, task: str, device: str = "cpu",
                    codecs: dict[str, Any] | None = None, overlay_root: Path | None = None,
                    model: Any = None) -> Any:
     """The model of ``directory`` (a transformers checkpoint, or a squeezelang artifact's
@@ -497,4 +487,4 @@ def load_offloaded(directory: Path, task: str, device: str = "cpu", dtype: Any =
             model = _build(Path(directory), task)
     names = [n for n, _ in model.named_parameters()]  # tied ones under their first name
     entries = entries_from_files(Path(directory), codecs, names)
-    return attach_(model.eval(), entries, device, dtype, overlay_root)
+    return attach_(model.eval(), entries, device, overlay_root)
