@@ -486,7 +486,9 @@ class Quantize(Technique):
                 w = weight.detach().t() if transposed else weight.detach()
                 keep = (w != 0) if (old.get("sparse") or old.get("nm")) else None
                 target = weight.t() if transposed else weight
-                for first, last, rows in gptq_rows(w, gram, bits, group, keep):
+                runs = gptq_rows(w, gram, bits, group, keep)
+                del gram  # freed once gptq_rows holds its permuted copy (127 MB at 5632 inputs)
+                for first, last, rows in runs:
                     target[first:last] = on_grid(rows, weight.dtype, bits, 0, group)
             elif values is not None:
                 q = on_grid(quantize_weight(values.float(), bits, 0, group), weight.dtype, bits, 0,

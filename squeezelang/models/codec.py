@@ -517,6 +517,16 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     import numpy as np
     import torch
 
+    if 8 % bits == 0:  # whole values per byte: shifts, without a byte per bit on the way
+        per = 8 // bits
+        flat = values.reshape(-1).to(torch.uint8)
+        if flat.numel() % per:
+            flat = torch.cat([flat, flat.new_zeros(per - flat.numel() % per)])
+        lanes = flat.reshape(-1, per)
+        out = lanes[:, 0].clone()
+        for k in range(1, per):
+            out |= lanes[:, k] << (k * bits)
+        return out
     arr = values.reshape(-1).to(torch.uint8).numpy()
     planes = np.unpackbits(arr[:, None], axis=1, count=bits, bitorder="little")  # low bits first
     return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little").copy())
@@ -535,6 +545,16 @@ def _unpacked(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     import numpy as np
     import torch
 
+    if 8 % bits == 0:  # whole values per byte (int4 codes): shifts and masks
+        per = 8 // bits
+        data = packed.reshape(-1).to(torch.uint8)
+        if data.numel() * per < count:
+            raise ValueError(f"{data.numel()} bytes hold fewer than {count} {bits}-bit values")
+        if per == 1:
+            return data[:count].clone()
+        mask = (1 << bits) - 1
+        lanes = torch.stack([(data >> (k * bits)) & mask for k in range(per)], 1)
+        return lanes.reshape(-1)[:count].clone()
     flat = np.unpackbits(packed.reshape(-1).to(torch.uint8).numpy(), count=count * bits,
                          bitorder="little")
     # each value's bits, low first, gathered back into one byte (zero-padded to eight bits)

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class InputStats:
-    """Input statistics of one linear layer over ``tokens`` calibration tokens (float64)."""
+    """Input statistics of one linear layer over ``tokens`` calibration tokens: the per-channel
+    means in float64, ``XᵀX / tokens`` in float32 (one tensor for the layers reading the same
+    input: consumers copy before changing it)."""
 
     tokens: int
     abs_mean: torch.Tensor
@@ -40,53 +42,108 @@ def accumulate(modules: Sequence[tuple[str, Any]], sums: dict[str, list[Any]],
                gram: bool) -> Iterator[dict[str, Any]]:
     """Forward pre-hooks on ``modules`` that add their inputs' moments into ``sums`` while the
     block is open. The caller sets ``live["mask"]`` (the batch's attention mask) and
-    ``live["seen"] = {}`` before each batch."""
-    live: dict[str, Any] = {}
+    ``live["seen"] = {}`` before each batch.
 
-    def moments(x: torch.Tensor) -> tuple[int, Any, Any, Any]:
-        """Token count, Σ|x|, Σx², ΣxᵀX of one input, shared by layers reading the same tensor."""
+    ``XᵀX`` is float32, added to in place. Layers that have read the same inputs in every batch
+    so far (q/k/v, gate/up) share one matrix, added to once a batch: a batch's products are added
+    when the next batch starts (or the block ends), once it is known who read what; a layer whose
+    inputs part from its sharers' gets its own copy first."""
+    import torch
+
+    live: dict[str, Any] = {"pending": []}
+
+    def rows_of(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        rows = x[mask] if tuple(x.shape[:2]) == tuple(mask.shape) else x
+        return rows.reshape(-1, x.shape[-1]).float()
+
+    def moments(x: torch.Tensor) -> list[Any]:
+        """``[x, mask, tokens, Σ|x|, Σx²]`` of one input, shared by the layers reading it."""
         # the entry holds ``x``, so its memory cannot be reused by another input of this batch
         key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
         if key not in live["seen"]:
-            mask = live["mask"]
-            rows = x[mask] if tuple(x.shape[:2]) == tuple(mask.shape) else x
-            rows = rows.reshape(-1, x.shape[-1]).float()
-            live["seen"][key] = (x, rows.shape[0], rows.abs().sum(0).double(),
-                                 rows.pow(2).sum(0).double(),
-                                 (rows.t() @ rows).double() if gram else None)
-        return live["seen"][key][1:]
+            rows = rows_of(x, live["mask"])
+            live["seen"][key] = [x, live["mask"], rows.shape[0], rows.abs().sum(0).double(),
+                                 rows.pow(2).sum(0).double()]
+        return live["seen"][key]
+
+    def add_pending() -> None:
+        """Add the pending batch's ``XᵀX`` products, one per input and shared matrix."""
+        pending, live["pending"] = live["pending"], []
+        if not pending:
+            return
+        reads: dict[str, list[Any]] = {}
+        for name, entry in pending:
+            reads.setdefault(name, []).append(entry)
+        # layers group by (the matrix they share so far, what they read this batch)
+        groups: dict[tuple[Any, ...], list[str]] = {}
+        for name in dict.fromkeys([*reads, *(n for n, acc in sums.items() if acc[3] is not None)]):
+            held = sums.setdefault(name, [0, 0.0, 0.0, None])[3]
+            signature = tuple(id(e) for e in reads.get(name, ()))
+            groups.setdefault((id(held) if held is not None else None, signature), []).append(name)
+        claimed: set[Any] = set()
+        for (held_id, _), names in groups.items():  # new or copied matrices before any adds
+            held = sums[names[0]][3]
+            if held is None:
+                n = reads[names[0]][0][0].shape[-1]
+                held = torch.zeros(n, n)
+            elif held_id in claimed:
+                held = held.clone()
+            claimed.add(held_id)
+            for name in names:
+                sums[name][3] = held
+        targets: dict[int, list[Any]] = {}  # input -> the matrices it is added to
+        for (_, signature), names in groups.items():
+            for e in reads.get(names[0], ()):
+                targets.setdefault(id(e), [e, []])[1].append(sums[names[0]][3])
+        for e, matrices in targets.values():
+            rows = rows_of(e[0], e[1])
+            for matrix in matrices:
+                matrix.addmm_(rows.t(), rows)
+
+    def flush() -> None:
+        # ordinary tensors (not inference ones, whichever mode the batch ran in): ``finish``
+        # divides them in place
+        with torch.inference_mode(False), torch.no_grad():
+            add_pending()
 
     def hook_for(name: str) -> Any:
         def hook(module: Any, args: tuple[Any, ...]) -> None:
-            n, a, s2, g = moments(args[0])
+            if live.get("batch") is not live["seen"]:
+                flush()
+                live["batch"] = live["seen"]
+            entry = moments(args[0])
             acc = sums.setdefault(name, [0, 0.0, 0.0, None])
-            acc[0] += n
-            acc[1] = acc[1] + a
-            acc[2] = acc[2] + s2
-            if g is not None:
-                if acc[3] is None:
-                    acc[3] = g.clone()
-                else:
-                    acc[3].add_(g)  # in place: no second n x n matrix per batch
+            acc[0] += entry[2]
+            acc[1] = acc[1] + entry[3]
+            acc[2] = acc[2] + entry[4]
+            if gram:
+                live["pending"].append((name, entry))
         return hook
 
     hooks = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules]
     try:
         yield live
+        flush()
     finally:
+        live["pending"] = []
         for h in hooks:
             h.remove()
 
 
 def finish(modules: Sequence[tuple[str, Any]], sums: dict[str, list[Any]]) -> dict[str, InputStats]:
-    """The accumulated sums as means per module; an error for a module that never ran."""
+    """The accumulated sums as means per module; an error for a module that never ran. Layers
+    that shared an ``XᵀX`` get one mean (divided in place: no second matrix)."""
     out = {}
+    means: dict[int, Any] = {}
     for name, _ in modules:
         if name not in sums:
             raise SqueezeError(f"calibration: layer '{name}' was never called on the data")
         n, a, s, g = sums[name]
-        out[name] = InputStats(n, (a / n).clone(), (s / n).clone(), None if g is None else g / n)
-        sums[name][3] = None  # the sum's memory goes as soon as the mean exists
+        if g is not None and id(g) not in means:
+            means[id(g)] = g.div_(n)
+        out[name] = InputStats(n, (a / n).clone(), (s / n).clone(),
+                               None if g is None else means[id(g)])
+        sums[name][3] = None
     return out
 
 
@@ -172,27 +229,30 @@ def gptq_rows(weight: torch.Tensor, gram: torch.Tensor, bits: int, group: int | 
 
     n_out, n_in = weight.shape
     group = group or n_in
-    # float64, with at most two n_in x n_in matrices alive at a time (a 5632-input layer's are
-    # 254 MB each): no identity matrix, no chained temporaries
-    H = gram.detach().to(torch.float64, copy=True)
-    diagonal = H.diagonal()
+    # float32 (as AutoGPTQ and llm-compressor invert it), with at most two n_in x n_in matrices
+    # of its own alive at a time, and none of the caller's once the permuted copy exists (a
+    # caller that drops its reference to ``gram`` frees it then: a 5632-input layer's is 127 MB)
+    diagonal = gram.diagonal().to(torch.float32, copy=True)
     dead = diagonal == 0
     diagonal[dead] = 1.0
     diagonal.add_(damp * float(diagonal.mean()))
     perm = torch.argsort(diagonal, descending=True, stable=True)
+    H = torch.empty(n_in, n_in)
+    rows = max(1, chunk // max(n_in, 1))
+    for first in range(0, n_in, rows):
+        part = perm[first:first + rows]
+        H[first:first + rows] = gram.index_select(0, part).index_select(1, perm)
+    del gram
+    H.diagonal().copy_(diagonal[perm])
     del diagonal
-    H = H.index_select(0, perm)
-    H = H.index_select(1, perm)
     try:
         H = torch.linalg.cholesky(H)
         H = torch.cholesky_inverse(H)
-        H = torch.linalg.cholesky(H, upper=True)
+        Hinv = torch.linalg.cholesky(H, upper=True)
+        del H
     except RuntimeError as exc:
         raise SqueezeError(f"GPTQ: the Hessian is not positive definite ({exc}); more data or "
                            "a larger damping may help") from None
-    Hinv = H.float()
-    del H
-    rows = max(1, chunk // max(n_in, 1))
     for first in range(0, n_out, rows):
         last = min(first + rows, n_out)
         part = None if keep is None else keep[first:last]
@@ -220,32 +280,36 @@ def _gptq_part(weight: torch.Tensor, keep: torch.Tensor | None, dead: torch.Tens
     forced = torch.cat([p[1] for p in plans], 1)
     force_to = torch.cat([p[2] for p in plans], 1)
     del plans
-    W, forced, force_to = W[:, perm], forced[:, perm], force_to[:, perm]
-    col_scale = scales[:, perm // group]
+    # transposed: a column of the weight is a contiguous row here, as the loop reads them
+    W = W.t().index_select(0, perm)
+    forced, force_to = forced.t().index_select(0, perm), force_to.t().index_select(0, perm)
+    col_scale = scales.t().index_select(0, perm // group)
     q = codec.qmax(bits)
-    codes = torch.zeros(n_out, n_in)
+    codes = torch.empty(n_in, n_out)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the column loop is thousands of small ops: no thread hand-offs
     try:
         for i1 in range(0, n_in, block):
             i2 = min(i1 + block, n_in)
-            W1 = W[:, i1:i2].clone()
-            err1 = torch.zeros_like(W1)
+            W1 = W[i1:i2]
+            err1 = torch.empty_like(W1)
             Hinv1 = Hinv[i1:i2, i1:i2]
             for i in range(i2 - i1):
                 col = i1 + i
-                w, s = W1[:, i], col_scale[:, col]
-                c = torch.where(forced[:, col], force_to[:, col], torch.round(w / s).clamp_(-q, q))
-                codes[:, col] = c
+                w, s = W1[i], col_scale[col]
+                c = torch.where(forced[col], force_to[col], torch.round(w / s).clamp_(-q, q))
+                codes[col] = c
                 err = (w - c * s).div_(Hinv1[i, i])
-                W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-                err1[:, i] = err
-            W[:, i2:].addmm_(err1, Hinv[i1:i2, i2:], alpha=-1)
+                W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+                err1[i] = err
+            torch.set_num_threads(threads)  # one large product: all threads
+            W[i2:].addmm_(Hinv[i1:i2, i2:].t(), err1, alpha=-1)
+            torch.set_num_threads(1)
     finally:
         torch.set_num_threads(threads)
     del W, forced, force_to, col_scale
-    codes = codes[:, torch.argsort(perm)]
-    return codec.dequantize(codes.to(torch.int8), scales.reshape(-1), 0, group)
+    codes = codes.index_select(0, torch.argsort(perm)).t().to(torch.int8).contiguous()
+    return codec.dequantize(codes, scales.reshape(-1), 0, group)
 
 
 def _group_plan(ahead: torch.Tensor, keep: torch.Tensor | None,
