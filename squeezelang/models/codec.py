@@ -339,6 +339,8 @@ def to_groups(tensor: torch.Tensor, axis: int, group: int) -> torch.Tensor:
     rows = tensor if axis % 2 == 0 else tensor.t()
     n_in = rows.shape[1]
     n_groups = -(-n_in // group)
+    if n_groups * group == n_in and rows.is_contiguous():
+        return rows.reshape(rows.shape[0], n_groups, group)  # a view: no tail to pad
     return F.pad(rows, (0, n_groups * group - n_in)).reshape(rows.shape[0], n_groups, group)
 
 

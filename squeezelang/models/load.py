@@ -182,7 +182,9 @@ def nonfinite(tensor: torch.Tensor) -> str | None:
         return None
     if tensor.element_size() == 1:  # float8 (compressed-tensors' FP8 weights): torch checks no
         tensor = tensor.float()     # finiteness in it; float32 holds its values exactly
-    if bool(torch.isfinite(tensor).all()):
+    # a finite sum means every value is finite (NaN and Inf carry through a sum); only a sum
+    # that is not (values that overflow it, or a real NaN / Inf) needs the full test
+    if bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all()):
         return None
     nan = int(torch.isnan(tensor).sum())
     inf = int(torch.isinf(tensor).sum())

@@ -53,6 +53,8 @@ class Entry:
     #: The name the stored tensors derive from (``codec.stored_names(name, spec)``).
     name: str
     spec: dict[str, Any] | None = None
+    #: Its values were found finite (on the first read, or as written): not tested again.
+    checked: bool = False
 
     @property
     def stored(self) -> list[str]:
@@ -251,9 +253,11 @@ def _read(entries: dict[str, Entry], like: dict[str, Any], state: Offload) -> di
     with torch.inference_mode(False):
         for name, entry in entries.items():
             tensor = codec.decode(entry.name, stored, entry.spec, like[name].shape, like[name].dtype)
-            problem = nonfinite(tensor)
-            if problem:
-                raise SqueezeError(f"{entry.file}: tensor '{name}' holds {problem}")
+            if not entry.checked:
+                problem = nonfinite(tensor)
+                if problem:
+                    raise SqueezeError(f"{entry.file}: tensor '{name}' holds {problem}")
+                entry.checked = True
             out[name] = tensor.to(state.device)
     return out
 
@@ -332,7 +336,7 @@ def _write(unit: Unit, own: list[tuple[str, Any]], state: Offload) -> None:
     path = state.overlay / f"{unit.prefix}.{state.writes}.safetensors"
     save_file(tensors, str(path))
     old = {e.file for e in unit.entries.values() if e.file.parent == state.overlay}
-    unit.entries = {rel: Entry(path, rel) for rel in tensors}
+    unit.entries = {rel: Entry(path, rel, checked=True) for rel in tensors}
     for stale in old - {path}:
         stale.unlink(missing_ok=True)
 
