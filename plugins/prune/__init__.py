@@ -103,6 +103,9 @@ class Prune(Technique):
     def estimate(self, meta: Any, params: dict[str, Any]) -> Any:
         return self._method(params).estimate(meta, self.resolve_defaults(params))
 
+    def blockwise_for(self, params: dict[str, Any]) -> bool:
+        return self._method(params).blockwise
+
     def apply_(self, handle: Any, params: dict[str, Any], ctx: Any) -> None:
         self._method(params).apply_(handle, self.resolve_defaults(params), ctx)
 

@@ -64,6 +64,7 @@ class Activation(PruneMethod):
     name = "activation"
     summary = ("structured, remove the heads / MLP neurons / embedding channels of least "
                "activation on calibration data (a smaller standard model)")
+    blockwise = True
     common = ("ratio",)
     properties = {
         "target": {"anyOf": [{"type": "string", "enum": list(TARGETS)},

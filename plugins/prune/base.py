@@ -28,6 +28,10 @@ class PruneMethod:
     common: ClassVar[tuple[str, ...]] = ("ratio", "include", "exclude")
     #: Model states it adds: unstructured methods leave a "sparse" model; structured ones none.
     produces: ClassVar[frozenset[str]] = frozenset()
+    #: Works on an offloaded model block by block (``Technique.blockwise_for``): it reads the
+    #: model only through forward passes and ``resident``, and changes it only through
+    #: ``reshape_`` (which slices an offloaded model block by block).
+    blockwise: ClassVar[bool] = False
 
     def used(self, all_properties: dict[str, Any], params: dict[str, Any] | None = None) -> set[str]:
         """The properties this method accepts; with ``params``, those that apply to them (a

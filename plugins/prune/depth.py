@@ -28,6 +28,7 @@ def dropped_count(n_layers: int, params: dict[str, Any]) -> int:
 class Depth(PruneMethod):
     name = "depth"
     summary = "structured, remove the whole layers of least block importance (or those listed)"
+    blockwise = True
     common = ("ratio",)
     properties = {
         "importance": {"type": "string", "enum": ["cosine", "loss"], "default": "cosine",

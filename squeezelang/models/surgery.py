@@ -370,31 +370,46 @@ def reshape_(model: Any, layers: Sequence[int] | None = None,
     config = shrunk_config(model.config.to_dict(), len(layer_idx), n_heads, n_hidden, n_inner,
                            kv_heads=n_kv.pop(), kept_layers=layer_idx.tolist())
     new_d = n_hidden // n_heads if fam.tied_head_dim else d
-    ws = WeightState({k: v.detach().clone() for k, v in model.state_dict().items()}, fam.conv1d)
     pre = base_prefix(model)
-    for i in range(cur["layers"]):
+
+    def slice_block(i: int, ws: WeightState) -> None:
+        """Block ``i``'s tensors in ``ws`` (under their old names) as kept."""
         neurons = (_index(mlp[i], cur["inner"], "mlp") if mlp is not None
                    else torch.arange(cur["inner"]))
         slice_block_(fam, ws, f"{pre}{fam.blocks}.{i}.", cur, kept_heads[i], neurons, hid, new_d)
-    if n_hidden != cur["hidden"]:
+
+    def slice_outside(ws: WeightState) -> None:
+        """The tensors outside the blocks in ``ws`` as kept (only the hidden size changes them)."""
         slice_outside_(fam, model, ws, pre, cur["hidden"], hid)
         if fam.embedding_scale and not getattr(model.config, "tie_word_embeddings", False):
             # The token embeddings are multiplied by sqrt(hidden): keep their scale. (Tied to the
             # output layer they cannot be rescaled without scaling the logits too.)
             ws.state[f"{pre}{fam.embeddings[0]}.weight"] *= (cur["hidden"] / n_hidden) ** 0.5
+
+    from squeezelang.models.offload import is_offloaded
+
+    if is_offloaded(model):  # block by block, from and to files
+        from squeezelang.models.offload_surgery import streamed_reshape_
+
+        return streamed_reshape_(model, fam, config, f"{pre}{fam.blocks}.", layer_idx.tolist(),
+                                 slice_block, slice_outside if n_hidden != cur["hidden"] else None)
+    ws = WeightState({k: v.detach().clone() for k, v in model.state_dict().items()}, fam.conv1d)
+    for i in range(cur["layers"]):
+        slice_block(i, ws)
+    if n_hidden != cur["hidden"]:
+        slice_outside(ws)
     state = ws.state
     if layers is not None:
         state = renumber_layers(state, f"{pre}{fam.blocks}.", layer_idx.tolist())
     return _replace_(model, fam, config, state)
 
 
-def _build_like(model: Any, cfg: Any, state: dict[str, torch.Tensor]) -> Any:
-    """A fresh model of ``model``'s class and ``cfg`` in the dtype of the weights in ``state``:
-    built under that default dtype, as ``from_pretrained`` does, so a half-precision model stays
-    half precision while the buffers transformers computes in float32 (rotary frequencies) stay so."""
+def _build_like(model: Any, cfg: Any, dtype: Any) -> Any:
+    """A fresh model of ``model``'s class and ``cfg`` in ``dtype`` (its weights'): built under
+    that default dtype, as ``from_pretrained`` does, so a half-precision model stays half
+    precision while the buffers transformers computes in float32 (rotary frequencies) stay so."""
     import torch
 
-    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -403,18 +418,20 @@ def _build_like(model: Any, cfg: Any, state: dict[str, torch.Tensor]) -> Any:
         torch.set_default_dtype(previous)
 
 
-def _replace_(model: Any, fam: ModelFamily, config: dict[str, Any],
-              state: dict[str, torch.Tensor]) -> Any:
-    """Build the shrunk model, load ``state`` strictly and move it into ``model``'s object."""
+def _dtype_of(state: dict[str, torch.Tensor]) -> Any:
+    import torch
+
+    return next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+
+
+def shrunk_model(model: Any, fam: ModelFamily, config: dict[str, Any], dtype: Any) -> Any:
+    """A new model of ``model``'s class with the sizes of ``config`` (in eval mode), its blocks'
+    layer indices renumbered."""
     cfg = copy.deepcopy(model.config)
     for key in changed_keys(fam):
         if key in config:
             setattr(cfg, key, config[key])
-    new = _build_like(model, cfg, state)
-    try:
-        new.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise SqueezeError(f"structured surgery produced weights that do not fit: {exc}") from None
+    new = _build_like(model, cfg, dtype)
     new.eval()
     base = getattr(new, "base_model", new)
     for i, block in enumerate(get_path(base, fam.blocks)):
@@ -423,6 +440,22 @@ def _replace_(model: Any, fam: ModelFamily, config: dict[str, Any],
             target = get_path(block, owner) if owner else block
             if target is not None and hasattr(target, name):
                 setattr(target, name, i)
+    return new
+
+
+def move_into_(model: Any, new: Any) -> Any:
+    """``new``'s contents moved into ``model`` (the Python object stays the same)."""
     model.__dict__.clear()
     model.__dict__.update(new.__dict__)
     return model
+
+
+def _replace_(model: Any, fam: ModelFamily, config: dict[str, Any],
+              state: dict[str, torch.Tensor]) -> Any:
+    """Build the shrunk model, load ``state`` strictly and move it into ``model``'s object."""
+    new = shrunk_model(model, fam, config, _dtype_of(state))
+    try:
+        new.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise SqueezeError(f"structured surgery produced weights that do not fit: {exc}") from None
+    return move_into_(model, new)

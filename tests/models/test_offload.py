@@ -128,6 +128,42 @@ def test_shards_of_an_offloaded_model_load_back_with_transformers(llama_dir, tmp
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
+@pytest.mark.parametrize("surgery", ["layers", "hidden"])
+def test_structured_surgery_reads_one_block_at_a_time_and_stays_offloaded(llama_dir, surgery):
+    from squeezelang.models.surgery import reshape_
+
+    digest = _digest(llama_dir)
+    cut = {"layers": {"layers": [0, 2]}, "hidden": {"hidden": list(range(0, 64, 2))}}[surgery]
+    memory = reshape_(load_model(llama_dir).model, **cut)
+    model = load_model(llama_dir, offload=True).model
+    read = []  # the units in memory each time one is read
+    real = offload._onload
+
+    def counting(unit, state):
+        real(unit, state)
+        read.append((unit.prefix, len(_resident(model))))
+
+    offload._onload = counting
+    try:
+        assert reshape_(model, **cut) is model
+    finally:
+        offload._onload = real
+    blocks = [prefix for prefix, _ in read if prefix.startswith("model.layers.")]
+    if surgery == "layers":
+        assert blocks == ["model.layers.0", "model.layers.2"]  # the dropped ones never read
+        assert {prefix for prefix, _ in read} == set(blocks)  # the rest kept as stored
+    assert max(n for prefix, n in read if prefix.startswith("model.layers.")) == 1
+    assert offload.is_offloaded(model) and _resident(model) == []
+    assert [u.prefix for u in offload.state_of(model).units][:2] == ["model.layers.0",
+                                                                     "model.layers.1"]
+    sizes = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+    assert [getattr(model.config, k) for k in sizes] == [getattr(memory.config, k) for k in sizes]
+    ids = torch.randint(0, model.config.vocab_size, (2, 10))
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, memory(input_ids=ids).logits)
+    assert _digest(llama_dir) == digest
+
+
 def test_materialize_and_offload_again(llama_dir):
     model = load_model(llama_dir, offload=True).model
     offload.materialize_(model)
@@ -152,6 +188,12 @@ output "{out}"
     ('quantize { scheme = "int4", method = "gptq", group_size = 32, data = calib }', False),
     ('quantize { scheme = "int8" }', False),
     ('prune { method = "magnitude", ratio = 0.5 }', True),
+    # structured surgery, block by block: layers dropped; heads and neurons sliced; the hidden
+    # size too (the embeddings, the head and the norms sliced together)
+    ('prune { method = "depth", ratio = 0.5, data = calib }', False),
+    ('prune { method = "activation", target = ["heads", "mlp"], ratio = 0.5, data = calib }',
+     False),
+    ('prune { method = "activation", target = "embedding", ratio = 0.25, data = calib }', False),
 ])
 def test_an_offloaded_run_gives_the_artifact_and_metrics_of_a_run_in_memory(
         llama_dir, tmp_path, stage, whole):
