@@ -38,6 +38,38 @@ def _in_out(shape: tuple[int, ...], kind: str) -> tuple[int, int]:
     return (shape[0], shape[1]) if kind == "Conv1D" else (shape[1], shape[0])
 
 
+def _low_rank(module: Any, params: dict[str, Any], scale: Any) -> tuple[Any, int] | None:
+    """``(LowRankLinear, rank)`` replacing ``module`` at the stage's ``rank`` or ``energy``
+    (its SVD taken on the weight times ASVD's input ``scale`` when given), or ``None`` when the
+    pair would not be smaller."""
+    import torch
+
+    from squeezelang.plugin import LowRankLinear, linear_weight
+
+    weight = linear_weight(module).double()
+    if scale is not None:
+        weight = weight * scale[None, :]
+    n_out, n_in = weight.shape
+    full = min(n_in, n_out)
+    if params.get("rank") is not None:
+        r = target_rank(params["rank"], full)
+        if not saves(r, n_in, n_out):
+            return None
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    if params.get("energy") is not None:
+        cum = torch.cumsum(s ** 2, 0) / torch.sum(s ** 2).clamp_min(1e-30)
+        r = min(full, int(torch.searchsorted(cum, torch.tensor(params["energy"],
+                                                                dtype=cum.dtype))) + 1)
+        if not saves(r, n_in, n_out):
+            return None
+    root = s[:r].sqrt()
+    right = vh[:r] / scale[None, :] if scale is not None else vh[:r]
+    first = (root[:, None] * right).to(module.weight.dtype)
+    second = (u[:, :r] * root[None, :]).to(module.weight.dtype)
+    bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+    return LowRankLinear.from_factors(first, second, bias), r
+
+
 class Factorize(Technique):
     name = "factorize"
     description = (
@@ -153,10 +185,11 @@ class Factorize(Technique):
                              "weights; estimated as that fraction of each layer's full rank")
         return out
 
-    def apply_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:
-        import torch
+    def blockwise_for(self, params: dict[str, Any]) -> bool:
+        return True  # ASVD's statistics from forward passes; each block factorized while resident
 
-        from squeezelang.plugin import LowRankLinear, linear_weight, select_modules, set_module
+    def apply_(self, handle: ModelHandle, params: dict[str, Any], ctx: StageContext) -> None:
+        from squeezelang.plugin import by_block, resident, select_modules, set_module
 
         params = self._resolved(params)
         targets = select_modules(handle.model, LINEAR_KINDS, params.get("include"),
@@ -174,32 +207,17 @@ class Factorize(Technique):
             for name, stats in input_stats(handle, texts, targets).items():
                 s = stats.abs_mean.clamp_min(1e-8 * float(stats.abs_mean.max().clamp_min(1e-30)))
                 scale[name] = s.pow(alpha)
-        for name, module in ctx.progress(targets, desc=params["method"]):
-            weight = linear_weight(module).double()
-            if name in scale:
-                weight = weight * scale[name][None, :]
-            n_out, n_in = weight.shape
-            full = min(n_in, n_out)
-            if params.get("rank") is not None:
-                r = target_rank(params["rank"], full)
-                if not saves(r, n_in, n_out):
-                    continue
-            u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-            if params.get("energy") is not None:
-                cum = torch.cumsum(s ** 2, 0) / torch.sum(s ** 2).clamp_min(1e-30)
-                r = min(full, int(torch.searchsorted(cum, torch.tensor(params["energy"],
-                                                                        dtype=cum.dtype))) + 1)
-                if not saves(r, n_in, n_out):
-                    continue
-            root = s[:r].sqrt()
-            right = vh[:r] / scale[name][None, :] if name in scale else vh[:r]
-            first = (root[:, None] * right).to(module.weight.dtype)
-            second = (u[:, :r] * root[None, :]).to(module.weight.dtype)
-            bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-            set_module(handle.model, name, LowRankLinear.from_factors(first, second, bias))
-            for key in [k for k in handle.codecs if k.startswith(name + ".")]:
-                del handle.codecs[key]  # the factors are new dense tensors
-            done[name] = r
+        # block by block: an offloaded model reads each block once, and writes it back changed
+        for _, members in ctx.progress(by_block(handle.model, targets), desc=params["method"]):
+            with resident(handle.model, *(m for _, m in members)):
+                for name, module in members:
+                    found = _low_rank(module, params, scale.get(name))
+                    if found is None:
+                        continue
+                    set_module(handle.model, name, found[0])
+                    for key in [k for k in handle.codecs if k.startswith(name + ".")]:
+                        del handle.codecs[key]  # the factors are new dense tensors
+                    done[name] = found[1]
         if not done:
             ctx.log("factorize: no selected layer gets smaller at this rank; nothing changed")
             return

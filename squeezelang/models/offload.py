@@ -386,6 +386,14 @@ def resident(model: Any, *modules: Any, write: bool = True) -> Iterator[None]:
             stack.enter_context(_pinned(unit, state))
             unit.changing = unit.changing or write
         yield
+    _drop_detached(model, state)
+
+
+def _drop_detached(model: Any, state: Offload) -> None:
+    """Forget the units whose module a stage removed or replaced (``set_module``): they are no
+    longer read or saved; a module put in a unit's place stays in memory."""
+    present = {id(m) for m in model.modules()}
+    state.units = [unit for unit in state.units if id(unit.module) in present]
 
 
 def materialize_(model: Any) -> None:
@@ -413,18 +421,13 @@ def offload_again_(model: Any) -> None:
     state = state_of(model)
     if state is None:
         return
-    present = {id(m) for m in model.modules()}
-    kept = []
+    _drop_detached(model, state)
     for unit in state.units:
         unit.pins = max(unit.pins - 1, 0)
-        if id(unit.module) not in present:
-            continue
         if unit.pins == 0:
             with torch.inference_mode(False):
                 _release(unit, state)
         _wrap(unit, state)
-        kept.append(unit)
-    state.units = kept
 
 
 def unit_states(model: Any) -> Iterator[tuple[str, dict[str, Any]]]:

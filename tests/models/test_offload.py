@@ -164,6 +164,26 @@ def test_structured_surgery_reads_one_block_at_a_time_and_stays_offloaded(llama_
     assert _digest(llama_dir) == digest
 
 
+def test_a_unit_a_stage_replaces_is_forgotten_and_its_replacement_saved(llama_dir, tmp_path):
+    from squeezelang.models.select import set_module
+
+    handle = load_model(llama_dir, offload=True)
+    model = handle.model
+    head = model.lm_head
+    with offload.resident(model, head):
+        new = torch.nn.Linear(head.in_features, head.out_features, bias=False)
+        with torch.no_grad():
+            new.weight.copy_(head.weight * 2)
+        set_module(model, "lm_head", new)
+    assert "lm_head" not in [u.prefix for u in offload.state_of(model).units]
+    assert model.lm_head is new and new.weight.device.type == "cpu"  # in memory from now on
+    save_model(handle, tmp_path / "out")
+    loaded = load_model(tmp_path / "out").model
+    assert torch.equal(loaded.lm_head.weight, new.weight)
+    memory = load_model(llama_dir).model
+    assert torch.equal(loaded.lm_head.weight, memory.lm_head.weight * 2)
+
+
 def test_materialize_and_offload_again(llama_dir):
     model = load_model(llama_dir, offload=True).model
     offload.materialize_(model)
@@ -194,6 +214,7 @@ output "{out}"
     ('prune { method = "activation", target = ["heads", "mlp"], ratio = 0.5, data = calib }',
      False),
     ('prune { method = "activation", target = "embedding", ratio = 0.25, data = calib }', False),
+    ('factorize { method = "asvd", rank = 0.25, data = calib }', False),
 ])
 def test_an_offloaded_run_gives_the_artifact_and_metrics_of_a_run_in_memory(
         llama_dir, tmp_path, stage, whole):
