@@ -32,7 +32,7 @@ def streamed_reshape_(model: Any, fam: ModelFamily, config: dict[str, Any], stac
     from squeezelang.models.load import parameters_on_meta
     from squeezelang.models.offload import Entry, attach_, resident, state_of
     from squeezelang.models.slicing import WeightState
-    from squeezelang.models.surgery import get_path, move_into_, shrunk_model
+    from squeezelang.models.surgery import dtype_of, get_path, move_into_, shrunk_model
 
     state = state_of(model)
     base = getattr(model, "base_model", model)
@@ -40,7 +40,7 @@ def streamed_reshape_(model: Any, fam: ModelFamily, config: dict[str, Any], stac
     files = Path(tempfile.mkdtemp(prefix="squeeze-surgery-", dir=state.overlay.parent))
     cleanup = weakref.finalize(model, shutil.rmtree, str(files), True)
     entries: dict[str, Entry] = {}
-    dtype = None
+    dtype = dtype_of(dict(model.named_parameters()))  # meta parameters keep their dtype
 
     def write(tag: str, tensors: dict[str, Any]) -> None:
         path = files / f"{tag}.safetensors"
@@ -56,33 +56,31 @@ def streamed_reshape_(model: Any, fam: ModelFamily, config: dict[str, Any], stac
             with resident(model, blocks[old_index], write=False):
                 ws = WeightState({old + k: v.detach().clone()
                                   for k, v in blocks[old_index].state_dict().items()}, fam.conv1d)
-            dtype = dtype or next((t.dtype for t in ws.state.values() if t.is_floating_point()),
-                                  None)
             slice_block(old_index, ws)
             write(f"block-{new_index}", {f"{stack}{new_index}.{k[len(old):]}": v
                                          for k, v in ws.state.items()})
             del ws
         # outside the blocks: the other units' stored tensors, and what stays in memory
         outside_units = [u for u in state.units if not (u.prefix + ".").startswith(stack)]
-        in_memory = {k: v for k, v in model.state_dict().items()
-                     if not k.startswith(stack) and v.device.type != "meta"}
+
+        def outside() -> dict[str, Any]:
+            """The tensors outside the blocks that are in memory now."""
+            return {k: v for k, v in model.state_dict().items()
+                    if not k.startswith(stack) and v.device.type != "meta"}
+
         if slice_outside is None:
             for unit in outside_units:
                 entries.update({f"{unit.prefix}.{rel}": entry
                                 for rel, entry in unit.entries.items()})
-            write("rest", in_memory)
+            write("rest", outside())
         else:
             with resident(model, *(u.module for u in outside_units), write=False):
-                ws = WeightState({k: v.detach().clone() for k, v in model.state_dict().items()
-                                  if not k.startswith(stack) and v.device.type != "meta"},
-                                 fam.conv1d)
+                ws = WeightState({k: v.detach().clone() for k, v in outside().items()}, fam.conv1d)
             slice_outside(ws)
             write("outside", ws.state)
             del ws
         with parameters_on_meta():
-            new = shrunk_model(model, fam, config, dtype or next(
-                (t.dtype for t in in_memory.values() if t.is_floating_point()), None) or
-                _default_dtype())
+            new = shrunk_model(model, fam, config, dtype)
         buffers = {k for k, _ in new.named_buffers()}
         persistent = {k: v for k, v in entries.items() if k in buffers}
         device, root = state.device, state.overlay.parent
@@ -90,21 +88,13 @@ def streamed_reshape_(model: Any, fam: ModelFamily, config: dict[str, Any], stac
         attach_(model, {k: v for k, v in entries.items() if k not in persistent}, device, root)
         _load_buffers_(model, persistent)
     except BaseException:
-        cleanup()
+        cleanup()  # else the files go with the model (the same object, offloaded from them)
         raise
-    weakref.finalize(model, shutil.rmtree, str(files), True)
-    cleanup.detach()
     used = {entry.file for entry in entries.values()}
     for stale in state.overlay.glob("*.safetensors"):  # changed blocks since rewritten
         if stale not in used:
             stale.unlink(missing_ok=True)
     return model
-
-
-def _default_dtype() -> Any:
-    import torch
-
-    return torch.get_default_dtype()
 
 
 def _load_buffers_(model: Any, entries: dict[str, Any]) -> None:

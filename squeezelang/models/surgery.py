@@ -418,7 +418,8 @@ def _build_like(model: Any, cfg: Any, dtype: Any) -> Any:
         torch.set_default_dtype(previous)
 
 
-def _dtype_of(state: dict[str, torch.Tensor]) -> Any:
+def dtype_of(state: dict[str, torch.Tensor]) -> Any:
+    """The dtype of the first floating tensor of ``state`` (float32 when none): the model's."""
     import torch
 
     return next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
@@ -453,7 +454,7 @@ def move_into_(model: Any, new: Any) -> Any:
 def _replace_(model: Any, fam: ModelFamily, config: dict[str, Any],
               state: dict[str, torch.Tensor]) -> Any:
     """Build the shrunk model, load ``state`` strictly and move it into ``model``'s object."""
-    new = shrunk_model(model, fam, config, _dtype_of(state))
+    new = shrunk_model(model, fam, config, dtype_of(state))
     try:
         new.load_state_dict(state, strict=True)
     except RuntimeError as exc:
